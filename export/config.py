@@ -1,0 +1,207 @@
+"""Llama 3.1 geometry: presets, Hugging Face config.json reading, validation.
+
+config.json comes in three shapes in the wild: Meta's hub files and transformers 4.x write
+`rope_theta` and `rope_scaling` (keyed `rope_type`, or `type` in files from before 4.45);
+transformers 5.x folds both into `rope_parameters`. All three read into the same dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from export.errors import ConfigError
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's frequency-dependent RoPE stretch (rope_type "llama3")."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int = 128256
+    head_dim: int | None = None
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = RopeScaling()
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 128000
+    eos_token_id: tuple[int, ...] = (128001, 128008, 128009)
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1))
+        self.validate()
+
+    def validate(self, source: str = "config") -> None:
+        positive = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{source}: {name}={value!r} must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}; grouped-query attention needs "
+                "every KV head to serve the same number of query heads")
+        if self.head_dim % 2:
+            raise ConfigError(f"{source}: head_dim={self.head_dim} must be even for rotary embeddings")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"{source}: rope_theta={self.rope_theta!r} must be a positive number")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"{source}: rms_norm_eps={self.rms_norm_eps!r} must be positive")
+
+    # -- derived sizes ------------------------------------------------------------------------
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def num_parameters(self) -> int:
+        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        layer = attn + 3 * h * f + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.num_hidden_layers * layer + self.vocab_size * h + head + h
+
+    # -- Hugging Face I/O ---------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        arch = raw.get("model_type", "llama")
+        if arch != "llama":
+            raise ConfigError(f"{source}: model_type={arch!r}; llama405 converts Llama checkpoints "
+                              "(model_type \"llama\") only")
+        rope_params = dict(raw.get("rope_parameters") or {})  # transformers >= 5
+        legacy = raw.get("rope_scaling")
+        if legacy:
+            rope_params = {**rope_params, **legacy}
+        theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"{source}: rope type {rope_type!r} is not supported (known: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}); Llama 3.1 checkpoints use \"llama3\" — fix "
+                "rope_scaling.rope_type in the file")
+        scaling = None
+        if rope_type == "llama3":
+            try:
+                scaling = RopeScaling(
+                    factor=float(rope_params["factor"]),
+                    low_freq_factor=float(rope_params["low_freq_factor"]),
+                    high_freq_factor=float(rope_params["high_freq_factor"]),
+                    original_max_position_embeddings=int(rope_params["original_max_position_embeddings"]),
+                )
+            except KeyError as missing:
+                raise ConfigError(f"{source}: llama3 rope scaling lacks {missing}; add it to "
+                                  "rope_scaling (Llama 3.1 uses factor 8, low 1, high 4, original 8192)") from None
+        eos = raw.get("eos_token_id", 128001)
+        eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+        required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for key in required:
+            if key not in raw:
+                raise ConfigError(f"{source}: required key {key!r} is missing")
+        try:
+            return cls(
+                hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"],
+                num_hidden_layers=raw["num_hidden_layers"],
+                num_attention_heads=raw["num_attention_heads"],
+                num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+                vocab_size=raw.get("vocab_size", 128256),
+                head_dim=raw.get("head_dim"),
+                rope_theta=float(theta),
+                rope_scaling=scaling,
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                max_position_embeddings=raw.get("max_position_embeddings", 131072),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                bos_token_id=int(raw.get("bos_token_id", 128000) or 128000),
+                eos_token_id=eos_ids,
+                torch_dtype=str(raw.get("torch_dtype", raw.get("dtype", "bfloat16"))),
+            )
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {str(err).split(': ', 1)[-1]}") from None
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> "LlamaConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file; point --checkpoint at a Hugging Face model "
+                              "directory that contains config.json")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err}); re-download config.json") from None
+        return cls.from_hf_dict(raw, source=str(path))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json as transformers 4.x writes it (readable by 4.x and 5.x)."""
+        rope_scaling = None
+        if self.rope_scaling is not None:
+            rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id),
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": self.torch_dtype,
+        }
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "llama-3.1-8b": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8),
+    "llama-3.1-70b": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                 num_attention_heads=64, num_key_value_heads=8),
+    "llama-3.1-405b": LlamaConfig(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+                                  num_attention_heads=128, num_key_value_heads=8),
+    # Llama 3.1's architecture and real vocabulary at toy width: the demo's and CI's model.
+    "llama-3.1-tiny": LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                  num_attention_heads=8, num_key_value_heads=2),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

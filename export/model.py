@@ -1,0 +1,299 @@
+"""Llama 3.1 decoder for one tensor/pipeline-parallel rank — the single source of the graph.
+
+The module a rank builds holds only that rank's shard (shapes from export/sharding.py) and
+calls `reduce` wherever Megatron-style partial sums must be added across the tensor-parallel
+group. Eager runs pass a real reducer (in-process sum, torch.distributed); the ONNX export
+passes a placeholder op that becomes TensorRT's DistCollective. State-dict names are Hugging
+Face's, so the exporter can name every initializer after the checkpoint tensor it comes from.
+
+Written to be traced by torch.export: real-valued RoPE, no data-dependent Python control flow,
+KV cache as explicit inputs/outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.config import LlamaConfig
+from export.sharding import RankSpec, heads_local, kv_heads_local, stage_layers
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+KV_CACHE_MODES = ("static", "concat")
+
+
+def no_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """Run-time shape of the graph, beyond the checkpoint's geometry."""
+
+    kv_cache: str = "static"  # "static": fixed max_seq_len buffers written in place; "concat": grow
+    max_seq_len: int = 4096
+    logits: str = "all"  # "all" positions, or "last" position only (saves vocab x seq at prefill)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse rotary frequencies with Llama 3.1's wavelength-dependent stretch (fp32)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq  # [head_dim / 2]
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (beyond the original context) are slowed by `factor`, short ones kept,
+    # and the band between is interpolated smoothly.
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)  # [head_dim / 2]
+
+
+def rotary_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    # Angles in fp32: positions reach 131072, far past what fp16 can multiply exactly.
+    angles = position_ids[..., None].float() * inv_freq  # [batch, seq, head_dim / 2]
+    angles = torch.cat((angles, angles), dim=-1)  # [batch, seq, head_dim]
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]  # [batch, 1, seq, head_dim]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Hugging Face's half-split layout (checkpoints' q/k rows are permuted for it).
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [batch, heads, seq, head_dim]
+    return x * cos + rotated * sin
+
+
+def static_cache_write(past: torch.Tensor, new: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:
+    """past with `new` written at slots write_indices[b] .. write_indices[b] + seq - 1."""
+    batch, heads, seq, dim = new.shape
+    slots = write_indices[:, None] + torch.arange(seq, device=new.device)  # [batch, seq]
+    index = slots[:, None, :, None].expand(batch, heads, seq, dim)  # [batch, kv_heads, seq, head_dim]
+    return past.scatter(2, index, new)  # [batch, kv_heads, max_seq_len, head_dim]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32: a 16384-wide fp16 sum of squares overflows otherwise.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
+        super().__init__()
+        d = cfg.head_dim
+        self.n_heads = heads_local(cfg, spec.tp_size)
+        self.n_kv = kv_heads_local(cfg, spec.tp_size)
+        self.head_dim = d
+        self.reduce = reduce
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v, write_indices, kv_cache: str):
+        batch, seq, _ = x.shape
+        d, n_kv, n_rep = self.head_dim, self.n_kv, self.n_heads // self.n_kv
+        q = self.q_proj(x).view(batch, seq, self.n_heads, d).transpose(1, 2)  # [batch, heads, seq, head_dim]
+        k = self.k_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
+        v = self.v_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache == "static":
+            k_all = static_cache_write(past_k, k, write_indices)  # [batch, kv_heads, max_seq_len, head_dim]
+            v_all = static_cache_write(past_v, v, write_indices)
+        else:
+            k_all = torch.cat((past_k, k), dim=2)  # [batch, kv_heads, past + seq, head_dim]
+            v_all = torch.cat((past_v, v), dim=2)
+        # Grouped-query attention without materialising repeated KV heads: each KV head serves
+        # its n_rep query heads through a broadcast matmul.
+        qg = q.view(batch, n_kv, n_rep, seq, d)  # [batch, kv_heads, n_rep, seq, head_dim]
+        scores = qg @ k_all[:, :, None].transpose(-1, -2)  # [batch, kv_heads, n_rep, seq, keys]
+        scores = scores.float() * (1.0 / math.sqrt(d)) + mask  # mask [batch, 1, 1, seq, keys]
+        probs = torch.softmax(scores, dim=-1).to(x.dtype)
+        out = probs @ v_all[:, :, None]  # [batch, kv_heads, n_rep, seq, head_dim]
+        out = out.reshape(batch, self.n_heads, seq, d).transpose(1, 2).reshape(batch, seq, self.n_heads * d)
+        return self.reduce(self.o_proj(out)), k_all, v_all  # [batch, seq, hidden]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
+        super().__init__()
+        ffn = cfg.intermediate_size // spec.tp_size
+        self.reduce = reduce
+        self.gate_proj = nn.Linear(cfg.hidden_size, ffn, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))  # [batch, seq, hidden]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, spec, reduce)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, spec, reduce)
+
+    def forward(self, h, cos, sin, mask, past_k, past_v, write_indices, kv_cache: str):
+        attn, k, v = self.self_attn(self.input_layernorm(h), cos, sin, mask, past_k, past_v,
+                                    write_indices, kv_cache)
+        h = h + attn
+        return h + self.mlp(self.post_attention_layernorm(h)), k, v  # [batch, seq, hidden]
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [vocab_start, vocab_start + local) of the embedding; other ids contribute zeros."""
+
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
+        super().__init__()
+        self.local = cfg.vocab_size // spec.tp_size
+        self.start = spec.tp_rank * self.local
+        self.sharded = spec.tp_size > 1
+        self.reduce = reduce
+        self.weight = nn.Parameter(torch.empty(self.local, cfg.hidden_size))
+
+    def forward(self, input_ids):
+        if not self.sharded:
+            return F.embedding(input_ids, self.weight)  # [batch, seq, hidden]
+        local_ids = input_ids - self.start
+        mine = (local_ids >= 0) & (local_ids < self.local)  # [batch, seq]
+        rows = F.embedding(local_ids.clamp(0, self.local - 1), self.weight)  # [batch, seq, hidden]
+        return self.reduce(rows * mine[..., None].to(rows.dtype))
+
+
+class Body(nn.Module):
+    """`model.*` of the HF state dict: embedding, this stage's layers, final norm."""
+
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
+        super().__init__()
+        self.layer_ids = list(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
+        if spec.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(cfg, spec, reduce)
+        # Keyed by global index so names match the checkpoint (model.layers.40.* on stage 2).
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, spec, reduce) for i in self.layer_ids})
+        if spec.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaRank(nn.Module):
+    """One rank's share of Llama 3.1.
+
+    forward(first, position_ids, cache_arg, *past) -> (logits or hidden_states, *presents)
+      first         input_ids int64 [batch, seq] on the first stage, else hidden_states
+                    [batch, seq, hidden] from the previous stage
+      position_ids  int64 [batch, seq]
+      cache_arg     static: write_indices int64 [batch] (cache slot of each sequence's first
+                    new token = how many tokens it already cached); concat: attention_mask int64 [batch, past + seq]
+      past          key, value per local layer: [batch, kv_heads_local, cache_len, head_dim]
+    """
+
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, options: ModelOptions = ModelOptions(),
+                 reduce: Reducer = no_reduce):
+        super().__init__()
+        if options.kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache {options.kv_cache!r} not in {KV_CACHE_MODES}")
+        self.cfg, self.spec, self.options = cfg, spec, options
+        self.model = Body(cfg, spec, reduce)
+        if spec.is_last_stage:
+            self.lm_head = nn.Linear(cfg.hidden_size // spec.tp_size, cfg.vocab_size, bias=False)
+        self.reduce = reduce
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return self.model.layer_ids
+
+    def attention_mask(self, position_ids, cache_arg, cache_len: int, seq: int):
+        """Additive mask [batch, 1, 1, seq, keys] in fp32."""
+        if self.options.kv_cache == "static":
+            # Causal in slot space: query i of sequence b sits in slot write_indices[b] + i and
+            # sees every slot up to it (earlier slots hold that sequence's earlier tokens).
+            slots = torch.arange(cache_len, device=position_ids.device)  # [keys]
+            query_slots = cache_arg[:, None] + torch.arange(seq, device=position_ids.device)  # [batch, seq]
+            allowed = slots[None, None, :] <= query_slots[:, :, None]  # [batch, seq, keys]
+        else:
+            keys = cache_len + seq
+            past = cache_len
+            slots = torch.arange(keys, device=position_ids.device)
+            query_slots = past + torch.arange(seq, device=position_ids.device)  # [seq]
+            causal = slots[None, :] <= query_slots[:, None]  # [seq, keys]
+            allowed = causal[None] & (cache_arg[:, None, :] != 0)  # [batch, seq, keys]
+        # finfo.min rather than -inf: a fully padded query row must give zeros, not NaN.
+        neg = torch.finfo(torch.float32).min
+        return torch.where(allowed, 0.0, neg)[:, None, None]  # [batch, 1, 1, seq, keys]
+
+    def forward(self, first, position_ids, cache_arg, *past):
+        spec = self.spec
+        h = self.model.embed_tokens(first) if spec.is_first_stage else first  # [batch, seq, hidden]
+        seq = position_ids.shape[1]
+        cos, sin = rotary_cos_sin(self.inv_freq, position_ids, h.dtype)
+        mask = self.attention_mask(position_ids, cache_arg, past[0].shape[2], seq)
+        presents = []
+        for n, layer_id in enumerate(self.layer_ids):
+            h, k, v = self.model.layers[str(layer_id)](
+                h, cos, sin, mask, past[2 * n], past[2 * n + 1], cache_arg, self.options.kv_cache)
+            presents += [k, v]
+        if not spec.is_last_stage:
+            return (h, *presents)
+        if self.options.logits == "last":
+            h = h[:, -1:]
+        h = self.model.norm(h)
+        if spec.tp_size > 1:
+            width = self.cfg.hidden_size // spec.tp_size
+            h = h[..., spec.tp_rank * width:(spec.tp_rank + 1) * width]  # [batch, seq, hidden / tp]
+        logits = self.reduce(self.lm_head(h))  # [batch, seq, vocab]
+        return (logits, *presents)
+
+
+def build_rank_module(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions = ModelOptions(),
+                      reduce: Reducer = no_reduce, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "meta") -> LlamaRank:
+    """An empty rank module (meta by default: no memory until weights are assigned)."""
+    with torch.device(device):
+        module = LlamaRank(cfg, spec, options, reduce)
+    module.to(dtype)
+    # Computed from the config, never loaded: real values even on a meta module, and fp32
+    # whatever the compute dtype.
+    module.inv_freq = rope_inv_freq(cfg)
+    return module.eval().requires_grad_(False)
+
+
+def load_rank_weights(module: LlamaRank, tensors, dtype: torch.dtype) -> None:
+    """Assign (name, tensor) pairs into a meta-built module, checking every name and shape."""
+    expected = dict(module.state_dict())
+    seen = set()
+    for name, tensor in tensors:
+        if name not in expected:
+            raise KeyError(f"checkpoint tensor {name!r} has no place in rank module")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{name}: shape {list(tensor.shape)} != module {list(expected[name].shape)}")
+        owner, leaf = _owner(module, name)
+        setattr(owner, leaf, nn.Parameter(tensor.to(dtype), requires_grad=False))
+        seen.add(name)
+    missing = set(expected) - seen
+    if missing:
+        raise KeyError(f"rank module tensors not provided: {sorted(missing)[:5]}")
+
+
+def _owner(module: nn.Module, name: str):
+    path, leaf = name.rsplit(".", 1)
+    return module.get_submodule(path), leaf

@@ -1,0 +1,69 @@
+"""What every backend offers the generation loop and the parity harness.
+
+A backend is a stateful session over one model (all its ranks): `start(batch)` clears the KV
+cache, `infer(feed)` runs one forward step and keeps the cache, `cache()` returns the cache in
+the model's logical layout so two backends can be compared tensor by tensor.
+
+feed:    input_ids int64 [batch, seq]; position_ids int64 [batch, seq];
+         write_indices int64 [batch] (cache slot of each sequence's first new token; static);
+         attention_mask int64 [batch, past + seq] (1 = real token; concat)
+outputs: logits float32 [batch, seq, vocab] ([batch, 1, vocab] for a logits="last" artifact)
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from export.config import LlamaConfig
+from export.errors import InputError
+
+
+class Backend(Protocol):
+    name: str
+    config: LlamaConfig
+    kv_cache: str
+    max_seq_len: int
+
+    def start(self, batch: int) -> None: ...
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]: ...
+
+
+def check_feed(feed: dict[str, np.ndarray], vocab_size: int, max_seq_len: int, kv_cache: str) -> None:
+    """Reject requests the graph would silently get wrong (ids past the vocab, cache overflow)."""
+    ids, positions = feed["input_ids"], feed["position_ids"]
+    if ids.ndim != 2 or ids.shape != positions.shape:
+        raise InputError(f"input_ids {ids.shape} and position_ids {positions.shape} must both be [batch, seq]")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
+        raise InputError(f"token id {bad} is outside the vocabulary 0..{vocab_size - 1}; "
+                         "check the tokenizer matches the checkpoint")
+    needed = past_len(feed)
+    if kv_cache == "static" and needed > max_seq_len:
+        raise InputError(f"the request needs {needed} cache slots but the model was built for "
+                         f"max_seq_len={max_seq_len}; shorten the prompt/--max-new-tokens or "
+                         "re-export with a larger --max-seq-len")
+
+
+def past_len(feed: dict[str, np.ndarray]) -> int:
+    """Cache slots in use once this step has run."""
+    if "write_indices" in feed:
+        return int(np.max(feed["write_indices"])) + feed["input_ids"].shape[1]
+    return feed["attention_mask"].shape[1]
+
+
+def make_feed(input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
+              attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_ids": input_ids.astype(np.int64), "position_ids": position_ids.astype(np.int64),
+            "write_indices": write_indices.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+
+
+def logical_kv(per_rank: list[np.ndarray], cfg: LlamaConfig, tp: int) -> np.ndarray:
+    """Join one layer's rank caches [batch, kv_local, len, dim] into [batch, kv_heads, len, dim]."""
+    if tp > cfg.num_key_value_heads:
+        per_rank = per_rank[:: tp // cfg.num_key_value_heads]  # replicated heads: one copy each
+    return np.concatenate(per_rank, axis=1)

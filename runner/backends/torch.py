@@ -1,0 +1,82 @@
+"""PyTorch backend: the rank modules of export/model.py, run eagerly on the CPU.
+
+Every rank of a tp x pp layout is built in this process and fed its own slices from the
+checkpoint; the TP ranks of a stage run in lockstep threads sharing a LocalAllReduce, and
+stages hand hidden states down the pipeline — the same arithmetic as a multi-process run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from export.checkpoint import Checkpoint
+from export.model import ModelOptions, build_rank_module, load_rank_weights
+from export.sharding import all_ranks, kv_heads_local, validate_parallelism
+from runner.backends.base import check_feed, logical_kv, past_len
+from runner.dist import LocalAllReduce, run_in_lockstep
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, checkpoint: Checkpoint, tp: int = 1, pp: int = 1, dtype: str = "float32",
+                 options: ModelOptions = ModelOptions()):
+        cfg = checkpoint.config
+        validate_parallelism(cfg, tp, pp)
+        self.config, self.tp, self.pp = cfg, tp, pp
+        self.kv_cache, self.max_seq_len = options.kv_cache, options.max_seq_len
+        self.options = options
+        self.dtype = DTYPES[dtype]
+        self.groups = [LocalAllReduce(tp) for _ in range(pp)]
+        self.specs = all_ranks(tp, pp)
+        self.modules = []
+        for spec in self.specs:
+            module = build_rank_module(cfg, spec, options, self.groups[spec.pp_rank].for_rank(spec.tp_rank),
+                                       dtype=self.dtype, device="meta")
+            load_rank_weights(module, checkpoint.iter_rank_tensors(spec), self.dtype)
+            self.modules.append(module)
+        self._cache: list[list[torch.Tensor]] = []
+        self._past_len = 0
+
+    def start(self, batch: int) -> None:
+        cfg = self.config
+        kv_local = kv_heads_local(cfg, self.tp)
+        length = self.max_seq_len if self.kv_cache == "static" else 0
+        self._cache = [
+            [torch.zeros(batch, kv_local, length, cfg.head_dim, dtype=self.dtype)
+             for _ in range(2 * len(module.layer_ids))]
+            for module in self.modules]
+        self._past_len = 0
+
+    @torch.inference_mode()
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feed(feed, self.config.vocab_size, self.max_seq_len, self.kv_cache)
+        positions = torch.from_numpy(np.ascontiguousarray(feed["position_ids"], dtype=np.int64))
+        if self.kv_cache == "static":
+            cache_arg = torch.from_numpy(np.ascontiguousarray(feed["write_indices"], dtype=np.int64))
+        else:
+            cache_arg = torch.from_numpy(np.ascontiguousarray(feed["attention_mask"], dtype=np.int64))
+        x = torch.from_numpy(np.ascontiguousarray(feed["input_ids"], dtype=np.int64))
+        for stage in range(self.pp):
+            ranks = [s.rank for s in self.specs if s.pp_rank == stage]
+            outs = run_in_lockstep(
+                [lambda r=r, x=x: self.modules[r](x, positions, cache_arg, *self._cache[r]) for r in ranks],
+                self.groups[stage])
+            for r, out in zip(ranks, outs):
+                self._cache[r] = list(out[1:])
+            x = outs[0][0]  # identical on every TP rank after the last all-reduce
+        self._past_len = past_len(feed)
+        return {"logits": x.float().numpy()}
+
+    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        layers = []
+        for stage in range(self.pp):
+            ranks = [s.rank for s in self.specs if s.pp_rank == stage]
+            for n in range(len(self.modules[ranks[0]].layer_ids)):
+                k = logical_kv([self._cache[r][2 * n].float().numpy() for r in ranks], self.config, self.tp)
+                v = logical_kv([self._cache[r][2 * n + 1].float().numpy() for r in ranks], self.config, self.tp)
+                layers.append((k, v))
+        return layers

@@ -1,0 +1,175 @@
+"""`llama405` command line: one entry point, one subcommand per job (DESIGN §2).
+
+Bad input ends with one line on stderr and exit code 2; everything else a subcommand prints
+goes to stdout (JSON with --json, so scripts can read it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from export.config import PRESETS
+from export.errors import InputError, Llama405Error
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--artifact", type=Path, help="exported artifact directory (ONNX per rank)")
+    src.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("--backend", choices=("torch", "ort", "trt"), default="torch")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torch backend)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (torch backend)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (torch backend)")
+    p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama405", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a random-weight HF checkpoint of any Llama 3.1 geometry")
+    geo = p.add_mutually_exclusive_group(required=True)
+    geo.add_argument("--preset", choices=sorted(PRESETS))
+    geo.add_argument("--config", type=Path, help="a config.json to copy the geometry from")
+    p.add_argument("--layers", type=int, help="override num_hidden_layers")
+    p.add_argument("--vocab", type=int, help="override vocab_size")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model_source(p)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat format")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one beside the model)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("logits", help="write float32 logits [batch, seq, vocab] for given token ids")
+    _add_model_source(p)
+    p.add_argument("--tokens", required=True, help="comma-separated ids, e.g. 128000,9906,1917")
+    p.add_argument("--out", type=Path, required=True, help="a .npy file")
+
+    p = sub.add_parser("tokenize", help="print the token ids of a text as JSON")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.model or its directory (default: bundled Llama 3)")
+    p.add_argument("--text", required=True)
+    p.add_argument("--chat", action="store_true")
+    return parser
+
+
+def cmd_synth(args) -> int:
+    from export.synth import synth_config, synthesize_checkpoint
+    cfg = synth_config(args.preset, args.config, args.layers, args.vocab)
+    out = synthesize_checkpoint(cfg, args.out, dtype=args.dtype, seed=args.seed, force=args.force,
+                                progress=sys.stderr.isatty())
+    print(f"wrote {out} ({cfg.num_parameters() / 1e9:.3f} B parameters, {args.dtype})")
+    return 0
+
+
+def open_backend(args):
+    """The model behind --checkpoint/--artifact as a Backend (runner/backends/base.py)."""
+    from export.model import ModelOptions
+    if args.checkpoint is not None:
+        if args.backend != "torch":
+            raise InputError(f"--backend {args.backend} runs an exported artifact; pass --artifact ART "
+                             "(make one with `llama405 export`) or use --backend torch")
+        from export.checkpoint import Checkpoint
+        from runner.backends.torch import TorchBackend
+        options = ModelOptions(kv_cache=args.kv_cache, max_seq_len=args.max_seq_len)
+        return TorchBackend(Checkpoint(args.checkpoint), tp=args.tp, pp=args.pp, dtype=args.dtype,
+                            options=options)
+    raise InputError(f"--artifact {args.artifact}: artifacts are not supported by this build yet; "
+                     "use --checkpoint with --backend torch")
+
+
+def _tokenizer_for(args):
+    from runner.tokenizer import Llama3Tokenizer
+    if args.tokenizer is not None:
+        return Llama3Tokenizer.from_path(args.tokenizer)
+    source = args.checkpoint or args.artifact
+    if (source / "tokenizer.model").is_file():
+        return Llama3Tokenizer.from_path(source / "tokenizer.model")
+    return Llama3Tokenizer.default()
+
+
+def cmd_generate(args) -> int:
+    from runner.generate import SamplingOptions, generate
+    options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    tokenizer = _tokenizer_for(args)
+    prompts = [tokenizer.encode_dialog([{"role": "user", "content": text}]) if args.chat
+               else tokenizer.encode(text, bos=True) for text in args.prompt]
+    backend = open_backend(args)
+    result = generate(backend, prompts, options, stop_ids=tokenizer.stop_ids)
+    texts = [tokenizer.decode([t for t in toks if t not in tokenizer.stop_ids]) for toks in result.tokens]
+    if args.json:
+        print(json.dumps({
+            "backend": backend.name,
+            "outputs": [{"prompt": p, "prompt_tokens": ids, "tokens": toks, "text": text, "stop_reason": why}
+                        for p, ids, toks, text, why in zip(args.prompt, prompts, result.tokens, texts,
+                                                            result.stop_reasons)],
+            "prefill_seconds": result.prefill_seconds,
+            "decode_tokens_per_second": result.decode_tokens_per_second,
+        }))
+        return 0
+    for prompt, text in zip(args.prompt, texts):
+        print(f"{prompt!r} -> {text!r}")
+    print(f"[{backend.name}] prefill {result.prefill_seconds * 1000:.1f} ms, decode "
+          f"{result.decode_tokens_per_second:.1f} tokens/s over {result.decode_steps} steps")
+    return 0
+
+
+def parse_token_list(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise InputError(f"--tokens {text!r}: expected comma-separated integers like 128000,9906") from None
+    if not ids:
+        raise InputError("--tokens is empty")
+    return ids
+
+
+def cmd_logits(args) -> int:
+    ids = np.array([parse_token_list(args.tokens)], dtype=np.int64)
+    backend = open_backend(args)
+    from runner.backends.base import make_feed
+    backend.start(1)
+    positions = np.arange(ids.shape[1])[None]
+    logits = backend.infer(make_feed(ids, positions, np.zeros(1), np.ones_like(ids)))["logits"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, logits.astype(np.float32))
+    print(f"wrote {args.out} {list(logits.shape)} float32")
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from runner.tokenizer import token_ids_for_cli
+    print(json.dumps(token_ids_for_cli(args.tokenizer, args.text, args.chat)))
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except Llama405Error as err:
+        print(f"llama405 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

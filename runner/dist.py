@@ -1,0 +1,79 @@
+"""All-reduce for tensor-parallel ranks: simulated in one process, or across torch.distributed.
+
+Simulation runs each rank of a TP group in its own thread; `LocalAllReduce` meets them at a
+barrier and hands every rank the same sum, added in rank order so the result is deterministic
+and identical on all ranks — the same numbers a real NCCL/gloo all-reduce would give, up to
+summation order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class LocalAllReduce:
+    """An all-reduce(sum) among `world` threads of this process."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self._slots: list[torch.Tensor | None] = [None] * world
+        self._arrived = threading.Barrier(world)
+        self._consumed = threading.Barrier(world)
+
+    def for_rank(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            self._slots[rank] = x
+            self._arrived.wait()
+            total = self._slots[0]
+            for other in self._slots[1:]:
+                total = total + other
+            self._consumed.wait()  # nobody overwrites a slot before all ranks have summed
+            return total
+        return reduce
+
+    def abort(self) -> None:
+        """Release ranks blocked at the barrier when one of them failed."""
+        self._arrived.abort()
+        self._consumed.abort()
+
+
+def run_in_lockstep(work: Sequence[Callable[[], T]], group: LocalAllReduce | None = None) -> list[T]:
+    """Run one callable per rank concurrently; the first failure is raised, not a hang."""
+    if len(work) == 1:
+        return [work[0]()]
+    with ThreadPoolExecutor(max_workers=len(work)) as pool:
+        futures = [pool.submit(_abort_on_error, fn, group) for fn in work]
+        return [f.result() for f in futures]
+
+
+def _abort_on_error(fn: Callable[[], T], group: LocalAllReduce | None) -> T:
+    try:
+        return fn()
+    except threading.BrokenBarrierError:
+        raise
+    except BaseException:
+        if group is not None:
+            group.abort()
+        raise
+
+
+def torch_distributed_reducer(group=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """All-reduce(sum) over a torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+    import torch.distributed as dist
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+    return reduce
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ

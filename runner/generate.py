@@ -1,0 +1,112 @@
+"""Prefill + decode through a backend's KV cache: greedy or temperature/top-p sampling.
+
+A batch of prompts of different lengths is right-padded: each sequence keeps its own positions
+and cache slots (write_indices), so the static cache overwrites the padding as decoding goes and
+the concat cache masks it out with attention_mask. The same loop drives every backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterable
+
+import numpy as np
+
+from export.errors import InputError
+from runner.backends.base import Backend, make_feed
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise InputError(f"--max-new-tokens {self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise InputError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p {self.top_p} must be in (0, 1]")
+
+
+@dataclasses.dataclass
+class Generation:
+    prompts: list[list[int]]
+    tokens: list[list[int]]  # new tokens per sequence, stop token included when hit
+    stop_reasons: list[str]  # "stop_token" | "max_new_tokens"
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        produced = self.decode_steps * len(self.prompts)
+        return produced / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def choose_tokens(logits: np.ndarray, options: SamplingOptions, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row of logits [batch, vocab]."""
+    if options.temperature == 0:
+        return logits.argmax(axis=-1)
+    scaled = logits.astype(np.float64) / options.temperature
+    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    chosen = np.empty(len(probs), dtype=np.int64)
+    for row, p in enumerate(probs):
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        keep = order[: int(np.searchsorted(cumulative, options.top_p)) + 1]
+        chosen[row] = rng.choice(keep, p=p[keep] / p[keep].sum())
+    return chosen
+
+
+def generate(backend: Backend, prompts: list[list[int]], options: SamplingOptions,
+             stop_ids: Iterable[int] = (), pad_id: int = 0) -> Generation:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InputError("every prompt needs at least one token")
+    stop = set(stop_ids)
+    batch, lengths = len(prompts), np.array([len(p) for p in prompts])
+    width = int(lengths.max())
+    if backend.kv_cache == "static" and width + options.max_new_tokens > backend.max_seq_len:
+        raise InputError(f"prompt ({width} tokens) + --max-new-tokens {options.max_new_tokens} exceeds "
+                         f"max_seq_len={backend.max_seq_len}; shorten the prompt, lower "
+                         "--max-new-tokens or re-export with a larger --max-seq-len")
+    ids = np.full((batch, width), pad_id, dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    for b, prompt in enumerate(prompts):
+        ids[b, :len(prompt)], mask[b, :len(prompt)] = prompt, 1
+    positions = np.tile(np.arange(width), (batch, 1))
+    rng = np.random.default_rng(options.seed)
+
+    backend.start(batch)
+    started = time.perf_counter()
+    logits = backend.infer(make_feed(ids, positions, np.zeros(batch), mask))["logits"]
+    if logits.shape[1] == 1 and width > 1 and (lengths != width).any():
+        raise InputError("this artifact returns last-position logits only, which cannot serve a batch "
+                         "of prompts of different lengths; re-export with --logits all")
+    last = logits[np.arange(batch), np.minimum(lengths - 1, logits.shape[1] - 1)]  # [batch, vocab]
+    prefill_seconds = time.perf_counter() - started
+
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    reasons = ["max_new_tokens"] * batch
+    done = np.zeros(batch, dtype=bool)
+    steps, started = 0, time.perf_counter()
+    for step in range(options.max_new_tokens):
+        nxt = choose_tokens(last, options, rng)
+        for b in np.flatnonzero(~done):
+            tokens[b].append(int(nxt[b]))
+            if int(nxt[b]) in stop:
+                done[b], reasons[b] = True, "stop_token"
+        if done.all() or step == options.max_new_tokens - 1:
+            break
+        nxt = np.where(done, pad_id, nxt)
+        mask = np.concatenate([mask, (~done).astype(np.int64)[:, None]], axis=1)
+        feed = make_feed(nxt[:, None], (lengths + step)[:, None], lengths + step, mask)
+        last = backend.infer(feed)["logits"][:, -1]
+        steps += 1
+    return Generation(prompts, tokens, reasons, prefill_seconds, time.perf_counter() - started, steps)
