@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.cache_ops import kv_cache_write
 from export.config import LlamaConfig
 from export.sharding import RankSpec, heads_local, kv_heads_local, stage_layers
 
@@ -74,14 +75,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def static_cache_write(past: torch.Tensor, new: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:
-    """past with `new` written at slots write_indices[b] .. write_indices[b] + seq - 1."""
-    batch, heads, seq, dim = new.shape
-    slots = write_indices[:, None] + torch.arange(seq, device=new.device)  # [batch, seq]
-    index = slots[:, None, :, None].expand(batch, heads, seq, dim)  # [batch, kv_heads, seq, head_dim]
-    return past.scatter(2, index, new)  # [batch, kv_heads, max_seq_len, head_dim]
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -116,8 +109,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache == "static":
-            k_all = static_cache_write(past_k, k, write_indices)  # [batch, kv_heads, max_seq_len, head_dim]
-            v_all = static_cache_write(past_v, v, write_indices)
+            k_all = kv_cache_write(past_k, k, write_indices)  # [batch, kv_heads, max_seq_len, head_dim]
+            v_all = kv_cache_write(past_v, v, write_indices)
         else:
             k_all = torch.cat((past_k, k), dim=2)  # [batch, kv_heads, past + seq, head_dim]
             v_all = torch.cat((past_v, v), dim=2)

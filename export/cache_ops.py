@@ -1,0 +1,50 @@
+"""Static KV-cache write as one opaque op, so the ONNX graph carries a TensorScatter.
+
+TensorScatter (ONNX opset 24) is the op TensorRT maps onto its KV-cache update layer and that
+onnxruntime can run in place; a plain `Tensor.scatter` would export as ScatterElements with a
+materialised [batch, kv_heads, seq, head_dim] index tensor. The eager body is the same math.
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+
+KV_WRITE_OPSET = 24
+
+
+def _kv_write_eager(past: torch.Tensor, new: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:
+    batch, heads, seq, dim = new.shape
+    slots = write_indices[:, None] + torch.arange(seq, device=new.device)  # [batch, seq]
+    index = slots[:, None, :, None].expand(batch, heads, seq, dim)  # [batch, kv_heads, seq, head_dim]
+    return past.scatter(2, index, new)  # [batch, kv_heads, max_seq_len, head_dim]
+
+
+def _kv_write_fake(past: torch.Tensor, new: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(past)
+
+
+def _define() -> None:
+    if hasattr(torch.ops.llama405, "kv_cache_write"):
+        return
+    op = torch.library.custom_op("llama405::kv_cache_write", mutates_args=())(_kv_write_eager)
+    op.register_fake(_kv_write_fake)
+
+
+_define()
+
+
+def kv_cache_write(past: torch.Tensor, new: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:
+    """past with new [batch, kv_heads, seq, head_dim] written at slots write_indices[b] + 0..seq-1."""
+    return torch.ops.llama405.kv_cache_write(past, new, write_indices)
+
+
+_OPSET = onnxscript.values.Opset("", KV_WRITE_OPSET)
+
+
+def kv_cache_write_onnx(past, new, write_indices):
+    return _OPSET.TensorScatter(past, new, write_indices, axis=2, mode="linear")
+
+
+def custom_translation_table() -> dict:
+    return {torch.ops.llama405.kv_cache_write.default: kv_cache_write_onnx}

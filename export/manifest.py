@@ -1,0 +1,157 @@
+"""manifest.json: what an artifact directory holds and how to check it is intact (DESIGN §3).
+
+Sizes are checked on every load (cheap: catches truncation and swapped files); sha256 on request
+(reads every byte). Written with sorted keys and no timestamps, so two exports of the same
+inputs are byte-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from export.config import LlamaConfig
+from export.errors import ArtifactError, ConfigError
+
+MANIFEST = "manifest.json"
+FORMAT = "llama405-artifact"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[Any, ...]  # ints, or strings naming symbolic dims ("batch", "seq", ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankEntry:
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    layers: tuple[int, int]  # [first, stop)
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    collectives: int
+
+    @property
+    def onnx_path(self) -> str:
+        return f"rank{self.rank}/model.onnx"
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    config: LlamaConfig
+    tp: int
+    pp: int
+    dtype: str
+    quant: str
+    kv_cache: str
+    max_batch: int
+    max_seq_len: int
+    logits: str
+    opset: int
+    ranks: tuple[RankEntry, ...]
+    files: dict[str, dict[str, Any]]  # relative path -> {"sha256", "size"}
+    source: dict[str, Any]
+    toolchain: dict[str, str]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def rank(self, rank: int) -> RankEntry:
+        for entry in self.ranks:
+            if entry.rank == rank:
+                return entry
+        have = ", ".join(str(e.rank) for e in self.ranks)
+        raise ArtifactError(f"artifact has no rank {rank} (it holds ranks {have}); export it with "
+                            f"`llama405 export ... --ranks {rank}`")
+
+    def to_json(self) -> str:
+        raw = dataclasses.asdict(self)
+        raw["config"] = self.config.to_hf_dict()
+        extra = raw.pop("extra")
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, **raw, **extra}
+        return json.dumps(body, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{source}: not valid JSON ({err}); re-export the artifact") from None
+        if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{source}: not a {FORMAT} v{FORMAT_VERSION} manifest "
+                                f"(format={raw.get('format')!r}, version={raw.get('format_version')!r}); "
+                                "re-export with this llama405")
+        try:
+            config = LlamaConfig.from_hf_dict(raw["config"], source=source)
+            ranks = tuple(
+                RankEntry(rank=r["rank"], tp_rank=r["tp_rank"], pp_rank=r["pp_rank"],
+                          layers=tuple(r["layers"]),
+                          inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in r["inputs"]),
+                          outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in r["outputs"]),
+                          collectives=r["collectives"])
+                for r in raw["ranks"])
+            known = {f.name for f in dataclasses.fields(cls)}
+            extra = {k: v for k, v in raw.items() if k not in known | {"format", "format_version"}}
+            return cls(config=config, tp=raw["tp"], pp=raw["pp"], dtype=raw["dtype"], quant=raw["quant"],
+                       kv_cache=raw["kv_cache"], max_batch=raw["max_batch"], max_seq_len=raw["max_seq_len"],
+                       logits=raw["logits"], opset=raw["opset"], ranks=ranks, files=raw["files"],
+                       source=raw["source"], toolchain=raw["toolchain"], extra=extra)
+        except (KeyError, TypeError, ConfigError) as err:
+            raise ArtifactError(f"{source}: malformed manifest ({err!r}); re-export the artifact") from None
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path, sha256: str | None = None) -> dict[str, Any]:
+    return {"sha256": sha256 or sha256_file(path), "size": path.stat().st_size}
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    path = directory / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(directory: str | Path, verify_hashes: bool = False,
+                  only: list[str] | None = None) -> Manifest:
+    """Read and check an artifact: every listed file present with its recorded size (and hash).
+
+    `only` limits the checks to some files (a process serving rank 3 need not read rank 5).
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        partial = sorted(directory.parent.glob(f".{directory.name}.tmp-*")) if directory.parent.is_dir() else []
+        hint = f" (an unfinished export was left in {partial[0]})" if partial else ""
+        raise ArtifactError(f"{path}: no manifest{hint}; this is not a finished artifact — run "
+                            "`llama405 export` again")
+    manifest = Manifest.from_json(path.read_text(), str(path))
+    for rel, entry in manifest.files.items():
+        if only is not None and rel not in only:
+            continue
+        file = directory / rel
+        if not file.is_file():
+            raise ArtifactError(f"{file}: listed in the manifest but missing; re-export the artifact "
+                                "or copy the file back")
+        size = file.stat().st_size
+        if size != entry["size"]:
+            raise ArtifactError(f"{file}: {size} bytes but the manifest records {entry['size']}; "
+                                "the file was truncated or replaced — re-export the artifact")
+        if verify_hashes and sha256_file(file) != entry["sha256"]:
+            raise ArtifactError(f"{file}: sha256 differs from the manifest; the file was modified — "
+                                "re-export the artifact")
+    return manifest

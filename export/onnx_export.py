@@ -1,0 +1,353 @@
+"""Checkpoint -> artifact directory with one ONNX graph per rank (DESIGN §3-§5).
+
+Per rank: build the rank module on the meta device, `torch.export` it with meta inputs, convert
+with torch.onnx (dynamo) and save the graph with no initializers — its nodes name the HF
+state-dict keys. Then every weight slice is read from the checkpoint, cast and appended to the
+rank's `model.onnx.data`, and an initializer pointing at (offset, length) is added. One slice is
+in memory at a time, so peak RSS does not grow with the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch.export import Dim
+from tqdm import tqdm
+
+from export import cache_ops, collectives
+from export.checkpoint import Checkpoint
+from export.config import LlamaConfig
+from export.errors import ArtifactError, CheckpointError
+from export.manifest import Manifest, RankEntry, TensorSpec, file_entry, write_manifest
+from export.model import ModelOptions, build_rank_module, no_reduce, rope_inv_freq
+from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
+                             stage_layers, tensor_slice, validate_parallelism)
+from export.tokenizer_files import copy_tokenizer_files
+
+OPSET = 24
+DATA_FILE = "model.onnx.data"
+ALIGN = 4096  # page-aligned tensors: runtimes can mmap them directly
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
+               torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "float16"
+    quant: str = "none"
+    kv_cache: str = "static"
+    max_batch: int = 8
+    max_seq_len: int = 4096
+    logits: str = "all"
+    ranks: tuple[int, ...] | None = None  # None = every rank
+
+    @property
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(kv_cache=self.kv_cache, max_seq_len=self.max_seq_len, logits=self.logits)
+
+
+# -- graph IO --------------------------------------------------------------------------------
+
+def io_names(cfg: LlamaConfig, spec: RankSpec, kv_cache: str) -> tuple[list[str], list[str]]:
+    layers = stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank)
+    inputs = ["input_ids" if spec.is_first_stage else "hidden_states", "position_ids",
+              "write_indices" if kv_cache == "static" else "attention_mask"]
+    inputs += [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    outputs = ["logits" if spec.is_last_stage else "hidden_states"]
+    outputs += [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    return inputs, outputs
+
+
+def _example_inputs(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: torch.dtype):
+    """Meta tensors with distinct sizes > 1, so no dimension is specialised by accident."""
+    batch, seq, past = 2, 3, 5
+    meta = torch.device("meta")
+    first = (torch.empty(batch, seq, dtype=torch.int64, device=meta) if spec.is_first_stage
+             else torch.empty(batch, seq, cfg.hidden_size, dtype=dtype, device=meta))
+    positions = torch.empty(batch, seq, dtype=torch.int64, device=meta)
+    cache_len = options.max_seq_len if options.kv_cache == "static" else past
+    cache_arg = (torch.empty(batch, dtype=torch.int64, device=meta) if options.kv_cache == "static"
+                 else torch.empty(batch, past + seq, dtype=torch.int64, device=meta))
+    n_layers = len(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
+    kv = kv_heads_local(cfg, spec.tp_size)
+    past_kv = tuple(torch.empty(batch, kv, cache_len, cfg.head_dim, dtype=dtype, device=meta)
+                    for _ in range(2 * n_layers))
+    auto = Dim.AUTO
+    cache_dims = {0: auto} if options.kv_cache == "static" else {0: auto, 2: auto}
+    dynamic = ({0: auto, 1: auto} if spec.is_first_stage else {0: auto, 1: auto},
+               {0: auto, 1: auto},
+               {0: auto} if options.kv_cache == "static" else {0: auto, 1: auto},
+               tuple(cache_dims for _ in past_kv))
+    return (first, positions, cache_arg, *past_kv), dynamic
+
+
+def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: torch.dtype,
+                     workdir: Path) -> onnx.ModelProto:
+    """The rank's graph with no initializers (weights referenced by state-dict name)."""
+    reduce = collectives.all_reduce if spec.tp_size > 1 else no_reduce
+    module = build_rank_module(cfg, spec, options, reduce=reduce, dtype=dtype, device="meta")
+    module.inv_freq = module.inv_freq.to("meta")
+    args, dynamic = _example_inputs(cfg, spec, options, dtype)
+    input_names, output_names = io_names(cfg, spec, options.kv_cache)
+    table = {**collectives.custom_translation_table(), **cache_ops.custom_translation_table()}
+    with _quiet_exporter():
+        program = torch.export.export(module, args, dynamic_shapes=dynamic)
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=OPSET, optimize=False,
+                                         custom_translation_table=table, input_names=input_names,
+                                         output_names=output_names, verbose=False)
+        path = workdir / "graph.onnx"
+        onnx_program.save(str(path), include_initializers=False)
+    model = onnx.load(str(path), load_external_data=False)
+    path.unlink()
+    return model
+
+
+class _quiet_exporter:
+    """torch.onnx prints progress lines and torchvision warnings; keep the CLI output ours."""
+
+    def __enter__(self):
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        self._loggers = [(name, logging.getLogger(name).level) for name in ("torch.onnx", "torch._export", "torch.export")]
+        for name, _ in self._loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self._stdout = sys.stdout
+        sys.stdout = open(os.devnull, "w")
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout.close()
+        sys.stdout = self._stdout
+        for name, level in self._loggers:
+            logging.getLogger(name).setLevel(level)
+        self._warnings.__exit__(*exc)
+        return False
+
+
+def _name_symbolic_dims(model: onnx.ModelProto, spec: RankSpec, kv_cache: str) -> None:
+    """Replace the exporter's s17-style symbols by batch / seq / past_seq everywhere."""
+    graph = model.graph
+    first = graph.input[0].type.tensor_type.shape.dim
+    names = {first[0].dim_param: "batch", first[1].dim_param: "seq"}
+    if kv_cache == "concat":
+        past = graph.input[3].type.tensor_type.shape.dim[2].dim_param
+        names[past] = "past_seq"
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in names if k) + r")\b")
+
+    def rename(value_info):
+        for dim in value_info.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: names[m.group(0)], dim.dim_param)
+
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        rename(value)
+
+
+# -- weights ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _DataWriter:
+    """Appends tensors to one external-data file, page-aligned, hashing as it goes."""
+
+    path: Path
+
+    def __post_init__(self):
+        self._file = open(self.path, "wb")
+        self._digest = hashlib.sha256()
+        self.offset = 0
+
+    def write(self, buffer: memoryview) -> tuple[int, int]:
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self._put(memoryview(bytes(pad)))
+        start = self.offset
+        self._put(buffer)
+        return start, self.offset - start
+
+    def _put(self, buffer: memoryview) -> None:
+        self._file.write(buffer)
+        self._digest.update(buffer)
+        self.offset += buffer.nbytes
+
+    def close(self) -> str:
+        self._file.close()
+        return self._digest.hexdigest()
+
+
+def _external_initializer(name: str, tensor: torch.Tensor, offset: int, length: int) -> TensorProto:
+    proto = TensorProto(name=name, data_type=ONNX_DTYPES[tensor.dtype], dims=list(tensor.shape))
+    proto.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+        entry = proto.external_data.add()
+        entry.key, entry.value = key, value
+    return proto
+
+
+def attach_weights(model: onnx.ModelProto, checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype,
+                   rank_dir: Path, on_bytes: Callable[[int], None] = lambda n: None) -> str:
+    """Stream this rank's slices into rank_dir/model.onnx.data; returns the data file's sha256."""
+    cfg = checkpoint.config
+    wanted = {i for node in model.graph.node for i in node.input}
+    writer = _DataWriter(rank_dir / DATA_FILE)
+    try:
+        for name in rank_tensor_names(cfg, spec):
+            if name not in wanted:
+                raise ArtifactError(f"the traced graph of rank {spec.rank} does not use {name!r}; "
+                                    "this is a llama405 bug — please report it")
+            tensor = checkpoint.read_rank_tensor(name, spec).to(dtype).contiguous()
+            if dtype == torch.float16 and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{checkpoint.directory}: {name} has values beyond float16's "
+                                      "range (65504); export with --dtype bfloat16 or float32")
+            offset, length = writer.write(memoryview(tensor.view(torch.uint8).numpy()))
+            model.graph.initializer.append(_external_initializer(name, tensor, offset, length))
+            on_bytes(length)
+            del tensor
+    finally:
+        digest = writer.close()
+    # Rotary frequencies come from the config, not the checkpoint; fp32 whatever the dtype.
+    model.graph.initializer.append(numpy_helper.from_array(rope_inv_freq(cfg).numpy(), "inv_freq"))
+    return digest
+
+
+def rank_bytes(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype) -> int:
+    """Weight bytes one rank writes (headers only: nothing is read)."""
+    cfg, itemsize = checkpoint.config, torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for name in rank_tensor_names(cfg, spec):
+        shape = tensor_slice(cfg, spec, name, checkpoint.kv_dup_factor).local_shape(
+            checkpoint.shape(checkpoint_name(cfg, name)))
+        total += int(np.prod(shape)) * itemsize + ALIGN
+    return total
+
+
+# -- one rank, whole artifact ----------------------------------------------------------------
+
+def _spec_entries(values) -> tuple[TensorSpec, ...]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim)
+        out.append(TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+                              if t.elem_type != TensorProto.BFLOAT16 else "bfloat16", shape))
+    return tuple(out)
+
+
+def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, rank_dir: Path,
+                on_bytes: Callable[[int], None] = lambda n: None) -> tuple[RankEntry, dict]:
+    cfg, dtype = checkpoint.config, TORCH_DTYPES[options.dtype]
+    rank_dir.mkdir(parents=True)
+    model = trace_rank_graph(cfg, spec, options.model_options, dtype, rank_dir)
+    n_collectives = collectives.rewrite_collectives(model, spec.tp_size) if spec.tp_size > 1 else 0
+    _name_symbolic_dims(model, spec, options.kv_cache)
+    data_sha = attach_weights(model, checkpoint, spec, dtype, rank_dir, on_bytes)
+    model.producer_name, model.producer_version = "llama405", _version()
+    model.doc_string = (f"Llama 3.1 rank {spec.rank} (tp {spec.tp_rank}/{spec.tp_size}, "
+                        f"pp {spec.pp_rank}/{spec.pp_size})")
+    onnx_path = rank_dir / "model.onnx"
+    onnx.save_model(model, str(onnx_path))
+    collectives.register_dist_collective_schema()
+    onnx.checker.check_model(str(onnx_path), full_check=False)
+    layers = stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank)
+    entry = RankEntry(rank=spec.rank, tp_rank=spec.tp_rank, pp_rank=spec.pp_rank,
+                      layers=(layers.start, layers.stop), inputs=_spec_entries(model.graph.input),
+                      outputs=_spec_entries(model.graph.output), collectives=n_collectives)
+    files = {f"rank{spec.rank}/model.onnx": file_entry(onnx_path),
+             f"rank{spec.rank}/{DATA_FILE}": file_entry(rank_dir / DATA_FILE, data_sha)}
+    return entry, files
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("llama405")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _toolchain() -> dict[str, str]:
+    import onnxscript
+    return {"llama405": _version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__,
+            "python": ".".join(map(str, sys.version_info[:3]))}
+
+
+def check_disk(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed * 1.02:
+        raise ArtifactError(f"{directory}: the export needs {needed / 1e9:.2f} GB but only "
+                            f"{free / 1e9:.2f} GB are free; free space or pass another --out")
+
+
+def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: ExportOptions,
+                    force: bool = False, progress: bool = False) -> Path:
+    """Write the artifact atomically: a temporary sibling renamed into place at the end."""
+    out = Path(out)
+    checkpoint = Checkpoint(checkpoint_dir)
+    cfg = checkpoint.config
+    validate_parallelism(cfg, options.tp, options.pp)
+    specs = [s for s in all_ranks(options.tp, options.pp) if options.ranks is None or s.rank in options.ranks]
+    for spec in specs:
+        checkpoint.validate(spec)
+    if out.exists() and not force:
+        raise ArtifactError(f"{out}: already exists; pass --force to replace it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dtype = TORCH_DTYPES[options.dtype]
+    total = sum(rank_bytes(checkpoint, s, dtype) for s in specs)
+    check_disk(out.parent, total)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        entries, files = [], {}
+        with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="export") as bar:
+            for spec in specs:
+                bar.set_postfix_str(f"rank {spec.rank}")
+                entry, rank_files = export_rank(checkpoint, spec, options, tmp / f"rank{spec.rank}", bar.update)
+                entries.append(entry)
+                files.update(rank_files)
+        for path in copy_tokenizer_files(tmp, source=_tokenizer_source(checkpoint.directory)):
+            files[path.name] = file_entry(path)
+        manifest = Manifest(
+            config=cfg, tp=options.tp, pp=options.pp, dtype=options.dtype, quant=options.quant,
+            kv_cache=options.kv_cache, max_batch=options.max_batch, max_seq_len=options.max_seq_len,
+            logits=options.logits, opset=OPSET, ranks=tuple(entries), files=dict(sorted(files.items())),
+            source={"config_sha256": hashlib.sha256(cfg.to_hf_dict().__repr__().encode()).hexdigest(),
+                    "kv_dup_factor": checkpoint.kv_dup_factor},
+            toolchain=_toolchain())
+        write_manifest(tmp, manifest)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _tokenizer_source(checkpoint_dir: Path) -> Path | None:
+    return checkpoint_dir if (checkpoint_dir / "tokenizer.model").is_file() else None
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, out)
