@@ -1,0 +1,173 @@
+"""onnxruntime backend: the artifact's rank graphs, cut at their DistCollective nodes.
+
+onnxruntime has no DistCollective kernel, so each rank graph runs as a chain of segments
+(runner/backends/graph_split.py) and the all-reduce between two segments is done here: summed
+in-process across simulated ranks, or with torch.distributed when each process is one rank.
+The file that runs is the exact file TensorRT builds.
+
+Static KV cache: each cache tensor lives in one OrtValue that is bound both as the segment's
+`past_key_values.*` input and its `present.*` output, so TensorScatter updates it in place
+instead of copying max_seq_len slots every step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from export.errors import ArtifactError
+from export.manifest import Manifest, load_manifest
+from export.sharding import kv_heads_local, stage_layers
+from runner.backends.base import check_feed, logical_kv, past_len
+from runner.backends.graph_split import Segment, make_session, split_at_collectives
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+Reduce = Callable[[list[np.ndarray]], np.ndarray]
+
+
+def sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # constant-folding chatter about CastLike is not news
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class RankRunner:
+    """One rank's segments and sessions, with its cache bound in place (static mode)."""
+
+    def __init__(self, manifest: Manifest, directory: Path, rank: int, providers: Sequence,
+                 threads: int = 0):
+        self.entry = manifest.rank(rank)
+        self.kv_cache = manifest.kv_cache
+        rank_dir = directory / f"rank{rank}"
+        self.segments: list[Segment] = split_at_collectives(rank_dir / "model.onnx")
+        self.sessions = [make_session(s, rank_dir, providers, session_options(threads)) for s in self.segments]
+        self.cache_names = [t.name for t in self.entry.inputs if t.name.startswith("past_key_values.")]
+        self.cache: dict[str, np.ndarray] = {}
+        self._bound: dict[str, ort.OrtValue] = {}
+
+    def start(self, batch: int, kv_heads: int, cache_len: int, head_dim: int, dtype) -> None:
+        self.cache = {name: np.zeros((batch, kv_heads, cache_len, head_dim), dtype=dtype)
+                      for name in self.cache_names}
+        # OrtValues over the numpy buffers: writes through the binding land in self.cache.
+        self._bound = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.cache.items()}
+
+    def run_segment(self, k: int, env: dict[str, np.ndarray]) -> None:
+        segment, session = self.segments[k], self.sessions[k]
+        binding = session.io_binding()
+        for name in segment.inputs:
+            if self.kv_cache == "static" and name in self._bound:
+                binding.bind_ortvalue_input(name, self._bound[name])
+            elif name in self.cache:
+                binding.bind_cpu_input(name, self.cache[name])
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(env[name]))
+        fresh = []
+        for name in segment.outputs:
+            past = "past_key_values." + name[len("present."):] if name.startswith("present.") else None
+            if self.kv_cache == "static" and past in self._bound:
+                binding.bind_ortvalue_output(name, self._bound[past])  # present aliases past
+            else:
+                binding.bind_output(name, "cpu")
+                fresh.append(name)
+        session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        by_name = dict(zip(segment.outputs, values))
+        for name in fresh:
+            env[name] = by_name[name].numpy()
+
+    def absorb_presents(self, env: dict[str, np.ndarray]) -> None:
+        if self.kv_cache == "concat":
+            for name in self.cache_names:
+                self.cache[name] = env["present." + name[len("past_key_values."):]]
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, artifact: str | Path, providers: Sequence = ("CPUExecutionProvider",),
+                 verify_hashes: bool = False, ranks: Sequence[int] | None = None,
+                 reduce: Reduce = sum_in_rank_order):
+        self.directory = Path(artifact)
+        self.manifest = load_manifest(self.directory, verify_hashes=verify_hashes)
+        m = self.manifest
+        if m.dtype not in NP_DTYPES:
+            raise ArtifactError(f"{self.directory}: a {m.dtype} artifact cannot run on onnxruntime's CPU "
+                                "build (no bfloat16 MatMul); export with --dtype float16 or float32")
+        self.config, self.tp, self.pp = m.config, m.tp, m.pp
+        self.kv_cache, self.max_seq_len = m.kv_cache, m.max_seq_len
+        self.dtype = NP_DTYPES[m.dtype]
+        wanted = list(ranks) if ranks is not None else list(range(m.tp * m.pp))
+        self.runners = {r: RankRunner(m, self.directory, r, providers) for r in wanted}
+        self.reduce = reduce
+        self._past_len = 0
+
+    def start(self, batch: int) -> None:
+        cfg = self.config
+        length = self.max_seq_len if self.kv_cache == "static" else 0
+        for runner in self.runners.values():
+            runner.start(batch, kv_heads_local(cfg, self.tp), length, cfg.head_dim, self.dtype)
+        self._past_len = 0
+
+    def _stage_ranks(self, stage: int) -> list[int]:
+        return [stage * self.tp + t for t in range(self.tp)]
+
+    def run_stage(self, stage: int, feed: dict[str, np.ndarray], first: np.ndarray) -> np.ndarray:
+        """Run every TP rank of one pipeline stage in lockstep; returns the stage's output."""
+        ranks = self._stage_ranks(stage)
+        missing = [r for r in ranks if r not in self.runners]
+        if missing:
+            raise ArtifactError(f"{self.directory}: ranks {missing} are not loaded in this process")
+        base = {k: v for k, v in feed.items() if k != "input_ids"}
+        first_name = "input_ids" if stage == 0 else "hidden_states"
+        envs = {r: {**base, first_name: first} for r in ranks}
+        n_segments = len(self.runners[ranks[0]].segments)
+        for k in range(n_segments):
+            for r in ranks:
+                self.runners[r].run_segment(k, envs[r])
+            segment = self.runners[ranks[0]].segments[k]
+            if segment.collective_input is not None:
+                total = self.reduce([envs[r][segment.collective_input] for r in ranks])
+                for r in ranks:
+                    envs[r][segment.collective_output] = total
+        for r in ranks:
+            self.runners[r].absorb_presents(envs[r])
+        out_name = "logits" if stage == self.pp - 1 else "hidden_states"
+        return envs[ranks[0]][out_name]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feed(feed, self.config.vocab_size, self.max_seq_len, self.kv_cache)
+        inputs = {"position_ids": feed["position_ids"].astype(np.int64)}
+        if self.kv_cache == "static":
+            inputs["write_indices"] = feed["write_indices"].astype(np.int64)
+        else:
+            inputs["attention_mask"] = feed["attention_mask"].astype(np.int64)
+        x = feed["input_ids"].astype(np.int64)
+        for stage in range(self.pp):
+            x = self.run_stage(stage, inputs, x)
+        self._past_len = past_len(feed)
+        return {"logits": x.astype(np.float32)}
+
+    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        layers = []
+        for stage in range(self.pp):
+            ranks = self._stage_ranks(stage)
+            for layer in stage_layers(self.config.num_hidden_layers, self.pp, stage):
+                kv = []
+                for part in ("key", "value"):
+                    name = f"past_key_values.{layer}.{part}"
+                    kv.append(logical_kv([self.runners[r].cache[name].astype(np.float32) for r in ranks],
+                                         self.config, self.tp))
+                layers.append(tuple(kv))
+        return layers
