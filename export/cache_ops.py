@@ -43,7 +43,8 @@ _OPSET = onnxscript.values.Opset("", KV_WRITE_OPSET)
 
 
 def kv_cache_write_onnx(past, new, write_indices):
-    return _OPSET.TensorScatter(past, new, write_indices, axis=2, mode="linear")
+    # axis -2 (not 2): the form onnx-tensorrt maps to its KV-cache update layer.
+    return _OPSET.TensorScatter(past, new, write_indices, axis=-2, mode="linear")
 
 
 def custom_translation_table() -> dict:

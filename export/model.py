@@ -169,7 +169,8 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(input_ids, self.weight)  # [batch, seq, hidden]
         local_ids = input_ids - self.start
         mine = (local_ids >= 0) & (local_ids < self.local)  # [batch, seq]
-        rows = F.embedding(local_ids.clamp(0, self.local - 1), self.weight)  # [batch, seq, hidden]
+        # Where, not clamp: TensorRT's Clip takes float types only.
+        rows = F.embedding(torch.where(mine, local_ids, 0), self.weight)  # [batch, seq, hidden]
         return self.reduce(rows * mine[..., None].to(rows.dtype))
 
 

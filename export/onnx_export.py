@@ -36,7 +36,7 @@ from export.manifest import Manifest, RankEntry, TensorSpec, file_entry, write_m
 from export.model import ModelOptions, build_rank_module, no_reduce, rope_inv_freq
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
                              stage_layers, tensor_slice, validate_parallelism)
-from export.tokenizer_files import copy_tokenizer_files
+from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files
 
 OPSET = 24
 DATA_FILE = "model.onnx.data"
@@ -322,14 +322,16 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
                 entry, rank_files = export_rank(checkpoint, spec, options, tmp / f"rank{spec.rank}", bar.update)
                 entries.append(entry)
                 files.update(rank_files)
-        for path in copy_tokenizer_files(tmp, source=_tokenizer_source(checkpoint.directory)):
+        tokenizer_source = _tokenizer_source(checkpoint.directory)
+        for path in copy_tokenizer_files(tmp, source=tokenizer_source):
             files[path.name] = file_entry(path)
         manifest = Manifest(
             config=cfg, tp=options.tp, pp=options.pp, dtype=options.dtype, quant=options.quant,
             kv_cache=options.kv_cache, max_batch=options.max_batch, max_seq_len=options.max_seq_len,
             logits=options.logits, opset=OPSET, ranks=tuple(entries), files=dict(sorted(files.items())),
             source={"config_sha256": hashlib.sha256(cfg.to_hf_dict().__repr__().encode()).hexdigest(),
-                    "kv_dup_factor": checkpoint.kv_dup_factor},
+                    "kv_dup_factor": checkpoint.kv_dup_factor,
+                    "tokenizer": "checkpoint" if tokenizer_source else "bundled llama3"},
             toolchain=_toolchain())
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
@@ -340,7 +342,11 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
 
 
 def _tokenizer_source(checkpoint_dir: Path) -> Path | None:
-    return checkpoint_dir if (checkpoint_dir / "tokenizer.model").is_file() else None
+    """The checkpoint's own tokenizer files when it has all of them; else the bundled Llama 3
+    tokenizer (the same for 8B/70B/405B; hub checkpoints keep tokenizer.model in original/)."""
+    if all((checkpoint_dir / name).is_file() for name in TOKENIZER_FILES):
+        return checkpoint_dir
+    return None
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

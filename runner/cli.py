@@ -31,6 +31,24 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
 
 
+def _add_export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16",
+                   help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)")
+    p.add_argument("--quant", choices=("none",), default="none")
+    p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--logits", choices=("all", "last"), default="all",
+                   help="return logits for every position or only the last one")
+    p.add_argument("--ranks", help="export only these ranks, e.g. 0-7 (one node of a multi-node run)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama405", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    p = sub.add_parser("export", help="checkpoint -> artifact directory with one ONNX graph per rank")
+    _add_export_flags(p)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_source(p)
@@ -78,6 +99,39 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def export_options(args):
+    from export.onnx_export import ExportOptions
+    from export.sharding import parse_rank_list
+    for flag in ("tp", "pp", "max_batch", "max_seq_len"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    ranks = tuple(parse_rank_list(args.ranks, args.tp * args.pp)) if args.ranks else None
+    return ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
+                         max_batch=args.max_batch, max_seq_len=args.max_seq_len, logits=args.logits,
+                         ranks=ranks)
+
+
+def cmd_export(args) -> int:
+    import time
+    from export.manifest import load_manifest
+    from export.onnx_export import export_artifact
+    options = export_options(args)
+    started = time.perf_counter()
+    out = export_artifact(args.checkpoint, args.out, options, force=args.force,
+                          progress=sys.stderr.isatty() and not args.json)
+    manifest = load_manifest(out)
+    size = sum(f["size"] for f in manifest.files.values())
+    summary = {"artifact": str(out), "ranks": [r.rank for r in manifest.ranks], "tp": options.tp,
+               "pp": options.pp, "dtype": options.dtype, "kv_cache": options.kv_cache, "bytes": size,
+               "seconds": round(time.perf_counter() - started, 3)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {out}: ranks {summary['ranks']} (tp {options.tp} x pp {options.pp}), {options.dtype}, "
+              f"{options.kv_cache} KV cache, {size / 1e6:.1f} MB in {summary['seconds']:.1f} s")
+    return 0
+
+
 def open_backend(args):
     """The model behind --checkpoint/--artifact as a Backend (runner/backends/base.py)."""
     from export.model import ModelOptions
@@ -90,8 +144,24 @@ def open_backend(args):
         options = ModelOptions(kv_cache=args.kv_cache, max_seq_len=args.max_seq_len)
         return TorchBackend(Checkpoint(args.checkpoint), tp=args.tp, pp=args.pp, dtype=args.dtype,
                             options=options)
-    raise InputError(f"--artifact {args.artifact}: artifacts are not supported by this build yet; "
-                     "use --checkpoint with --backend torch")
+    if args.backend == "ort":
+        from runner.backends.ort import OrtBackend
+        from runner.dist import ProcessWorld, launched_by_torchrun
+        if launched_by_torchrun():
+            from export.manifest import load_manifest
+            manifest = load_manifest(args.artifact)
+            return OrtBackend(args.artifact, world=ProcessWorld(manifest.tp, manifest.pp))
+        return OrtBackend(args.artifact)
+    if args.backend == "torch":
+        from runner.backends.torch_artifact import torch_backend_from_artifact
+        return torch_backend_from_artifact(args.artifact)
+    raise InputError("--backend trt needs TensorRT engines, which this build cannot make yet; "
+                     "use --backend ort on the same artifact")
+
+
+def _is_primary(backend) -> bool:
+    world = getattr(backend, "world", None)
+    return world is None or world.rank == 0
 
 
 def _tokenizer_for(args):
@@ -113,6 +183,8 @@ def cmd_generate(args) -> int:
     backend = open_backend(args)
     result = generate(backend, prompts, options, stop_ids=tokenizer.stop_ids)
     texts = [tokenizer.decode([t for t in toks if t not in tokenizer.stop_ids]) for toks in result.tokens]
+    if not _is_primary(backend):
+        return 0  # every torchrun process computed the same tokens; rank 0 reports them
     if args.json:
         print(json.dumps({
             "backend": backend.name,
@@ -147,6 +219,8 @@ def cmd_logits(args) -> int:
     backend.start(1)
     positions = np.arange(ids.shape[1])[None]
     logits = backend.infer(make_feed(ids, positions, np.zeros(1), np.ones_like(ids)))["logits"]
+    if not _is_primary(backend):
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, logits.astype(np.float32))
     print(f"wrote {args.out} {list(logits.shape)} float32")
@@ -159,7 +233,7 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize}
+COMMANDS = {"synth": cmd_synth, "export": cmd_export, "generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 T = TypeVar("T")
@@ -77,3 +78,52 @@ def torch_distributed_reducer(group=None) -> Callable[[torch.Tensor], torch.Tens
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+class ProcessWorld:
+    """One rank per process under torchrun: TP all-reduce, PP send/recv, logits broadcast.
+
+    gloo on CPU, NCCL when CUDA is present. Every process calls every method in the same
+    order (the generation loop is identical on all ranks), which is what collectives need.
+    """
+
+    def __init__(self, tp: int, pp: int):
+        import torch.distributed as dist
+        from export.errors import InputError
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.dist = dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if self.world_size != tp * pp:
+            raise InputError(f"torchrun started {self.world_size} processes but the artifact has "
+                             f"tp {tp} x pp {pp} = {tp * pp} ranks; use --nproc-per-node {tp * pp}")
+        self.tp, self.pp = tp, pp
+        # new_group is itself collective: every process creates every stage's group.
+        self.tp_groups = [dist.new_group(ranks=[s * tp + t for t in range(tp)]) for s in range(pp)]
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tp
+
+    def all_reduce(self, array, stage: int):
+        tensor = torch.from_numpy(array.copy())
+        self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.tp_groups[stage])
+        return tensor.numpy()
+
+    def send(self, array, dst: int) -> None:
+        self.dist.send(torch.from_numpy(array.copy()), dst=dst)
+
+    def recv(self, shape, dtype, src: int):
+        tensor = torch.from_numpy(np.empty(shape, dtype=dtype))
+        self.dist.recv(tensor, src=src)
+        return tensor.numpy()
+
+    def broadcast(self, array, shape, dtype, src: int):
+
+        tensor = torch.from_numpy(array.copy() if array is not None else np.empty(shape, dtype=dtype))
+        self.dist.broadcast(tensor, src=src)
+        return tensor.numpy()
+
+    def close(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()

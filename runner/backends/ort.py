@@ -12,8 +12,9 @@ instead of copying max_seq_len slots every step.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -25,7 +26,6 @@ from runner.backends.base import check_feed, logical_kv, past_len
 from runner.backends.graph_split import Segment, make_session, split_at_collectives
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-Reduce = Callable[[list[np.ndarray]], np.ndarray]
 
 
 def sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:
@@ -35,24 +35,32 @@ def sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:
     return total
 
 
-def session_options(threads: int = 0) -> ort.SessionOptions:
+_GLOBAL_POOL = []
+
+
+def session_options() -> ort.SessionOptions:
+    """Options for one segment session, sharing one process-wide thread pool.
+
+    A 405B rank is ~250 segments; a pool per session would start thousands of threads.
+    """
+    if not _GLOBAL_POOL:
+        ort.set_global_thread_pool_sizes(os.cpu_count() or 1, 1)
+        _GLOBAL_POOL.append(True)
     options = ort.SessionOptions()
+    options.use_per_session_threads = False
     options.log_severity_level = 3  # constant-folding chatter about CastLike is not news
-    if threads:
-        options.intra_op_num_threads = threads
     return options
 
 
 class RankRunner:
     """One rank's segments and sessions, with its cache bound in place (static mode)."""
 
-    def __init__(self, manifest: Manifest, directory: Path, rank: int, providers: Sequence,
-                 threads: int = 0):
+    def __init__(self, manifest: Manifest, directory: Path, rank: int, providers: Sequence):
         self.entry = manifest.rank(rank)
         self.kv_cache = manifest.kv_cache
         rank_dir = directory / f"rank{rank}"
         self.segments: list[Segment] = split_at_collectives(rank_dir / "model.onnx")
-        self.sessions = [make_session(s, rank_dir, providers, session_options(threads)) for s in self.segments]
+        self.sessions = [make_session(s, rank_dir, providers, session_options()) for s in self.segments]
         self.cache_names = [t.name for t in self.entry.inputs if t.name.startswith("past_key_values.")]
         self.cache: dict[str, np.ndarray] = {}
         self._bound: dict[str, ort.OrtValue] = {}
@@ -97,8 +105,9 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, artifact: str | Path, providers: Sequence = ("CPUExecutionProvider",),
-                 verify_hashes: bool = False, ranks: Sequence[int] | None = None,
-                 reduce: Reduce = sum_in_rank_order):
+                 verify_hashes: bool = False, world=None):
+        """world: a runner.dist.ProcessWorld when each process serves one rank (torchrun);
+        None simulates every rank in this process."""
         self.directory = Path(artifact)
         self.manifest = load_manifest(self.directory, verify_hashes=verify_hashes)
         m = self.manifest
@@ -108,9 +117,9 @@ class OrtBackend:
         self.config, self.tp, self.pp = m.config, m.tp, m.pp
         self.kv_cache, self.max_seq_len = m.kv_cache, m.max_seq_len
         self.dtype = NP_DTYPES[m.dtype]
-        wanted = list(ranks) if ranks is not None else list(range(m.tp * m.pp))
+        self.world = world
+        wanted = [world.rank] if world is not None else list(range(m.tp * m.pp))
         self.runners = {r: RankRunner(m, self.directory, r, providers) for r in wanted}
-        self.reduce = reduce
         self._past_len = 0
 
     def start(self, batch: int) -> None:
@@ -123,12 +132,14 @@ class OrtBackend:
     def _stage_ranks(self, stage: int) -> list[int]:
         return [stage * self.tp + t for t in range(self.tp)]
 
+    def _reduce(self, parts: list[np.ndarray], stage: int) -> np.ndarray:
+        if self.world is None:
+            return sum_in_rank_order(parts)
+        return self.world.all_reduce(parts[0], stage)
+
     def run_stage(self, stage: int, feed: dict[str, np.ndarray], first: np.ndarray) -> np.ndarray:
-        """Run every TP rank of one pipeline stage in lockstep; returns the stage's output."""
-        ranks = self._stage_ranks(stage)
-        missing = [r for r in ranks if r not in self.runners]
-        if missing:
-            raise ArtifactError(f"{self.directory}: ranks {missing} are not loaded in this process")
+        """Run this process's TP ranks of one stage in lockstep; returns the stage's output."""
+        ranks = [r for r in self._stage_ranks(stage) if r in self.runners]
         base = {k: v for k, v in feed.items() if k != "input_ids"}
         first_name = "input_ids" if stage == 0 else "hidden_states"
         envs = {r: {**base, first_name: first} for r in ranks}
@@ -138,7 +149,7 @@ class OrtBackend:
                 self.runners[r].run_segment(k, envs[r])
             segment = self.runners[ranks[0]].segments[k]
             if segment.collective_input is not None:
-                total = self.reduce([envs[r][segment.collective_input] for r in ranks])
+                total = self._reduce([envs[r][segment.collective_input] for r in ranks], stage)
                 for r in ranks:
                     envs[r][segment.collective_output] = total
         for r in ranks:
@@ -154,12 +165,31 @@ class OrtBackend:
         else:
             inputs["attention_mask"] = feed["attention_mask"].astype(np.int64)
         x = feed["input_ids"].astype(np.int64)
-        for stage in range(self.pp):
-            x = self.run_stage(stage, inputs, x)
+        if self.world is None:
+            for stage in range(self.pp):
+                x = self.run_stage(stage, inputs, x)
+        else:
+            x = self._infer_distributed(inputs, x)
         self._past_len = past_len(feed)
         return {"logits": x.astype(np.float32)}
 
+    def _infer_distributed(self, inputs: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+        """This process's stage; hidden states travel down the pipeline, logits back to all."""
+        world, cfg = self.world, self.config
+        batch, seq = ids.shape
+        hidden_shape = (batch, seq, cfg.hidden_size)
+        x = ids if world.stage == 0 else world.recv(hidden_shape, self.dtype, src=world.rank - self.tp)
+        out = self.run_stage(world.stage, inputs, x)
+        if world.stage < self.pp - 1:
+            world.send(out, dst=world.rank + self.tp)
+            out = None
+        rows = seq if self.manifest.logits == "all" else 1
+        return world.broadcast(out, (batch, rows, cfg.vocab_size), self.dtype, src=(self.pp - 1) * self.tp)
+
     def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.world is not None:
+            raise ArtifactError("the KV cache of a multi-process run is spread over the processes; "
+                                "compare caches in a single-process (simulated) run")
         layers = []
         for stage in range(self.pp):
             ranks = self._stage_ranks(stage)
