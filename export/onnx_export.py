@@ -36,6 +36,7 @@ from export.manifest import Manifest, RankEntry, TensorSpec, file_entry, write_m
 from export.model import ModelOptions, build_rank_module, no_reduce, rope_inv_freq
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
                              stage_layers, tensor_slice, validate_parallelism)
+from export.stamp import stamp_layers, strip_metadata
 from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files
 
 OPSET = 24
@@ -98,9 +99,21 @@ def _example_inputs(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dty
     return (first, positions, cache_arg, *past_kv), dynamic
 
 
+def rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: torch.dtype,
+               workdir: Path) -> onnx.ModelProto:
+    """The rank's graph, no initializers: one traced layer stamped for every layer of the stage."""
+    layers = list(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
+    # With num_hidden_layers = pp every stage holds exactly one layer: layer number pp_rank.
+    template_cfg = cfg.replace(num_hidden_layers=spec.pp_size)
+    model = trace_rank_graph(template_cfg, spec, options, dtype, workdir)
+    model = stamp_layers(model, template_layer=spec.pp_rank, layer_ids=layers)
+    strip_metadata(model)
+    return model
+
+
 def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: torch.dtype,
                      workdir: Path) -> onnx.ModelProto:
-    """The rank's graph with no initializers (weights referenced by state-dict name)."""
+    """The rank's graph as torch.onnx emits it, no initializers (weights named by state-dict key)."""
     reduce = collectives.all_reduce if spec.tp_size > 1 else no_reduce
     module = build_rank_module(cfg, spec, options, reduce=reduce, dtype=dtype, device="meta")
     module.inv_freq = module.inv_freq.to("meta")
@@ -254,7 +267,7 @@ def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, 
                 on_bytes: Callable[[int], None] = lambda n: None) -> tuple[RankEntry, dict]:
     cfg, dtype = checkpoint.config, TORCH_DTYPES[options.dtype]
     rank_dir.mkdir(parents=True)
-    model = trace_rank_graph(cfg, spec, options.model_options, dtype, rank_dir)
+    model = rank_graph(cfg, spec, options.model_options, dtype, rank_dir)
     n_collectives = collectives.rewrite_collectives(model, spec.tp_size) if spec.tp_size > 1 else 0
     _name_symbolic_dims(model, spec, options.kv_cache)
     data_sha = attach_weights(model, checkpoint, spec, dtype, rank_dir, on_bytes)

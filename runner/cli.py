@@ -15,6 +15,7 @@ import numpy as np
 
 from export.config import PRESETS
 from export.errors import InputError, Llama405Error
+from runner import parity_cli
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
@@ -82,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_source(p)
     p.add_argument("--tokens", required=True, help="comma-separated ids, e.g. 128000,9906,1917")
     p.add_argument("--out", type=Path, required=True, help="a .npy file")
+
+    parity_cli.add_parser(sub)
 
     p = sub.add_parser("tokenize", help="print the token ids of a text as JSON")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model or its directory (default: bundled Llama 3)")
@@ -233,7 +236,8 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "export": cmd_export, "generate": cmd_generate, "logits": cmd_logits, "tokenize": cmd_tokenize}
+COMMANDS = {"synth": cmd_synth, "export": cmd_export, "generate": cmd_generate, "logits": cmd_logits, "parity": parity_cli.run,
+            "tokenize": cmd_tokenize}
 
 
 def main(argv: list[str] | None = None) -> int:

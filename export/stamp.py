@@ -1,0 +1,200 @@
+"""Trace one decoder layer, stamp it once per layer: export time flat in the layer count.
+
+torch.export + torch.onnx spend seconds per decoder layer; 126 layers of 405B would take many
+minutes per rank. Every layer of a stage is the same computation over different weights and
+cache tensors, so the exporter traces the rank module with a single layer and copies that
+layer's nodes for each layer of the stage, renaming:
+
+  weights      model.layers.{t}.*       -> model.layers.{i}.*
+  cache IO     past_key_values.{t}.*    -> past_key_values.{i}.*,  present.{t}.* -> present.{i}.*
+  residual     the layer's input stream -> the previous layer's output stream
+  everything else the layer computes gets a per-layer name; values it reads from outside
+  (rotary cos/sin, the attention mask, write_indices) stay shared.
+
+The PyTorch module stays the single source of the graph: nothing here creates an op, it only
+repeats what the exporter emitted. tests/export/test_stamp.py checks a stamped graph computes
+exactly what a full multi-layer trace computes.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import onnx
+
+from export.errors import ArtifactError
+
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES:
+            return ast.literal_eval(prop.value)
+    return []
+
+
+def _layer_of(node: onnx.NodeProto) -> str | None:
+    """'model.layers.7' for nodes the exporter emitted inside DecoderLayer 7."""
+    for scope in _scopes(node):
+        if scope.startswith("model.layers."):
+            parts = scope.split(".")
+            return ".".join(parts[:3])
+    return None
+
+
+def strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node stack traces: they name local file paths (so two checkouts
+    would export different bytes) and are a large share of the graph file."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    del model.metadata_props[:]
+
+
+def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[int]) -> onnx.ModelProto:
+    """Expand a one-layer rank graph into one with `layer_ids` layers (in order)."""
+    graph = model.graph
+    # One list of node objects, used throughout: protobuf may hand out a fresh wrapper on every
+    # access to graph.node, so membership is tracked by position, never by id().
+    all_nodes = list(graph.node)
+    scope = f"model.layers.{template_layer}"
+    # Constants have no inputs and the exporter shares them across scopes: they stay shared.
+    in_layer = [_layer_of(n) == scope and n.op_type != "Constant" for n in all_nodes]
+    layer_nodes = [n for n, inside in zip(all_nodes, in_layer) if inside]
+    if not layer_nodes:
+        raise ArtifactError(f"traced graph has no nodes scoped {scope!r}; the exporter's name-scope "
+                            "metadata changed — this is a llama405 bug, please report it")
+    produced_in_layer = {o for n in layer_nodes for o in n.output}
+    external_in = []
+    for node in layer_nodes:
+        for name in node.input:
+            if name and name not in produced_in_layer and name not in external_in:
+                external_in.append(name)
+    graph_outputs = {o.name for o in graph.output}
+    consumed_outside = {i for n, inside in zip(all_nodes, in_layer) if not inside for i in n.input}
+    leaving = [v for v in produced_in_layer if v in consumed_outside and v not in graph_outputs]
+    if not leaving:  # a stage that is not the last: the stream leaves as the hidden_states output
+        leaving = [v for v in produced_in_layer if v in graph_outputs and not v.startswith("present.")]
+    if len(leaving) != 1:
+        raise ArtifactError(f"expected one residual stream leaving {scope}, found {sorted(leaving)}; "
+                            "this is a llama405 bug, please report it")
+    h_out = leaving[0]
+    h_in = _residual_input(layer_nodes, h_out, set(external_in))
+    past_prefix, present_prefix = f"past_key_values.{template_layer}.", f"present.{template_layer}."
+    weight_prefix = scope + "."
+
+    after = _downstream(all_nodes, h_out)
+    prologue = [n for k, n in enumerate(all_nodes) if not in_layer[k] and not after[k]]
+    epilogue = [n for k, n in enumerate(all_nodes) if after[k]]
+
+    # Shape lookups outside the layer (the mask reads the cache length) keep reading the first
+    # stamped layer's cache input.
+    first_past = f"past_key_values.{layer_ids[0]}."
+    nodes = []
+    for node in prologue:
+        if any(x.startswith(past_prefix) for x in node.input):
+            node = _copy(node)
+            node.input[:] = [first_past + x[len(past_prefix):] if x.startswith(past_prefix) else x
+                             for x in node.input]
+        nodes.append(node)
+    value_infos = {v.name: v for v in graph.value_info}
+    new_value_infos = [v for v in graph.value_info if v.name not in produced_in_layer]
+    stream = h_in
+    for i in layer_ids:
+        last = i == layer_ids[-1]
+
+        def rename(name: str, i=i, stream=stream, last=last) -> str:
+            if not name:
+                return name
+            if name == h_in:
+                return stream
+            if name == h_out and name in graph_outputs:
+                return name if last else f"layers.{i}/{name}"
+            if name.startswith(weight_prefix):
+                return f"model.layers.{i}." + name[len(weight_prefix):]
+            if name.startswith(past_prefix):
+                return f"past_key_values.{i}." + name[len(past_prefix):]
+            if name.startswith(present_prefix):
+                return f"present.{i}." + name[len(present_prefix):]
+            if name in produced_in_layer:
+                return f"layers.{i}/{name}"
+            return name  # shared: rotary tables, mask, write_indices
+        for node in layer_nodes:
+            copy = _copy(node)
+            copy.name = f"layers.{i}/{node.name}"
+            copy.input[:] = [rename(x) for x in node.input]
+            copy.output[:] = [rename(x) for x in node.output]
+            nodes.append(copy)
+        for name in produced_in_layer:
+            if name in value_infos and name not in graph_outputs:
+                info = onnx.ValueInfoProto()
+                info.CopyFrom(value_infos[name])
+                info.name = rename(name)
+                new_value_infos.append(info)
+        stream = rename(h_out)
+    for node in epilogue:
+        copy = _copy(node)
+        copy.input[:] = [stream if x == h_out else x for x in node.input]
+        nodes.append(copy)
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(new_value_infos)
+    _expand_io(out.graph.input, past_prefix, "past_key_values", layer_ids)
+    _expand_io(out.graph.output, present_prefix, "present", layer_ids)
+    return out
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _residual_input(layer_nodes, h_out: str, external: set[str]) -> str:
+    """The layer input that reaches h_out through residual Adds only."""
+    producer = {o: n for n in layer_nodes for o in n.output}
+    found, todo, seen = set(), [h_out], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in external:
+            found.add(name)
+            continue
+        node = producer.get(name)
+        if node is not None and node.op_type == "Add":
+            todo.extend(node.input)
+    if len(found) != 1:
+        raise ArtifactError(f"could not identify the residual input of the template layer "
+                            f"(candidates {sorted(found)}); this is a llama405 bug, please report it")
+    return found.pop()
+
+
+def _downstream(nodes: list[onnx.NodeProto], source: str) -> list[bool]:
+    """Per node: does it depend (transitively) on `source`? (nodes are topologically sorted)"""
+    reached, flags = {source}, []
+    for node in nodes:
+        flags.append(any(i in reached for i in node.input))
+        if flags[-1]:
+            reached.update(node.output)
+    return flags
+
+
+def _expand_io(values, template_prefix: str, family: str, layer_ids: list[int]) -> None:
+    """Replace the template layer's cache inputs/outputs by one pair per stamped layer."""
+    template = [v for v in values if v.name.startswith(template_prefix)]
+    others = [v for v in values if not v.name.startswith(template_prefix)]
+    expanded = []
+    for i in layer_ids:
+        for v in template:
+            copy = onnx.ValueInfoProto()
+            copy.CopyFrom(v)
+            copy.name = f"{family}.{i}." + v.name[len(template_prefix):]
+            expanded.append(copy)
+    del values[:]
+    values.extend(others + expanded)

@@ -1,0 +1,131 @@
+"""The PyTorch backend over an artifact's own weights (no checkpoint needed).
+
+`llama405 parity --a ort --b torch` must compare two *runtimes* over the same numbers: the rank
+modules of export/model.py are built on the meta device and filled with the initializers of
+each rank{r}/model.onnx, read one tensor at a time from model.onnx.data (offset/length taken
+from the initializer's external-data entry, so the ONNX file's weights are never all in memory).
+A weight changed inside the artifact is therefore seen by *both* sides; catching that needs a
+checkpoint-based reference (`TorchBackend` over `export.checkpoint.Checkpoint`).
+
+TorchBackend only asks its weight source for `.config` and `.iter_rank_tensors(spec)`, so an
+`ArtifactWeights` stands in for the Checkpoint and TorchBackend itself is reused unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper
+
+from export.errors import ArtifactError
+from export.manifest import Manifest, load_manifest
+from export.model import ModelOptions
+from export.sharding import RankSpec, all_ranks, rank_tensor_names
+from runner.backends.torch import DTYPES, TorchBackend
+
+# Initializers the exporter adds from the config rather than the checkpoint (RoPE frequencies);
+# build_rank_module computes them itself.
+CONFIG_DERIVED = frozenset({"inv_freq"})
+
+_TORCH_FROM_ONNX = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
+                    TensorProto.BFLOAT16: torch.bfloat16}
+
+
+class ArtifactWeights:
+    """Checkpoint-shaped view of an artifact: `config` and each rank's (name, tensor) pairs."""
+
+    def __init__(self, directory: Path, manifest: Manifest):
+        self.directory = directory
+        self.manifest = manifest
+        self.config = manifest.config
+
+    def iter_rank_tensors(self, spec: RankSpec) -> Iterator[tuple[str, torch.Tensor]]:
+        rank_dir = self.directory / f"rank{spec.rank}"
+        onnx_path = rank_dir / "model.onnx"
+        try:
+            # Graph and initializer records only: the weight bytes stay in model.onnx.data.
+            model = onnx.load(str(onnx_path), load_external_data=False)
+        except (OSError, DecodeError) as err:
+            raise ArtifactError(f"{onnx_path}: cannot read the rank graph ({err}); re-export the "
+                                "artifact") from None
+        expected = set(rank_tensor_names(self.config, spec))
+        found = {init.name for init in model.graph.initializer} - CONFIG_DERIVED
+        if found != expected:
+            extra, missing = sorted(found - expected), sorted(expected - found)
+            raise ArtifactError(f"{onnx_path}: initializers do not match rank {spec.rank} of the manifest's "
+                                f"config (unexpected {extra[:3]}, missing {missing[:3]}); the artifact is "
+                                "from another configuration or was edited — re-export it")
+        data: dict[Path, np.memmap] = {}
+        for init in model.graph.initializer:
+            if init.name in CONFIG_DERIVED:
+                continue
+            yield init.name, _read_initializer(init, rank_dir, onnx_path, data)
+
+
+def _read_initializer(init: TensorProto, rank_dir: Path, onnx_path: Path,
+                      data: dict[Path, np.memmap]) -> torch.Tensor:
+    dtype = _TORCH_FROM_ONNX.get(init.data_type)
+    if dtype is None:
+        kind = TensorProto.DataType.Name(init.data_type)
+        raise ArtifactError(f"{onnx_path}: initializer {init.name} is {kind}; the torch backend reads "
+                            "float32/float16/bfloat16 artifacts (FP8 artifacts are compared with "
+                            "--a ort --b trt, or against --reference CHECKPOINT at the compute dtype)")
+    shape = tuple(init.dims)
+    if init.data_location != TensorProto.EXTERNAL:
+        if dtype == torch.bfloat16:
+            raw = bytearray(init.raw_data)
+            return torch.frombuffer(raw, dtype=torch.bfloat16).reshape(shape).clone()
+        return torch.from_numpy(numpy_helper.to_array(init).copy())
+    info = {entry.key: entry.value for entry in init.external_data}
+    location = info.get("location", "")
+    path = (rank_dir / location).resolve()
+    if not location or path.parent != rank_dir.resolve() or not path.is_file():
+        raise ArtifactError(f"{onnx_path}: initializer {init.name} points at external data "
+                            f"{location!r}, which is not a file beside the graph; re-export the artifact")
+    if path not in data:
+        data[path] = np.memmap(path, dtype=np.uint8, mode="r")
+    blob = data[path]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    offset = int(info.get("offset", 0))
+    length = int(info.get("length", int(np.prod(shape, dtype=np.int64)) * itemsize))
+    if length != int(np.prod(shape, dtype=np.int64)) * itemsize or offset + length > blob.size:
+        raise ArtifactError(f"{path}: initializer {init.name} {list(shape)} needs bytes "
+                            f"[{offset}, {offset + length}) but the file has {blob.size}; the data "
+                            "file was truncated or replaced — re-export the artifact")
+    # One tensor copied out of the mapping; bytearray so torch owns writable memory.
+    raw = bytearray(blob[offset:offset + length])
+    return torch.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def torch_backend_from_artifact(artifact: str | Path, verify_hashes: bool = False) -> TorchBackend:
+    """TorchBackend with the artifact's layout (tp/pp/dtype/kv-cache/logits) and its weights."""
+    directory = Path(artifact)
+    manifest = load_manifest(directory, verify_hashes=verify_hashes)
+    if manifest.quant != "none":
+        raise ArtifactError(f"{directory}: a quant={manifest.quant} artifact stores quantized weights the "
+                            "eager torch model cannot load; compare it with --a ort --b trt, or against "
+                            "--reference CHECKPOINT")
+    if manifest.dtype not in DTYPES:
+        raise ArtifactError(f"{directory}: manifest dtype {manifest.dtype!r} is not one of "
+                            f"{', '.join(DTYPES)}; re-export the artifact")
+    held = {entry.rank for entry in manifest.ranks}
+    missing = [s.rank for s in all_ranks(manifest.tp, manifest.pp) if s.rank not in held]
+    if missing:
+        raise ArtifactError(f"{directory}: ranks {missing} were not exported, and the torch backend runs "
+                            "every rank in one process; export all ranks (omit --ranks)")
+    try:
+        return TorchBackend(ArtifactWeights(directory, manifest), tp=manifest.tp, pp=manifest.pp,
+                            dtype=manifest.dtype, options=artifact_model_options(manifest))
+    except (KeyError, ValueError) as err:
+        # load_rank_weights' name/shape checks: the graph's weights do not fit the manifest.
+        raise ArtifactError(f"{directory}: {err}; the rank graphs' weights do not fit the manifest's "
+                            "config — re-export the artifact") from None
+
+
+def artifact_model_options(manifest: Manifest) -> ModelOptions:
+    return ModelOptions(kv_cache=manifest.kv_cache, max_seq_len=manifest.max_seq_len, logits=manifest.logits)

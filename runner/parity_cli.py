@@ -1,0 +1,198 @@
+"""`llama405 parity`: the command-line face of runner/parity.py (DESIGN §2).
+
+Wired into runner/cli.py with `add_parser(sub)` and `COMMANDS["parity"] = run`; `main()` runs
+the subcommand on its own with the same error handling as the `llama405` entry point.
+Exit codes: 0 within tolerance, 1 outside, 2 bad input (a Llama405Error, one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import ArtifactError, InputError, Llama405Error
+from runner.parity import (BACKEND_KINDS, DEFAULT_TOLERANCES, ParityReport, StepRow, check_backend_available,
+                           check_capacity, check_tokens, default_preset, open_parity_backend, run_parity)
+
+DEFAULT_PROMPT = "The capital of France is"
+SYNTHETIC_PROMPT_LEN = 16
+
+DESCRIPTION = """\
+Run two backends over the same artifact on the same tokens: a prefill, then --steps decode
+steps in which both are fed the token backend B picked greedily (teacher forcing), comparing
+logits and KV cache after every step against per-dtype tolerances.
+
+What is compared:
+  ort    the artifact's rank graphs in onnxruntime (the files TensorRT builds)
+  torch  the eager PyTorch model loaded with the artifact's OWN weights, so
+         `--a ort --b torch` checks the graph and the runtime, not the weights: an artifact
+         whose weights were altered still passes. Add --reference CKPT to load backend B
+         from the original checkpoint instead; that comparison catches altered weights.
+  trt    TensorRT engines (rank{r}/engine.plan)
+
+Exit status: 0 within tolerance, 1 outside (each failing step and output is named),
+2 bad input."""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("parity", help="compare two backends step by step through the KV cache",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", type=Path, required=True, help="exported artifact directory")
+    p.add_argument("--a", choices=BACKEND_KINDS, default="ort", help="backend under test (default: ort)")
+    p.add_argument("--b", choices=BACKEND_KINDS, default="torch",
+                   help="reference backend; its greedy tokens drive the decode steps (default: torch)")
+    p.add_argument("--reference", type=Path, metavar="CKPT",
+                   help="with --b torch: load B from this checkpoint (the one the artifact was exported "
+                        "from) instead of the artifact's weights, to catch altered or mis-exported weights")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help=f"text, tokenized with the artifact's tokenizer.model "
+                                         f"(default: {DEFAULT_PROMPT!r}, or seeded random ids when "
+                                         "the model's vocab is smaller than the tokenizer's)")
+    source.add_argument("--tokens", nargs="+", metavar="ID", help="token ids: 128000,9906,1917 or 128000 9906 1917")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn of the chat format")
+    p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill (default: 8)")
+    p.add_argument("--report", type=Path, metavar="F.json", help="also write the JSON report here")
+    p.add_argument("--tolerance-preset", choices=sorted(DEFAULT_TOLERANCES),
+                   help="tolerance set (default: the artifact's dtype)")
+    p.add_argument("--max-abs", type=float, help="override: largest |a-b| of a step's logits")
+    p.add_argument("--rel-l2", type=float, help="override: ||a-b||/||b|| of a step's logits")
+    p.add_argument("--min-top1", type=float, help="override: argmax agreement over all positions, 0..1")
+    p.add_argument("--min-cosine", type=float, help="override: worst per-position logit cosine")
+    p.add_argument("--kv-max-abs", type=float, help="override: largest |a-b| of the filled KV cache")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    return p
+
+
+def parse_token_ids(values: list[str]) -> list[int]:
+    try:
+        ids = [int(t) for value in values for t in value.replace(",", " ").split()]
+    except ValueError:
+        raise InputError(f"--tokens {' '.join(values)!r}: expected integers like 128000,9906,1917") from None
+    if not ids:
+        raise InputError("--tokens is empty; pass at least one token id")
+    return ids
+
+
+def prompt_tokens(args, manifest) -> tuple[list[int], str]:
+    """The prefill ids and a word on where they came from."""
+    vocab = manifest.config.vocab_size
+    if args.tokens is not None:
+        ids = parse_token_ids(args.tokens)
+        check_tokens(ids, vocab)
+        return ids, "--tokens"
+    from runner.tokenizer import Llama3Tokenizer
+    if args.prompt is None and vocab < Llama3Tokenizer.default().vocab_size:
+        # A synthetic model with a toy vocabulary cannot take real text; any ids exercise the
+        # same arithmetic, and a fixed seed keeps reports comparable run to run.
+        rng = np.random.default_rng(0)
+        return [int(t) for t in rng.integers(0, vocab, SYNTHETIC_PROMPT_LEN)], "seeded random ids"
+    path = args.artifact / "tokenizer.model"
+    tokenizer = Llama3Tokenizer.from_path(path) if path.is_file() else Llama3Tokenizer.default()
+    text = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    ids = (tokenizer.encode_dialog([{"role": "user", "content": text}]) if args.chat
+           else tokenizer.encode(text, bos=True))
+    check_tokens(ids, vocab)
+    return ids, "--prompt" if args.prompt is not None else "default prompt"
+
+
+def _describe(kind: str, artifact: Path, reference: Path | None) -> str:
+    if kind == "torch":
+        return f"torch over checkpoint {reference}" if reference else f"torch over {artifact}'s weights"
+    return f"{kind} over {artifact}"
+
+
+def _validate(args) -> None:
+    if args.steps < 0:
+        raise InputError(f"--steps {args.steps}: must be >= 0 (decode steps after the prefill)")
+    if not args.artifact.is_dir():
+        raise ArtifactError(f"--artifact {args.artifact}: no such directory; pass the folder "
+                            "`llama405 export --out` wrote")
+    if args.reference is not None and args.b != "torch":
+        raise InputError(f"--reference loads a checkpoint into the torch backend, but --b is {args.b}; "
+                         "use --b torch with --reference")
+    if args.chat and args.prompt is None:
+        raise InputError("--chat wraps --prompt TEXT in the chat format; pass --prompt too")
+
+
+def run(args) -> int:
+    from export.manifest import load_manifest
+    _validate(args)
+    manifest = load_manifest(args.artifact)
+    preset = args.tolerance_preset or default_preset(manifest.dtype, manifest.quant)
+    tolerance = DEFAULT_TOLERANCES[preset].replace(
+        max_abs=args.max_abs, rel_l2=args.rel_l2, min_top1=args.min_top1, min_cosine=args.min_cosine,
+        kv_max_abs=args.kv_max_abs)
+    tolerance.check()
+    tokens, source = prompt_tokens(args, manifest)
+    check_capacity(len(tokens), args.steps, manifest.kv_cache, manifest.max_seq_len)
+    for kind in (args.a, args.b):
+        check_backend_available(kind, args.artifact)
+    # B first: with --reference it checks the checkpoint before A's sessions are built.
+    backend_b = open_parity_backend(args.b, args.artifact, args.reference)
+    backend_a = open_parity_backend(args.a, args.artifact)
+    context = {"artifact": str(args.artifact), "reference": str(args.reference) if args.reference else None,
+               "a": _describe(args.a, args.artifact, None),
+               "b": _describe(args.b, args.artifact, args.reference),
+               "dtype": manifest.dtype, "quant": manifest.quant, "kv_cache": manifest.kv_cache,
+               "tp": manifest.tp, "pp": manifest.pp, "tolerance_preset": preset, "token_source": source}
+    with _progress(args.steps + 1, enabled=not args.json and sys.stderr.isatty()) as tick:
+        report = run_parity(backend_a, backend_b, tokens, args.steps, tolerance, context, on_step=tick)
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(report.to_json() + "\n")
+    print(report.to_json() if args.json else _text(report))
+    return 0 if report.passed else 1
+
+
+def _text(report: ParityReport) -> str:
+    c = report.context
+    lines = [f"parity  a = {c['a']}", f"        b = {c['b']} (reference)",
+             f"        {c['dtype']} tp{c['tp']} pp{c['pp']} {c['kv_cache']} cache; {len(report.prompt)} prompt "
+             f"tokens ({c['token_source']}) + {report.steps} decode steps; tolerance {c['tolerance_preset']}",
+             "", report.format_table(), ""]
+    if report.passed:
+        lines.append(f"PASS: {report.backend_a} and {report.backend_b} agree within tolerance")
+    else:
+        lines += [f"FAIL: {failure}" for failure in report.failures]
+    return "\n".join(lines)
+
+
+class _progress:
+    """tqdm over the steps on a terminal; nothing otherwise (scripts, --json)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc="parity", unit="step", leave=False)
+        return self.tick
+
+    def tick(self, row: StepRow) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llama405 parity ...` standalone: argv starts with "parity", as for the entry point."""
+    parser = argparse.ArgumentParser(prog="llama405")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except Llama405Error as err:
+        print(f"llama405 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
