@@ -20,11 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	@echo "== 1/2 synthesize a Llama 3.1-architecture checkpoint (random weights, real tokenizer)"
-	$(CLI) synth --preset llama-3.1-tiny --dtype float32 --seed 0 --out $(DEMO)/checkpoint --force
-	@echo "== 2/2 generate with the PyTorch backend (TP2 simulated in one process)"
-	$(CLI) generate --checkpoint $(DEMO)/checkpoint --backend torch --tp 2 \
-		--prompt "$(PROMPT)" --max-new-tokens 16
+	@echo "== 1/4 synthesize a Llama 3.1-architecture checkpoint (random weights, real Llama 3 tokenizer)"
+	$(CLI) synth --preset llama-3.1-tiny --dtype bfloat16 --seed 0 --out $(DEMO)/checkpoint --force
+	@echo "== 2/4 export it: one ONNX graph per rank, TP2, float16, static KV cache"
+	$(CLI) export --checkpoint $(DEMO)/checkpoint --out $(DEMO)/artifact --tp 2 --dtype float16 \
+		--max-seq-len 256 --force
+	@echo "== 3/4 generate with ONNX Runtime (both ranks simulated in this process)"
+	$(CLI) generate --artifact $(DEMO)/artifact --backend ort --prompt "$(PROMPT)" --max-new-tokens 16
+	@echo "== 4/4 parity: ONNX Runtime on the artifact vs PyTorch on the checkpoint"
+	$(CLI) parity --artifact $(DEMO)/artifact --a ort --b torch --reference $(DEMO)/checkpoint \
+		--prompt "$(PROMPT)" --steps 8 --report $(DEMO)/parity.json
 
 test: setup
 	$(PY) -m pytest -q
