@@ -110,7 +110,10 @@ class Checkpoint:
             view = self._slice_view(name)
             if tuple(view.get_shape())[0] != n_kv * d:
                 return 1  # the shape check of the load names this mismatch properly
-            heads[proj] = view[:].reshape(n_kv, d, -1)  # [kv_heads, head_dim, hidden]
+            raw = view[:]
+            if raw.element_size() == 1:
+                raw = raw.view(torch.uint8)  # FP8 weights: compare the stored bytes
+            heads[proj] = raw.reshape(n_kv, d, -1)  # [kv_heads, head_dim, hidden]
         best = 1
         for factor in range(2, n_kv + 1):
             if n_kv % factor or cfg.num_attention_heads % (n_kv // factor):

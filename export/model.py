@@ -22,9 +22,11 @@ from torch import nn
 
 from export.cache_ops import kv_cache_write
 from export.config import LlamaConfig
+from export.fp8 import Fp8Linear, QuantConfig
 from export.sharding import RankSpec, heads_local, kv_heads_local, stage_layers
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
+LinearFactory = Callable[[str, int, int], nn.Module]  # (module path, in, out) -> module
 KV_CACHE_MODES = ("static", "concat")
 
 
@@ -39,6 +41,7 @@ class ModelOptions:
     kv_cache: str = "static"  # "static": fixed max_seq_len buffers written in place; "concat": grow
     max_seq_len: int = 4096
     logits: str = "all"  # "all" positions, or "last" position only (saves vocab x seq at prefill)
+    quant: QuantConfig | None = None  # FP8 linears (export/fp8.py); None = compute dtype only
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -75,6 +78,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def linear_factory(cfg: LlamaConfig, quant: QuantConfig | None) -> LinearFactory:
+    """nn.Linear, or Fp8Linear for the linears the quant config selects."""
+    def make(name: str, in_features: int, out_features: int) -> nn.Module:
+        if quant is not None and quant.is_quantized(name, cfg.num_hidden_layers):
+            return Fp8Linear(in_features, out_features)
+        return nn.Linear(in_features, out_features, bias=False)
+    return make
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -89,17 +101,17 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, linear: LinearFactory, prefix: str):
         super().__init__()
         d = cfg.head_dim
         self.n_heads = heads_local(cfg, spec.tp_size)
         self.n_kv = kv_heads_local(cfg, spec.tp_size)
         self.head_dim = d
         self.reduce = reduce
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
+        self.q_proj = linear(prefix + "q_proj", cfg.hidden_size, self.n_heads * d)
+        self.k_proj = linear(prefix + "k_proj", cfg.hidden_size, self.n_kv * d)
+        self.v_proj = linear(prefix + "v_proj", cfg.hidden_size, self.n_kv * d)
+        self.o_proj = linear(prefix + "o_proj", self.n_heads * d, cfg.hidden_size)
 
     def forward(self, x, cos, sin, mask, past_k, past_v, write_indices, kv_cache: str):
         batch, seq, _ = x.shape
@@ -126,25 +138,28 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, linear: LinearFactory, prefix: str):
         super().__init__()
         ffn = cfg.intermediate_size // spec.tp_size
         self.reduce = reduce
-        self.gate_proj = nn.Linear(cfg.hidden_size, ffn, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, cfg.hidden_size, bias=False)
+        self.gate_proj = linear(prefix + "gate_proj", cfg.hidden_size, ffn)
+        self.up_proj = linear(prefix + "up_proj", cfg.hidden_size, ffn)
+        self.down_proj = linear(prefix + "down_proj", ffn, cfg.hidden_size)
 
     def forward(self, x):
         return self.reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))  # [batch, seq, hidden]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, layer_id: int,
+                 quant: QuantConfig | None = None):
         super().__init__()
+        linear = linear_factory(cfg, quant)
+        prefix = f"model.layers.{layer_id}."
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, spec, reduce)
+        self.self_attn = Attention(cfg, spec, reduce, linear, prefix + "self_attn.")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, spec, reduce)
+        self.mlp = MLP(cfg, spec, reduce, linear, prefix + "mlp.")
 
     def forward(self, h, cos, sin, mask, past_k, past_v, write_indices, kv_cache: str):
         attn, k, v = self.self_attn(self.input_layernorm(h), cos, sin, mask, past_k, past_v,
@@ -177,15 +192,33 @@ class VocabParallelEmbedding(nn.Module):
 class Body(nn.Module):
     """`model.*` of the HF state dict: embedding, this stage's layers, final norm."""
 
-    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, quant: QuantConfig | None):
         super().__init__()
         self.layer_ids = list(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
         if spec.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(cfg, spec, reduce)
         # Keyed by global index so names match the checkpoint (model.layers.40.* on stage 2).
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, spec, reduce) for i in self.layer_ids})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, spec, reduce, i, quant) for i in self.layer_ids})
         if spec.is_last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def additive_mask(kv_cache: str, position_ids, cache_arg, cache_len: int, seq: int):
+    """Additive attention mask [batch, 1, 1, seq, keys] in fp32."""
+    if kv_cache == "static":
+        # Causal in slot space: query i of sequence b sits in slot write_indices[b] + i and
+        # sees every slot up to it (earlier slots hold that sequence's earlier tokens).
+        slots = torch.arange(cache_len, device=position_ids.device)  # [keys]
+        query_slots = cache_arg[:, None] + torch.arange(seq, device=position_ids.device)  # [batch, seq]
+        allowed = slots[None, None, :] <= query_slots[:, :, None]  # [batch, seq, keys]
+    else:
+        slots = torch.arange(cache_len + seq, device=position_ids.device)  # [keys]
+        query_slots = cache_len + torch.arange(seq, device=position_ids.device)  # [seq]
+        causal = slots[None, :] <= query_slots[:, None]  # [seq, keys]
+        allowed = causal[None] & (cache_arg[:, None, :] != 0)  # [batch, seq, keys]
+    # finfo.min rather than -inf: a fully padded query row must give zeros, not NaN.
+    neg = torch.finfo(torch.float32).min
+    return torch.where(allowed, 0.0, neg)[:, None, None]  # [batch, 1, 1, seq, keys]
 
 
 class LlamaRank(nn.Module):
@@ -206,7 +239,7 @@ class LlamaRank(nn.Module):
         if options.kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache {options.kv_cache!r} not in {KV_CACHE_MODES}")
         self.cfg, self.spec, self.options = cfg, spec, options
-        self.model = Body(cfg, spec, reduce)
+        self.model = Body(cfg, spec, reduce, options.quant)
         if spec.is_last_stage:
             self.lm_head = nn.Linear(cfg.hidden_size // spec.tp_size, cfg.vocab_size, bias=False)
         self.reduce = reduce
@@ -216,31 +249,12 @@ class LlamaRank(nn.Module):
     def layer_ids(self) -> list[int]:
         return self.model.layer_ids
 
-    def attention_mask(self, position_ids, cache_arg, cache_len: int, seq: int):
-        """Additive mask [batch, 1, 1, seq, keys] in fp32."""
-        if self.options.kv_cache == "static":
-            # Causal in slot space: query i of sequence b sits in slot write_indices[b] + i and
-            # sees every slot up to it (earlier slots hold that sequence's earlier tokens).
-            slots = torch.arange(cache_len, device=position_ids.device)  # [keys]
-            query_slots = cache_arg[:, None] + torch.arange(seq, device=position_ids.device)  # [batch, seq]
-            allowed = slots[None, None, :] <= query_slots[:, :, None]  # [batch, seq, keys]
-        else:
-            keys = cache_len + seq
-            past = cache_len
-            slots = torch.arange(keys, device=position_ids.device)
-            query_slots = past + torch.arange(seq, device=position_ids.device)  # [seq]
-            causal = slots[None, :] <= query_slots[:, None]  # [seq, keys]
-            allowed = causal[None] & (cache_arg[:, None, :] != 0)  # [batch, seq, keys]
-        # finfo.min rather than -inf: a fully padded query row must give zeros, not NaN.
-        neg = torch.finfo(torch.float32).min
-        return torch.where(allowed, 0.0, neg)[:, None, None]  # [batch, 1, 1, seq, keys]
-
     def forward(self, first, position_ids, cache_arg, *past):
         spec = self.spec
         h = self.model.embed_tokens(first) if spec.is_first_stage else first  # [batch, seq, hidden]
         seq = position_ids.shape[1]
         cos, sin = rotary_cos_sin(self.inv_freq, position_ids, h.dtype)
-        mask = self.attention_mask(position_ids, cache_arg, past[0].shape[2], seq)
+        mask = additive_mask(self.options.kv_cache, position_ids, cache_arg, past[0].shape[2], seq)
         presents = []
         for n, layer_id in enumerate(self.layer_ids):
             h, k, v = self.model.layers[str(layer_id)](
@@ -281,7 +295,8 @@ def load_rank_weights(module: LlamaRank, tensors, dtype: torch.dtype) -> None:
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ValueError(f"{name}: shape {list(tensor.shape)} != module {list(expected[name].shape)}")
         owner, leaf = _owner(module, name)
-        setattr(owner, leaf, nn.Parameter(tensor.to(dtype), requires_grad=False))
+        # The module decides each tensor's dtype: compute dtype, or FP8 for quantized weights.
+        setattr(owner, leaf, nn.Parameter(tensor.to(expected[name].dtype), requires_grad=False))
         seen.add(name)
     missing = set(expected) - seen
     if missing:

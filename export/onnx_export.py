@@ -28,7 +28,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.export import Dim
 from tqdm import tqdm
 
-from export import cache_ops, collectives
+from export import cache_ops, collectives, fp8
+from export.calibrate import Calibration, calibrate
+from export.fp8 import QuantConfig
+from export.rank_tensors import checkpoint_input_scales, rank_module_tensors
 from export.checkpoint import Checkpoint
 from export.config import LlamaConfig
 from export.errors import ArtifactError, CheckpointError
@@ -44,7 +47,8 @@ DATA_FILE = "model.onnx.data"
 ALIGN = 4096  # page-aligned tensors: runtimes can mmap them directly
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
-               torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64}
+               torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64,
+               torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +62,17 @@ class ExportOptions:
     max_seq_len: int = 4096
     logits: str = "all"
     ranks: tuple[int, ...] | None = None  # None = every rank
+    fp8_recipe: str = "default"
+    fp8_exclude: tuple[str, ...] = ()
+
+    @property
+    def quant_config(self) -> QuantConfig | None:
+        return QuantConfig(self.fp8_recipe, self.fp8_exclude) if self.quant == "fp8" else None
 
     @property
     def model_options(self) -> ModelOptions:
-        return ModelOptions(kv_cache=self.kv_cache, max_seq_len=self.max_seq_len, logits=self.logits)
+        return ModelOptions(kv_cache=self.kv_cache, max_seq_len=self.max_seq_len, logits=self.logits,
+                            quant=self.quant_config)
 
 
 # -- graph IO --------------------------------------------------------------------------------
@@ -119,7 +130,8 @@ def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dt
     module.inv_freq = module.inv_freq.to("meta")
     args, dynamic = _example_inputs(cfg, spec, options, dtype)
     input_names, output_names = io_names(cfg, spec, options.kv_cache)
-    table = {**collectives.custom_translation_table(), **cache_ops.custom_translation_table()}
+    table = {**collectives.custom_translation_table(), **cache_ops.custom_translation_table(),
+             **fp8.custom_translation_table()}
     with _quiet_exporter():
         program = torch.export.export(module, args, dynamic_shapes=dynamic)
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=OPSET, optimize=False,
@@ -214,29 +226,40 @@ def _external_initializer(name: str, tensor: torch.Tensor, offset: int, length: 
     return proto
 
 
-def attach_weights(model: onnx.ModelProto, checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype,
-                   rank_dir: Path, on_bytes: Callable[[int], None] = lambda n: None) -> str:
-    """Stream this rank's slices into rank_dir/model.onnx.data; returns the data file's sha256."""
-    cfg = checkpoint.config
+def attach_weights(model: onnx.ModelProto, tensors, cfg: LlamaConfig, rank: int, rank_dir: Path,
+                   on_bytes: Callable[[int], None] = lambda n: None) -> str:
+    """Stream (name, tensor) pairs into rank_dir/model.onnx.data as external initializers.
+
+    Returns the data file's sha256. Every weight the traced graph reads must be provided.
+    """
     wanted = {i for node in model.graph.node for i in node.input}
+    wanted -= {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
+    wanted.discard("")
     writer = _DataWriter(rank_dir / DATA_FILE)
+    written = set()
     try:
-        for name in rank_tensor_names(cfg, spec):
+        for name, tensor in tensors:
             if name not in wanted:
-                raise ArtifactError(f"the traced graph of rank {spec.rank} does not use {name!r}; "
+                raise ArtifactError(f"the traced graph of rank {rank} does not use {name!r}; "
                                     "this is a llama405 bug — please report it")
-            tensor = checkpoint.read_rank_tensor(name, spec).to(dtype).contiguous()
-            if dtype == torch.float16 and not torch.isfinite(tensor).all():
-                raise CheckpointError(f"{checkpoint.directory}: {name} has values beyond float16's "
-                                      "range (65504); export with --dtype bfloat16 or float32")
-            offset, length = writer.write(memoryview(tensor.view(torch.uint8).numpy()))
+            tensor = tensor.contiguous()
+            if tensor.dtype == torch.float16 and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{name} has values beyond float16's range (65504) once cast; "
+                                      "export with --dtype bfloat16 or float32")
+            # reshape(-1): a 0-d scale cannot be viewed as bytes directly
+            offset, length = writer.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             model.graph.initializer.append(_external_initializer(name, tensor, offset, length))
+            written.add(name)
             on_bytes(length)
             del tensor
     finally:
         digest = writer.close()
     # Rotary frequencies come from the config, not the checkpoint; fp32 whatever the dtype.
     model.graph.initializer.append(numpy_helper.from_array(rope_inv_freq(cfg).numpy(), "inv_freq"))
+    missing = wanted - written - {"inv_freq"}
+    if missing:
+        raise ArtifactError(f"rank {rank}: no tensor provided for {sorted(missing)[:3]}; this is a "
+                            "llama405 bug — please report it")
     return digest
 
 
@@ -264,13 +287,15 @@ def _spec_entries(values) -> tuple[TensorSpec, ...]:
 
 
 def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, rank_dir: Path,
+                input_scales: dict[str, float] | None = None,
                 on_bytes: Callable[[int], None] = lambda n: None) -> tuple[RankEntry, dict]:
     cfg, dtype = checkpoint.config, TORCH_DTYPES[options.dtype]
     rank_dir.mkdir(parents=True)
     model = rank_graph(cfg, spec, options.model_options, dtype, rank_dir)
     n_collectives = collectives.rewrite_collectives(model, spec.tp_size) if spec.tp_size > 1 else 0
     _name_symbolic_dims(model, spec, options.kv_cache)
-    data_sha = attach_weights(model, checkpoint, spec, dtype, rank_dir, on_bytes)
+    tensors = rank_module_tensors(checkpoint, spec, dtype, options.quant_config, input_scales)
+    data_sha = attach_weights(model, tensors, cfg, spec.rank, rank_dir, on_bytes)
     model.producer_name, model.producer_version = "llama405", _version()
     model.doc_string = (f"Llama 3.1 rank {spec.rank} (tp {spec.tp_rank}/{spec.tp_size}, "
                         f"pp {spec.pp_rank}/{spec.pp_size})")
@@ -309,9 +334,59 @@ def check_disk(directory: Path, needed: int) -> None:
                             f"{free / 1e9:.2f} GB are free; free space or pass another --out")
 
 
+def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
+                         calibration_tokens: np.ndarray | None, calibration_source: str,
+                         progress: bool) -> tuple[dict[str, float] | None, dict]:
+    """Static FP8 activation scales: the checkpoint's own, else calibration. Returns the scales
+    and what the manifest records about them."""
+    if options.quant != "fp8":
+        return None, {}
+    quant = options.quant_config
+    cfg = checkpoint.config
+    needed = sorted({n.rsplit(".", 1)[0] for s in all_ranks(options.tp, options.pp)
+                     for n in rank_tensor_names(cfg, s)
+                     if quant.is_quantized(n.rsplit(".", 1)[0], cfg.num_hidden_layers)})
+    stored = checkpoint_input_scales(checkpoint)
+    info = {"recipe": quant.recipe, "exclude": list(quant.patterns(cfg.num_hidden_layers)),
+            "quantized_linears": len(needed)}
+    if all(name in stored for name in needed):
+        for name in needed:
+            if not (stored[name] > 0 and np.isfinite(stored[name])):
+                raise CheckpointError(f"{checkpoint.directory}: {name}.input_scale is {stored[name]}; "
+                                      "scales must be positive and finite")
+        info.update(scales_from="checkpoint input_scale tensors",
+                    input_scales={n: stored[n] for n in needed})
+        return {n: stored[n] for n in needed}, info
+    if calibration_tokens is None:
+        missing = [n for n in needed if n not in stored]
+        raise CheckpointError(f"{checkpoint.directory}: --quant fp8 needs static activation scales, but "
+                              f"the checkpoint has no input_scale for {missing[0]} (and {len(missing) - 1} more) "
+                              "and calibration is off; drop --calib-text none or pass a --calib-text FILE")
+    calibration: Calibration = calibrate(checkpoint, calibration_tokens, calibration_source,
+                                         progress=progress)
+    warning = calibration.float16_headroom_warning()
+    if warning and options.dtype == "float16":
+        print(f"warning: {warning}", file=sys.stderr)
+    scales = calibration.input_scales()
+    info.update(scales_from="calibration", input_scales={n: scales[n] for n in needed},
+                amax={n: calibration.amax[n] for n in needed},
+                calibration={"source": calibration_source, "samples": calibration.samples,
+                             "seq_len": calibration.seq_len,
+                             "max_activation": calibration.max_activation},
+                checkpoint_weights="fp8" if any(n.endswith(".weight_scale") for n in checkpoint.weight_map)
+                else "unquantized")
+    return scales, info
+
+
 def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: ExportOptions,
-                    force: bool = False, progress: bool = False) -> Path:
-    """Write the artifact atomically: a temporary sibling renamed into place at the end."""
+                    force: bool = False, progress: bool = False,
+                    calibration_tokens: np.ndarray | None = None,
+                    calibration_source: str = "") -> Path:
+    """Write the artifact atomically: a temporary sibling renamed into place at the end.
+
+    calibration_tokens [samples, seq] are used for FP8 activation scales when the checkpoint
+    carries none (the CLI tokenizes --calib-text; export/ never imports the runner's tokenizer).
+    """
     out = Path(out)
     checkpoint = Checkpoint(checkpoint_dir)
     cfg = checkpoint.config
@@ -326,13 +401,16 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
     total = sum(rank_bytes(checkpoint, s, dtype) for s in specs)
     check_disk(out.parent, total)
 
+    input_scales, fp8_info = resolve_input_scales(checkpoint, options, calibration_tokens,
+                                                  calibration_source, progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         entries, files = [], {}
         with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="export") as bar:
             for spec in specs:
                 bar.set_postfix_str(f"rank {spec.rank}")
-                entry, rank_files = export_rank(checkpoint, spec, options, tmp / f"rank{spec.rank}", bar.update)
+                entry, rank_files = export_rank(checkpoint, spec, options, tmp / f"rank{spec.rank}",
+                                                input_scales, bar.update)
                 entries.append(entry)
                 files.update(rank_files)
         tokenizer_source = _tokenizer_source(checkpoint.directory)
@@ -345,7 +423,7 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
             source={"config_sha256": hashlib.sha256(cfg.to_hf_dict().__repr__().encode()).hexdigest(),
                     "kv_dup_factor": checkpoint.kv_dup_factor,
                     "tokenizer": "checkpoint" if tokenizer_source else "bundled llama3"},
-            toolchain=_toolchain())
+            toolchain=_toolchain(), extra={"fp8": fp8_info} if fp8_info else {})
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
     except BaseException:

@@ -39,7 +39,17 @@ def _add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16",
                    help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)")
-    p.add_argument("--quant", choices=("none",), default="none")
+    p.add_argument("--quant", choices=("none", "fp8"), default="none",
+                   help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)")
+    p.add_argument("--fp8-recipe", choices=("default", "meta"), default="default",
+                   help="meta: also keep attention and the first/last layer in the compute dtype")
+    p.add_argument("--fp8-exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep matching linears unquantized, e.g. 'model.layers.0.*' (repeatable)")
+    p.add_argument("--calib-text", default="default",
+                   help="UTF-8 text for FP8 activation calibration; 'default' = the shipped text, "
+                        "'none' = only use input_scale tensors from the checkpoint")
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=4096)
@@ -111,7 +121,20 @@ def export_options(args):
     ranks = tuple(parse_rank_list(args.ranks, args.tp * args.pp)) if args.ranks else None
     return ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
                          max_batch=args.max_batch, max_seq_len=args.max_seq_len, logits=args.logits,
-                         ranks=ranks)
+                         ranks=ranks, fp8_recipe=args.fp8_recipe, fp8_exclude=tuple(args.fp8_exclude))
+
+
+def calibration_input(args):
+    """(tokens [samples, seq] or None, source) for an FP8 export; the tokenizer lives here, in
+    the runner, so export/ never imports it."""
+    if args.quant != "fp8" or args.calib_text == "none":
+        return None, ""
+    from export.calibrate import calibration_tokens, read_calibration_text
+    from runner.tokenizer import Llama3Tokenizer
+    text, source = read_calibration_text(None if args.calib_text == "default" else args.calib_text)
+    tokenizer = (Llama3Tokenizer.from_path(args.checkpoint / "tokenizer.model")
+                 if (args.checkpoint / "tokenizer.model").is_file() else Llama3Tokenizer.default())
+    return calibration_tokens(tokenizer.encode(text, bos=False), args.calib_samples, args.calib_seq_len), source
 
 
 def cmd_export(args) -> int:
@@ -120,17 +143,21 @@ def cmd_export(args) -> int:
     from export.onnx_export import export_artifact
     options = export_options(args)
     started = time.perf_counter()
+    tokens, source = calibration_input(args)
     out = export_artifact(args.checkpoint, args.out, options, force=args.force,
-                          progress=sys.stderr.isatty() and not args.json)
+                          progress=sys.stderr.isatty() and not args.json,
+                          calibration_tokens=tokens, calibration_source=source)
     manifest = load_manifest(out)
     size = sum(f["size"] for f in manifest.files.values())
     summary = {"artifact": str(out), "ranks": [r.rank for r in manifest.ranks], "tp": options.tp,
-               "pp": options.pp, "dtype": options.dtype, "kv_cache": options.kv_cache, "bytes": size,
+               "pp": options.pp, "dtype": options.dtype, "quant": options.quant,
+               "kv_cache": options.kv_cache, "bytes": size,
                "seconds": round(time.perf_counter() - started, 3)}
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"wrote {out}: ranks {summary['ranks']} (tp {options.tp} x pp {options.pp}), {options.dtype}, "
+        quant = f" + fp8 ({manifest.extra['fp8']['scales_from']})" if options.quant == "fp8" else ""
+        print(f"wrote {out}: ranks {summary['ranks']} (tp {options.tp} x pp {options.pp}), {options.dtype}{quant}, "
               f"{options.kv_cache} KV cache, {size / 1e6:.1f} MB in {summary['seconds']:.1f} s")
     return 0
 

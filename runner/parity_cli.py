@@ -121,7 +121,8 @@ def run(args) -> int:
     from export.manifest import load_manifest
     _validate(args)
     manifest = load_manifest(args.artifact)
-    preset = args.tolerance_preset or default_preset(manifest.dtype, manifest.quant)
+    preset = args.tolerance_preset or default_preset(manifest.dtype, manifest.quant,
+                                                     reference=args.reference is not None)
     tolerance = DEFAULT_TOLERANCES[preset].replace(
         max_abs=args.max_abs, rel_l2=args.rel_l2, min_top1=args.min_top1, min_cosine=args.min_cosine,
         kv_max_abs=args.kv_max_abs)

@@ -243,16 +243,25 @@ class _Splitter:
         placement = self._placement()
         count = len(self.collectives) + 1
         members: list[list[int]] = [[] for _ in range(count)]
+        # Constants are copied into every segment that reads them rather than passed between
+        # segments: some (the FP8 zero point) have element types numpy cannot carry.
+        constants = {node.output[0]: i for i, node in enumerate(self.nodes)
+                     if node.op_type == "Constant" and not node.input and len(node.output) == 1
+                     and node.output[0] not in set(self.graph_outputs)}
+        constant_nodes = set(constants.values())
         for index, seg in enumerate(placement):
-            if index not in self.collective_rank:
+            if index not in self.collective_rank and index not in constant_nodes:
                 members[seg].append(index)
+        for k in range(count):
+            needed = sorted({constants[name] for i in members[k] for name in self.reads[i] if name in constants})
+            members[k] = needed + members[k]
 
         # The last segment that reads each runtime tensor. Collective k reads its input at the
         # end of segment k; graph outputs are collected by the caller, so they always leave.
         last_reader: dict[str, int] = {}
         for index, reads in enumerate(self.reads):
             for name in reads:
-                if name not in self.initializers:
+                if name not in self.initializers and name not in constants:
                     last_reader[name] = max(last_reader.get(name, -1), placement[index])
         graph_outputs = set(self.graph_outputs)
 

@@ -12,6 +12,7 @@ import torch
 
 from export.checkpoint import Checkpoint
 from export.model import ModelOptions, build_rank_module, load_rank_weights
+from export.rank_tensors import rank_module_tensors
 from export.sharding import all_ranks, kv_heads_local, validate_parallelism
 from runner.backends.base import check_feed, logical_kv, past_len
 from runner.dist import LocalAllReduce, run_in_lockstep
@@ -23,7 +24,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, checkpoint: Checkpoint, tp: int = 1, pp: int = 1, dtype: str = "float32",
-                 options: ModelOptions = ModelOptions()):
+                 options: ModelOptions = ModelOptions(), input_scales: dict[str, float] | None = None):
+        """options.quant selects FP8 linears; input_scales are their static activation scales."""
         cfg = checkpoint.config
         validate_parallelism(cfg, tp, pp)
         self.config, self.tp, self.pp = cfg, tp, pp
@@ -36,7 +38,11 @@ class TorchBackend:
         for spec in self.specs:
             module = build_rank_module(cfg, spec, options, self.groups[spec.pp_rank].for_rank(spec.tp_rank),
                                        dtype=self.dtype, device="meta")
-            load_rank_weights(module, checkpoint.iter_rank_tensors(spec), self.dtype)
+            if isinstance(checkpoint, Checkpoint):
+                tensors = rank_module_tensors(checkpoint, spec, self.dtype, options.quant, input_scales)
+            else:  # a source already in the module's layout (an artifact's initializers)
+                tensors = checkpoint.iter_rank_tensors(spec)
+            load_rank_weights(module, tensors, self.dtype)
             self.modules.append(module)
         self._cache: list[list[torch.Tensor]] = []
         self._past_len = 0

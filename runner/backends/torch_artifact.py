@@ -24,8 +24,9 @@ from onnx import TensorProto, numpy_helper
 
 from export.errors import ArtifactError
 from export.manifest import Manifest, load_manifest
-from export.model import ModelOptions
-from export.sharding import RankSpec, all_ranks, rank_tensor_names
+from export.fp8 import QuantConfig
+from export.model import ModelOptions, build_rank_module
+from export.sharding import RankSpec, all_ranks
 from runner.backends.torch import DTYPES, TorchBackend
 
 # Initializers the exporter adds from the config rather than the checkpoint (RoPE frequencies);
@@ -33,7 +34,7 @@ from runner.backends.torch import DTYPES, TorchBackend
 CONFIG_DERIVED = frozenset({"inv_freq"})
 
 _TORCH_FROM_ONNX = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
-                    TensorProto.BFLOAT16: torch.bfloat16}
+                    TensorProto.BFLOAT16: torch.bfloat16, TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn}
 
 
 class ArtifactWeights:
@@ -53,7 +54,7 @@ class ArtifactWeights:
         except (OSError, DecodeError) as err:
             raise ArtifactError(f"{onnx_path}: cannot read the rank graph ({err}); re-export the "
                                 "artifact") from None
-        expected = set(rank_tensor_names(self.config, spec))
+        expected = set(build_rank_module(self.config, spec, artifact_model_options(self.manifest)).state_dict())
         found = {init.name for init in model.graph.initializer} - CONFIG_DERIVED
         if found != expected:
             extra, missing = sorted(found - expected), sorted(expected - found)
@@ -106,10 +107,6 @@ def torch_backend_from_artifact(artifact: str | Path, verify_hashes: bool = Fals
     """TorchBackend with the artifact's layout (tp/pp/dtype/kv-cache/logits) and its weights."""
     directory = Path(artifact)
     manifest = load_manifest(directory, verify_hashes=verify_hashes)
-    if manifest.quant != "none":
-        raise ArtifactError(f"{directory}: a quant={manifest.quant} artifact stores quantized weights the "
-                            "eager torch model cannot load; compare it with --a ort --b trt, or against "
-                            "--reference CHECKPOINT")
     if manifest.dtype not in DTYPES:
         raise ArtifactError(f"{directory}: manifest dtype {manifest.dtype!r} is not one of "
                             f"{', '.join(DTYPES)}; re-export the artifact")
@@ -128,4 +125,9 @@ def torch_backend_from_artifact(artifact: str | Path, verify_hashes: bool = Fals
 
 
 def artifact_model_options(manifest: Manifest) -> ModelOptions:
-    return ModelOptions(kv_cache=manifest.kv_cache, max_seq_len=manifest.max_seq_len, logits=manifest.logits)
+    quant = None
+    if manifest.quant == "fp8":
+        # The manifest stores the effective exclusion patterns (recipe included).
+        quant = QuantConfig("default", tuple(manifest.extra["fp8"]["exclude"]))
+    return ModelOptions(kv_cache=manifest.kv_cache, max_seq_len=manifest.max_seq_len, logits=manifest.logits,
+                        quant=quant)

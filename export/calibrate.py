@@ -1,0 +1,139 @@
+"""Static FP8 activation scales by streaming calibration, one decoder layer at a time.
+
+The hidden states of the calibration batch go through the model layer by layer; only one
+layer's weights are in memory at once (read unsharded from the checkpoint, then freed). Hooks
+record amax(|input|) of every linear. TP needs nothing extra: a sharded linear input (o_proj,
+down_proj) on rank r is a slice of the full input seen here, so the full-tensor amax is the max
+over ranks and every rank gets the same scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from export.checkpoint import Checkpoint
+from export.errors import CheckpointError, InputError
+from export.fp8 import FP8_MAX
+from export.model import DecoderLayer, additive_mask, load_rank_weights, rope_inv_freq, rotary_cos_sin
+from export.rank_tensors import rank_module_tensors
+from export.sharding import RankSpec, TensorSlice
+
+FLOAT16_MAX = 65504.0
+
+
+@dataclasses.dataclass
+class Calibration:
+    amax: dict[str, float]  # linear module path -> max |input|
+    max_activation: float  # largest |hidden state| seen (residual stream, fp32)
+    samples: int
+    seq_len: int
+    source: str
+
+    def input_scales(self) -> dict[str, float]:
+        return {name: value / FP8_MAX for name, value in self.amax.items()}
+
+    def float16_headroom_warning(self) -> str | None:
+        if self.max_activation > 0.5 * FLOAT16_MAX:
+            return (f"calibration saw activations up to {self.max_activation:.0f}, within 2x of float16's "
+                    f"limit {FLOAT16_MAX:.0f}; a float16 engine may overflow — consider --dtype bfloat16")
+        return None
+
+
+def default_calibration_text() -> str:
+    return resources.files("export").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+def calibration_tokens(token_ids: list[int], samples: int, seq_len: int) -> np.ndarray:
+    """[samples, seq_len] windows over the token stream (wrapping when the text is short)."""
+    if samples < 1 or seq_len < 2:
+        raise InputError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need >= 1 sample of >= 2 tokens")
+    if len(token_ids) < 2:
+        raise InputError("the calibration text is empty; pass a --calib-text file with real text")
+    stream = np.array(token_ids, dtype=np.int64)
+    need = samples * seq_len
+    stream = np.tile(stream, math.ceil(need / len(stream)))[:need]
+    return stream.reshape(samples, seq_len)
+
+
+def _embed(checkpoint: Checkpoint, tokens: np.ndarray) -> torch.Tensor:
+    """Embedding rows for just the calibration tokens (not the vocab x hidden matrix)."""
+    unique, inverse = np.unique(tokens, return_inverse=True)
+    vocab = checkpoint.config.vocab_size
+    if unique.max() >= vocab:
+        raise InputError(f"calibration token id {int(unique.max())} is outside the checkpoint's vocabulary "
+                         f"({vocab}); the tokenizer does not match this checkpoint")
+    blocks = tuple((int(i), int(i) + 1) for i in unique)
+    rows = checkpoint.read("model.embed_tokens.weight", TensorSlice(0, blocks)).float()  # [unique, hidden]
+    return rows[torch.from_numpy(inverse.reshape(tokens.shape))]  # [samples, seq, hidden]
+
+
+def calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str = "", batch: int = 4,
+              progress: bool = False, on_layer: Callable[[int], None] = lambda i: None) -> Calibration:
+    cfg = checkpoint.config
+    spec = RankSpec(0, 1)
+    samples, seq = tokens.shape
+    h = _embed(checkpoint, tokens)  # [samples, seq, hidden] fp32
+    positions = torch.arange(seq)[None].expand(samples, seq)
+    inv_freq = rope_inv_freq(cfg)
+    amax: dict[str, float] = {}
+    max_activation = float(h.abs().max())
+    for layer_id in tqdm(range(cfg.num_hidden_layers), desc="calibrate", disable=not progress):
+        with torch.device("meta"):
+            layer = DecoderLayer(cfg, spec, lambda x: x, layer_id)
+        prefix = f"model.layers.{layer_id}."
+        tensors = ((name[len(prefix):], t) for name, t in rank_module_tensors(
+            checkpoint, spec, torch.float32) if name.startswith(prefix))
+        load_rank_weights(layer, tensors, torch.float32)
+        hooks = [module.register_forward_pre_hook(_amax_hook(prefix + name, amax))
+                 for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, samples, batch):
+                hb, pb = h[start:start + batch], positions[start:start + batch]
+                cos, sin = rotary_cos_sin(inv_freq, pb, torch.float32)
+                ones = torch.ones(pb.shape, dtype=torch.int64)
+                mask = additive_mask("concat", pb, ones, 0, seq)
+                empty = torch.zeros(hb.shape[0], layer.self_attn.n_kv, 0, cfg.head_dim)
+                out, _, _ = layer(hb, cos, sin, mask, empty, empty, None, "concat")
+                outputs.append(out)
+        for hook in hooks:
+            hook.remove()
+        h = torch.cat(outputs)
+        max_activation = max(max_activation, float(h.abs().max()))
+        del layer, outputs
+        on_layer(layer_id)
+    for name, value in amax.items():
+        if not math.isfinite(value) or value <= 0:
+            raise CheckpointError(f"{checkpoint.directory}: calibration amax of {name} is {value}; a zero or "
+                                  "non-finite activation range cannot give an FP8 scale — check the weights "
+                                  "(NaN/inf?) or the calibration text")
+    return Calibration(amax, max_activation, samples, seq, source)
+
+
+def _amax_hook(name: str, amax: dict[str, float]):
+    def hook(module, inputs):
+        value = float(inputs[0].detach().abs().max())
+        amax[name] = max(amax.get(name, 0.0), value) if math.isfinite(value) else value
+    return hook
+
+
+def read_calibration_text(path: str | Path | None) -> tuple[str, str]:
+    """(text, where it came from) for --calib-text FILE, or the shipped default when None."""
+    if path is None:
+        return default_calibration_text(), "llama405 default calibration text"
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--calib-text {path}: no such file; pass a UTF-8 text file")
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except UnicodeDecodeError as err:
+        raise InputError(f"--calib-text {path}: not UTF-8 text ({err})") from None

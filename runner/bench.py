@@ -1,0 +1,1041 @@
+"""`make bench`: load, export, peer-exporter and decode benchmarks (DESIGN §8).
+
+    python -m runner.bench [--quick] [--only load,export,peers,decode] [--workdir DIR] [--no-keep]
+
+Prints one Markdown table (what | figure | unit | against what) on stdout and writes the same
+rows to WORKDIR/bench.json; progress goes to stderr. Nothing here asserts on time: the figures
+are for reading, not for gating CI.
+
+Every measurement runs in a fresh interpreter (`python -m runner.bench --child TASK ...`), so
+its peak RSS is its own: the child imports what it needs, reads VmRSS (the baseline), resets
+the kernel's high-water mark (`/proc/self/clear_refs` 5), does the work and reads VmHWM. A
+sampler thread also records the peaks of RssAnon (heap) and RssFile (mapped checkpoint pages),
+which VmHWM adds together. Peer exporters run in their own venvs; their peak is the largest
+process's ru_maxrss (what `/usr/bin/time -v` prints) and the peak of the RSS summed over the
+process tree, polled every 50 ms.
+
+Synthesized checkpoints are cached under WORKDIR/checkpoints/, keyed by a digest of their
+geometry, dtype and seed, so a second run reuses the ~21 GB 405B-width ones (`--no-keep`
+deletes what this run synthesized at the end). Before each load/export measurement the
+checkpoint's pages are dropped from the page cache (posix_fadvise DONTNEED), so reads are cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+BENCHES = ("load", "export", "peers", "decode")
+DEFAULT_BENCHES = ("load", "export", "peers", "decode")
+GB = 1e9
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# -- rows and the table ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    bench: str
+    what: str
+    figure: float | int | str | None
+    unit: str = ""
+    against: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    header = ("what", "figure", "unit", "against what")
+    body = [(f"{r.bench}: {r.what}", fmt(r.figure), r.unit, r.against) for r in rows]
+    cells = [header, *body]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+
+    def line(c):
+        return "| " + " | ".join(s.replace("|", "/").ljust(w) for s, w in zip(c, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *(line(c) for c in body)])
+
+
+def gb(n: float | None) -> float | None:
+    return None if n is None else n / GB
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# -- /proc bookkeeping (used in the children) ------------------------------------------------
+
+
+def proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile... of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[key] = int(parts[0]) * 1024
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM back to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class RssSampler:
+    """Peaks of RssAnon and RssFile, sampled every few ms in a daemon thread."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peak_anon, self.peak_file = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self):
+        s = proc_status()
+        self.peak_anon = max(self.peak_anon, s.get("RssAnon", 0))
+        self.peak_file = max(self.peak_file, s.get("RssFile", 0))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return False
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Drop a file's (or a directory's files') clean pages from the page cache: cold reads."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+        finally:
+            os.close(fd)
+
+
+def dir_bytes(path: Path, suffix: str = "") -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob(f"*{suffix}") if p.is_file())
+
+
+# -- child tasks (each runs in a fresh interpreter) ------------------------------------------
+#
+# A task is (prepare, run): prepare() imports what the work needs before the baseline is read,
+# run(args) does the measured work and returns a JSON-able dict.
+
+
+def _prep_torch():
+    import torch  # noqa: F401
+
+    import export.checkpoint  # noqa: F401
+
+
+def task_load(args: dict) -> dict:
+    """Iterate one rank's slices (keeping them or not): what loading a rank costs."""
+    from export.checkpoint import Checkpoint
+    from export.sharding import RankSpec
+    kept, count, nbytes = [], 0, 0
+    started = time.perf_counter()
+    ckpt = Checkpoint(args["checkpoint"])
+    for _, tensor in ckpt.iter_rank_tensors(RankSpec(0, args["tp"])):
+        count += 1
+        nbytes += tensor.numel() * tensor.element_size()
+        if args["keep"]:
+            kept.append(tensor)
+        del tensor
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "tensors": count, "rank_bytes": nbytes}
+
+
+def task_disk(args: dict) -> dict:
+    """Sequential write (64 MB os.write + fsync) and cold read of a file in the workdir."""
+    path, total, chunk = Path(args["path"]), args["bytes"], 64 * 1024 * 1024
+    block = os.urandom(1024 * 1024) * (chunk // (1024 * 1024))  # incompressible
+    view = memoryview(block)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        started = time.perf_counter()
+        written = 0
+        while written < total:
+            n = os.write(fd, view[: min(chunk, total - written)])
+            written += n
+        os.fsync(fd)
+        write_s = time.perf_counter() - started
+    finally:
+        os.close(fd)
+    evict_from_page_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.perf_counter()
+        read = 0
+        while True:
+            data = os.read(fd, chunk)
+            if not data:
+                break
+            read += len(data)
+        read_s = time.perf_counter() - started
+    finally:
+        os.close(fd)
+    path.unlink()
+    return {"bytes": written, "write_s": write_s, "write_gbps": written / write_s / GB,
+            "read_gbps": read / read_s / GB}
+
+
+def _prep_export():
+    _prep_torch()
+    import export.onnx_export  # noqa: F401 (torch.onnx, onnxscript)
+
+
+def task_export(args: dict) -> dict:
+    """export_artifact for the given options; the graph trace and weight streaming timed apart."""
+    import export.onnx_export as ox
+    spent: dict[str, float] = {"trace_s": 0.0, "weights_s": 0.0}
+
+    def timed(key: str, fn: Callable) -> Callable:
+        def wrapper(*a, **k):
+            started = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - started
+        return wrapper
+
+    # export_rank looks both names up in the module at call time.
+    ox.rank_graph = timed("trace_s", ox.rank_graph)
+    ox.attach_weights = timed("weights_s", ox.attach_weights)
+    out = Path(args["out"])
+    options = ox.ExportOptions(**{k: tuple(v) if k == "ranks" and v is not None else v
+                                  for k, v in args["options"].items()})
+    started = time.perf_counter()
+    ox.export_artifact(args["checkpoint"], out, options, force=True)
+    wall = time.perf_counter() - started
+    # The exporter leaves writeback to the kernel; time getting the bytes onto the disk too.
+    started = time.perf_counter()
+    for path in out.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    flush = time.perf_counter() - started
+    return {"wall_s": wall, "flush_s": flush, **spent, "bytes": dir_bytes(out),
+            "data_bytes": dir_bytes(out, ".onnx.data")}
+
+
+def task_membw(args: dict) -> dict:
+    """Memory read bandwidth: numpy sum over a ~1 GB array, best of 3; 1 thread and all cores."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+    n = args["bytes"] // 4
+    array = np.ones(n, dtype=np.float32)  # pages committed, not lazily zero
+    threads = os.cpu_count() or 1
+    parts = np.array_split(array, threads)
+    best = {"1": float("inf"), "all": float("inf")}
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(3):
+            started = time.perf_counter()
+            array.sum()
+            best["1"] = min(best["1"], time.perf_counter() - started)
+            started = time.perf_counter()
+            list(pool.map(np.sum, parts))  # numpy releases the GIL in the reduction loop
+            best["all"] = min(best["all"], time.perf_counter() - started)
+    return {"gbps_1thread": array.nbytes / best["1"] / GB,
+            "gbps_all": array.nbytes / best["all"] / GB, "threads": threads}
+
+
+def _decode_prompt(vocab: int, length: int) -> list[int]:
+    import numpy as np
+    return [int(t) for t in np.random.default_rng(0).integers(3, vocab, size=length)]
+
+
+def _time_generate(backend, prompt: list[int], new_tokens: int) -> tuple[dict, list[int]]:
+    from runner.generate import SamplingOptions, generate
+    options = SamplingOptions(max_new_tokens=new_tokens + 1)  # +1: the prefill's token
+    generate(backend, [prompt], SamplingOptions(max_new_tokens=4))  # warm-up
+    result = generate(backend, [prompt], options)
+    return ({"tokens_per_s": result.decode_tokens_per_second, "decode_steps": result.decode_steps,
+             "prefill_s": result.prefill_seconds, "decode_s": result.decode_seconds},
+            result.tokens[0])
+
+
+def _prep_ort():
+    _prep_torch()
+    import onnxruntime  # noqa: F401
+
+    import runner.backends.ort  # noqa: F401
+    import runner.generate  # noqa: F401
+
+
+def task_decode_ort(args: dict) -> dict:
+    from runner.backends.ort import OrtBackend
+    started = time.perf_counter()
+    backend = OrtBackend(args["artifact"])
+    load = time.perf_counter() - started
+    stats, tokens = _time_generate(backend, args["prompt"], args["new_tokens"])
+    return {**stats, "load_s": load, "tokens": tokens}
+
+
+def _prep_torch_backend():
+    _prep_torch()
+    import runner.backends.torch  # noqa: F401
+    import runner.generate  # noqa: F401
+
+
+def task_decode_torch(args: dict) -> dict:
+    from export.checkpoint import Checkpoint
+    from export.model import ModelOptions
+    from runner.backends.torch import TorchBackend
+    backend = TorchBackend(Checkpoint(args["checkpoint"]), tp=1, dtype="float32",
+                           options=ModelOptions(kv_cache="static", max_seq_len=args["max_seq_len"]))
+    stats, tokens = _time_generate(backend, args["prompt"], args["new_tokens"])
+    return {**stats, "tokens": tokens}
+
+
+def _prep_hf():
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
+def task_decode_hf(args: dict) -> dict:
+    """transformers LlamaForCausalLM greedy generate; decode time = t(1 + N tokens) - t(1 token)."""
+    import torch
+    import transformers
+    model = transformers.LlamaForCausalLM.from_pretrained(args["checkpoint"], dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # exactly N new tokens, nothing suppressed
+    model.generation_config.pad_token_id = 0
+    ids = torch.tensor([args["prompt"]], dtype=torch.int64)
+    n = args["new_tokens"]
+
+    def run(new: int):
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False)
+        return time.perf_counter() - started, out[0, ids.shape[1]:].tolist()
+
+    run(4)  # warm-up
+    prefill_s, _ = min(run(1) for _ in range(2))
+    total_s, tokens = run(n + 1)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    return {"tokens_per_s": n / decode_s, "prefill_s": prefill_s, "decode_s": decode_s,
+            "tokens": tokens, "transformers": transformers.__version__}
+
+
+def _prep_none():
+    pass
+
+
+TASKS: dict[str, tuple[Callable[[], None], Callable[[dict], dict]]] = {
+    "load": (_prep_torch, task_load),
+    "disk": (_prep_none, task_disk),
+    "export": (_prep_export, task_export),
+    "membw": (_prep_none, task_membw),
+    "decode_ort": (_prep_ort, task_decode_ort),
+    "decode_torch": (_prep_torch_backend, task_decode_torch),
+    "decode_hf": (_prep_hf, task_decode_hf),
+}
+
+
+def child_main(task: str, args_json: str, out_path: str) -> int:
+    """Entry point of a measurement subprocess: result JSON into out_path."""
+    prepare, run = TASKS[task]
+    try:
+        prepare()
+        baseline = proc_status()
+        reset = reset_peak_rss()
+        with RssSampler() as sampler:
+            result = run(json.loads(args_json))
+        after = proc_status()
+        payload = {"result": result, "rss": {
+            "baseline": baseline["VmRSS"], "peak": after["VmHWM"],
+            "peak_delta": after["VmHWM"] - baseline["VmRSS"], "hwm_reset": reset,
+            "peak_anon": sampler.peak_anon, "peak_file": sampler.peak_file,
+            "baseline_anon": baseline.get("RssAnon", 0)}}
+    except BaseException as err:  # noqa: BLE001 — reported to the parent as one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        payload = {"error": f"{type(err).__name__}: {first}"[:300]}
+        Path(out_path).write_text(json.dumps(payload))
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    Path(out_path).write_text(json.dumps(payload))
+    return 0
+
+
+# -- running a process and watching its memory -----------------------------------------------
+
+
+@dataclasses.dataclass
+class ProcResult:
+    returncode: int | None
+    wall_s: float
+    maxrss: int | None  # largest single process's peak (ru_maxrss), bytes
+    tree_peak: int  # peak of the RSS summed over the process tree, polled
+    output_tail: str
+    timed_out: bool = False
+
+
+def run_watched(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | None = None,
+                capture: bool = True, poll: float = 0.05) -> ProcResult:
+    """Run cmd, polling its process tree's RSS; ru_maxrss from wait4 (as /usr/bin/time -v)."""
+    import psutil
+    log_file = tempfile.TemporaryFile(mode="w+") if capture else None
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=log_file if capture else sys.stderr,
+                            stderr=subprocess.STDOUT if capture else None)
+    tree_peak, status, usage, timed_out = 0, None, None, False
+    try:
+        root = psutil.Process(proc.pid)
+    except psutil.Error:
+        root = None
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if root is not None:
+            total = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            tree_peak = max(tree_peak, total)
+        if time.perf_counter() - started > timeout:
+            timed_out = True
+            _kill_tree(proc.pid)
+            _, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(poll)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    tail = ""
+    if log_file is not None:
+        log_file.seek(0)
+        tail = log_file.read()[-4000:]
+        log_file.close()
+    maxrss = usage.ru_maxrss * 1024 if usage is not None else None
+    return ProcResult(proc.returncode, wall, maxrss, tree_peak, tail, timed_out)
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        os.kill(pid, 9)
+    except OSError:
+        pass
+
+
+class MeasurementError(RuntimeError):
+    pass
+
+
+def measure(task: str, args: dict, timeout: float = 3600) -> dict:
+    """Run one child task; returns {"result", "rss", "proc"} or raises MeasurementError."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_path = f.name
+    try:
+        cmd = [sys.executable, "-m", "runner.bench", "--child", task, "--child-args",
+               json.dumps(args), "--child-out", out_path]
+        # Child output goes to our stderr (progress); stdout stays the table's.
+        proc = run_watched(cmd, timeout, capture=False)
+        try:
+            payload = json.loads(Path(out_path).read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            payload = {}
+    finally:
+        Path(out_path).unlink(missing_ok=True)
+    if proc.timed_out:
+        raise MeasurementError(f"{task}: timed out after {timeout:.0f} s")
+    if "error" in payload:
+        raise MeasurementError(f"{task}: {payload['error']}")
+    if proc.returncode != 0 or "result" not in payload:
+        raise MeasurementError(f"{task}: child exited with code {proc.returncode}")
+    payload["proc"] = {"maxrss": proc.maxrss, "tree_peak": proc.tree_peak, "wall_s": proc.wall_s}
+    return payload
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def geometry_key(label: str, cfg, dtype: str, seed: int) -> str:
+    """Directory name of a cached checkpoint: readable label + digest of everything that shapes it."""
+    payload = json.dumps({"config": cfg.to_hf_dict(), "dtype": dtype, "seed": seed}, sort_keys=True)
+    return f"{label}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def cached_checkpoint(workdir: Path, label: str, cfg, dtype: str, seed: int = 0,
+                      created: list[Path] | None = None) -> Path:
+    """A synthesized checkpoint under workdir/checkpoints/, written only when not there yet.
+
+    synthesize_checkpoint publishes by renaming a finished temp dir, so a directory that exists
+    is complete; a run killed half-way leaves only a dot-named temp dir, which is removed here.
+    """
+    from export.synth import synthesize_checkpoint
+    root = workdir / "checkpoints"
+    path = root / geometry_key(label, cfg, dtype, seed)
+    if (path / "config.json").is_file():
+        log(f"checkpoint {path.name}: cached")
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    log(f"checkpoint {path.name}: synthesizing ({cfg.num_parameters() / 1e9:.2f} B params, {dtype})")
+    started = time.perf_counter()
+    synthesize_checkpoint(cfg, path, dtype=dtype, seed=seed, force=True, progress=False, durable=False)
+    log(f"checkpoint {path.name}: written in {time.perf_counter() - started:.0f} s")
+    if created is not None:
+        created.append(path)
+    return path
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return dir_bytes(path, ".safetensors")
+
+
+# -- geometries ------------------------------------------------------------------------------
+
+
+def wide_config(layers: int, quick: bool):
+    """405B width (hidden 16384, ffn 53248, 128 heads, 8 KV heads) with `layers` layers.
+
+    quick: hidden 1024 / ffn 3328 / 8 heads / vocab 32000 — the same TP8 layout at 1/16 width.
+    """
+    from export.synth import synth_config
+    cfg = synth_config("llama-3.1-405b", None, layers, None)
+    if quick:
+        cfg = cfg.replace(hidden_size=1024, intermediate_size=3328, num_attention_heads=8,
+                          num_key_value_heads=8, head_dim=128, vocab_size=32000)
+    return cfg
+
+
+def peers_config(layers: int, quick: bool):
+    """~1B parameters at 8 layers: Llama 3.2 1B's width, untied, Llama 3 vocabulary."""
+    from export.config import LlamaConfig
+    if quick:
+        return LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=layers,
+                           num_attention_heads=8, num_key_value_heads=2, vocab_size=32000,
+                           bos_token_id=1, eos_token_id=(2,))
+    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+
+
+def decode_config(quick: bool):
+    """~100M parameters (fp32 ~0.5 GB): hidden 768, 12 layers, 12 heads / 4 KV, vocab 32000."""
+    from export.config import LlamaConfig
+    if quick:
+        return LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=32000,
+                           bos_token_id=1, eos_token_id=(2,))
+    return LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
+                       bos_token_id=1, eos_token_id=(2,))
+
+
+# -- the benchmarks --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    workdir: Path
+    quick: bool
+    created: list[Path]
+    rows: list[Row] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, bench: str, what: str, figure, unit: str = "", against: str = "") -> None:
+        self.rows.append(Row(bench, what, figure, unit, against))
+
+    def fail(self, bench: str, what: str, err: Exception) -> None:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        log(f"{bench}: {what} FAILED: {message}")
+        self.failures.append(f"{bench}: {what}: {message}")
+        self.add(bench, what, f"failed: {message}")
+
+    def scratch(self, name: str) -> Path:
+        path = self.workdir / "scratch" / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+TP_WIDE = 8
+
+
+def bench_load(ctx: Context) -> None:
+    cfg = wide_config(2, ctx.quick)
+    ckpt = cached_checkpoint(ctx.workdir, f"405b-width-2L{'-quick' if ctx.quick else ''}", cfg,
+                             "bfloat16", created=ctx.created)
+    total = checkpoint_bytes(ckpt)
+    rank = None
+    width = "hidden 1024 (quick)" if ctx.quick else "405B width"
+    for keep in (False, True):
+        label = "keep all slices" if keep else "streaming, keep nothing"
+        evict_from_page_cache(ckpt)
+        log(f"load: TP{TP_WIDE} rank 0 of {width}, 2 layers, {label} (cold page cache)")
+        try:
+            m = measure("load", {"checkpoint": str(ckpt), "tp": TP_WIDE, "keep": keep})
+        except MeasurementError as err:
+            ctx.fail("load", f"TP{TP_WIDE} rank 0, {label}", err)
+            continue
+        r, rss = m["result"], m["rss"]
+        rank = r["rank_bytes"]
+        what = f"TP{TP_WIDE} rank 0 ({width}, 2 layers), {label}"
+        ctx.add("load", f"{what}: wall", r["wall_s"], "s",
+                f"{gb(rank) / r['wall_s']:.2f} GB/s of rank weights, cold cache")
+        ctx.add("load", f"{what}: peak RSS above baseline", gb(rss["peak_delta"]), "GB",
+                f"rank weights {gb(rank):.2f} GB -> ratio {ratio(rss['peak_delta'], rank):.2f}")
+        ctx.add("load", f"{what}: peak RSS absolute", gb(rss["peak"]), "GB",
+                f"baseline after imports {gb(rss['baseline']):.2f} GB; peak heap (RssAnon) "
+                f"{gb(rss['peak_anon']):.2f} GB, mapped file pages (RssFile) {gb(rss['peak_file']):.2f} GB")
+    if rank is not None:
+        ctx.add("load", f"TP{TP_WIDE} rank 0 weights", gb(rank), "GB",
+                f"whole checkpoint {gb(total):.2f} GB (1/{total / rank:.1f})")
+    ctx.add("load", "checkpoint size (bf16, 2 layers)", gb(total), "GB", str(ckpt.name))
+
+
+def _export_rows(ctx: Context, bench: str, what: str, m: dict, disk: dict | None,
+                 against_rss: str = "") -> None:
+    r, rss = m["result"], m["rss"]
+    written = r["bytes"]
+    ctx.add(bench, f"{what}: wall", r["wall_s"], "s",
+            f"graph trace {r['trace_s']:.1f} s + weights {r['weights_s']:.1f} s + save/check "
+            f"{r['wall_s'] - r['trace_s'] - r['weights_s']:.1f} s; then fsync {r['flush_s']:.1f} s")
+    ctx.add(bench, f"{what}: bytes written", gb(written), "GB", "")
+    ctx.add(bench, f"{what}: peak RSS above baseline", gb(rss["peak_delta"]), "GB",
+            against_rss or f"absolute {gb(rss['peak']):.2f} GB (baseline {gb(rss['baseline']):.2f} GB)")
+    if disk is None:
+        return
+    write = disk["write_gbps"]
+    whole = written / GB / r["wall_s"]
+    synced = written / GB / (r["wall_s"] + r["flush_s"])
+    no_trace = written / GB / max(r["wall_s"] - r["trace_s"] + r["flush_s"], 1e-9)
+    ctx.add(bench, f"{what}: achieved write rate, bytes / wall", whole, "GB/s",
+            f"{100 * whole / write:.0f}% of disk sequential write {write:.2f} GB/s (page cache may absorb it)")
+    ctx.add(bench, f"{what}: achieved write rate incl. fsync", synced, "GB/s",
+            f"{100 * synced / write:.0f}% of disk write {write:.2f} GB/s (goal >= 70%)")
+    ctx.add(bench, f"{what}: write rate incl. fsync, excluding graph trace", no_trace, "GB/s",
+            f"{100 * no_trace / write:.0f}% of disk write {write:.2f} GB/s")
+
+
+def bench_export(ctx: Context) -> None:
+    disk = None
+    size = 256 * 1024**2 if ctx.quick else 2 * 1024**3
+    log(f"export: disk sequential write/read speed ({size / GB:.1f} GB file in {ctx.workdir})")
+    try:
+        disk = measure("disk", {"path": str(ctx.workdir / "disk-speed.tmp"), "bytes": size})["result"]
+        ctx.add("export", "disk sequential write (64 MB os.write + fsync)", disk["write_gbps"], "GB/s",
+                f"{disk['bytes'] / GB:.1f} GB file in the workdir; the export's yardstick")
+        ctx.add("export", "disk sequential read (cold, 64 MB reads)", disk["read_gbps"], "GB/s",
+                "the checkpoint is read from the same disk")
+    except MeasurementError as err:
+        ctx.fail("export", "disk sequential write", err)
+    width = "hidden 1024 (quick)" if ctx.quick else "405B width"
+    runs = [(1, "bfloat16"), (2, "bfloat16")] + ([] if ctx.quick else [(2, "float16")])
+    peaks = {}
+    for layers, dtype in runs:
+        cfg = wide_config(layers, ctx.quick)
+        ckpt = cached_checkpoint(ctx.workdir, f"405b-width-{layers}L{'-quick' if ctx.quick else ''}",
+                                 cfg, "bfloat16", created=ctx.created)
+        out = ctx.scratch("export-wide")
+        evict_from_page_cache(ckpt)
+        cast = "no cast" if dtype == "bfloat16" else "cast from bf16"
+        what = f"TP{TP_WIDE} rank 0 ({width}, {layers} layer{'s' if layers > 1 else ''}) -> {dtype} ({cast})"
+        log(f"export: {what} (cold page cache)")
+        try:
+            m = measure("export", {"checkpoint": str(ckpt), "out": str(out), "options": {
+                "tp": TP_WIDE, "dtype": dtype, "ranks": [0]}})
+        except MeasurementError as err:
+            ctx.fail("export", what, err)
+            continue
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        peaks[(layers, dtype)] = m["rss"]["peak_delta"]
+        _export_rows(ctx, "export", what, m, disk)
+    if (1, "bfloat16") in peaks and (2, "bfloat16") in peaks:
+        ctx.add("export", "peak RSS above baseline, 2 layers / 1 layer (bf16)",
+                ratio(peaks[(2, "bfloat16")], peaks[(1, "bfloat16")]), "x",
+                "flat in layers = about 1.0")
+
+
+def _peer_command(name: str, python: Path, ckpt: Path, out: Path) -> list[str]:
+    if name == "genai":
+        return [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out),
+                "-p", "fp32", "-e", "cpu", "-c", str(out.parent / f"{out.name}-cache")]
+    # --no-post-process: no merge of with/without-past graphs; validation against PyTorch is
+    # skipped too where the CLI offers it, so the time is the export's.
+    return [str(python), "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", str(ckpt),
+            "--task", "text-generation-with-past", *OPTIMUM_EXTRA_FLAGS, str(out)]
+
+
+OPTIMUM_EXTRA_FLAGS: list[str] = []
+PEER_TIMEOUT = 1800
+
+
+def run_peer(ctx: Context, name: str, ckpt: Path) -> dict | str:
+    """{"wall_s", "maxrss", "tree_peak", "bytes"} or the one-line reason it is unavailable."""
+    python, why = peer_venv(ctx.workdir, name)
+    if python is None:
+        return why
+    out = ctx.scratch(f"peer-{name}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HOME": str(ctx.workdir / "peers" / "hf-home"), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    cmd = _peer_command(name, python, ckpt, out)
+    log(f"peers: {name}: {' '.join(cmd[1:])}")
+    try:
+        proc = run_watched(cmd, PEER_TIMEOUT, env=env, cwd=out.parent)
+        if proc.timed_out:
+            return f"timed out after {PEER_TIMEOUT} s"
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.output_tail.splitlines() if ln.strip()]
+            return f"exit {proc.returncode}: {(lines[-1] if lines else '').strip()[:200]}"
+        written = dir_bytes(out) if out.exists() else 0
+        if not written:
+            return "exited 0 but wrote nothing"
+        return {"wall_s": proc.wall_s, "maxrss": proc.maxrss, "tree_peak": proc.tree_peak,
+                "bytes": written}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.parent / f"{out.name}-cache", ignore_errors=True)
+
+
+def bench_peers(ctx: Context) -> None:
+    layers = 2 if ctx.quick else 8
+    cfg = peers_config(layers, ctx.quick)
+    label = f"peers-1b-{layers}L{'-quick' if ctx.quick else ''}"
+    ckpt = cached_checkpoint(ctx.workdir, label, cfg, "bfloat16", created=ctx.created)
+    geometry = (f"{cfg.num_parameters() / 1e9:.2f} B params, hidden {cfg.hidden_size}, {layers} layers, "
+                f"vocab {cfg.vocab_size}, bf16")
+    ctx.add("peers", "checkpoint", gb(checkpoint_bytes(ckpt)), "GB", geometry)
+    ours: dict[str, dict] = {}
+    for dtype, n_layers in (("float32", layers), ("bfloat16", layers), ("float32", layers // 2)):
+        c = ckpt if n_layers == layers else cached_checkpoint(
+            ctx.workdir, f"peers-1b-{n_layers}L{'-quick' if ctx.quick else ''}",
+            peers_config(n_layers, ctx.quick), "bfloat16", created=ctx.created)
+        out = ctx.scratch("export-peers")
+        key = f"{dtype}-{n_layers}L"
+        log(f"peers: our export, TP1 {dtype}, {n_layers} layers")
+        try:
+            ours[key] = measure("export", {"checkpoint": str(c), "out": str(out),
+                                           "options": {"tp": 1, "dtype": dtype}})
+        except MeasurementError as err:
+            ctx.fail("peers", f"our export TP1 {dtype} {n_layers} layers", err)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    for key, m in ours.items():
+        r, rss = m["result"], m["rss"]
+        ctx.add("peers", f"our export TP1 {key.replace('-', ', ')}: peak RSS (whole process)",
+                gb(m["proc"]["maxrss"]), "GB",
+                f"{gb(rss['peak_delta']):.2f} GB above the baseline after imports; target <= 1.5 GB; "
+                f"wall {r['wall_s']:.1f} s")
+    f32 = ours.get(f"float32-{layers}L")
+    f32_half = ours.get(f"float32-{layers // 2}L")
+    if f32 and f32_half:
+        ctx.add("peers", f"our peak RSS, {layers} / {layers // 2} layers (fp32)",
+                ratio(f32["proc"]["maxrss"], f32_half["proc"]["maxrss"]), "x", "flat in layers = about 1.0")
+    peers = {}
+    for name, title in (("genai", "onnxruntime-genai builder (fp32, cpu)"),
+                        ("optimum", "Optimum export onnx (fp32)")):
+        try:
+            peers[name] = run_peer(ctx, name, ckpt)
+        except Exception as err:  # noqa: BLE001 — a peer never takes the bench down
+            peers[name] = f"{type(err).__name__}: {err}"
+        result = peers[name]
+        if isinstance(result, str):
+            log(f"peers: {name} unavailable: {result}")
+            ctx.add("peers", f"{title}: peak RSS", f"unavailable: {result}")
+            continue
+        ctx.add("peers", f"{title}: peak RSS", gb(result["maxrss"]), "GB",
+                f"largest process (ru_maxrss); process tree {gb(result['tree_peak']):.2f} GB; "
+                f"wrote {gb(result['bytes']):.2f} GB")
+    for name, title in (("genai", "genai"), ("optimum", "Optimum")):
+        result = peers.get(name)
+        if not isinstance(result, dict):
+            continue
+        for key, m in ours.items():
+            if not key.endswith(f"-{layers}L"):
+                continue
+            dtype = key.split("-")[0]
+            ctx.add("peers", f"wall, our TP1 {dtype} / {title} fp32",
+                    ratio(m["proc"]["wall_s"], result["wall_s"]), "x",
+                    "target <= 0.5 vs genai; process wall times, interpreter start included")
+            ctx.add("peers", f"peak RSS, our TP1 {dtype} / {title} fp32",
+                    ratio(m["proc"]["maxrss"], result["maxrss"]), "x", "whole-process peaks (ru_maxrss)")
+
+
+def bench_decode(ctx: Context) -> None:
+    cfg = decode_config(ctx.quick)
+    ckpt = cached_checkpoint(ctx.workdir, f"decode-{'quick' if ctx.quick else '100m'}", cfg, "float32",
+                             created=ctx.created)
+    prompt_len, new_tokens = (16, 16) if ctx.quick else (16, 64)
+    max_seq_len = 128
+    prompt = _decode_prompt(cfg.vocab_size, prompt_len)
+    geometry = (f"{cfg.num_parameters() / 1e6:.0f} M params fp32, hidden {cfg.hidden_size}, "
+                f"{cfg.num_hidden_layers} layers, batch 1, {prompt_len}-token prompt, {new_tokens} steps")
+    artifact = ctx.workdir / "scratch" / "decode-artifact"
+    shutil.rmtree(artifact, ignore_errors=True)
+    log("decode: export TP1 fp32 static cache")
+    results: dict[str, dict] = {}
+    try:
+        measure("export", {"checkpoint": str(ckpt), "out": str(artifact), "options": {
+            "tp": 1, "dtype": "float32", "kv_cache": "static", "max_seq_len": max_seq_len,
+            "max_batch": 1}})
+        log("decode: onnxruntime")
+        results["ort"] = measure("decode_ort", {"artifact": str(artifact), "prompt": prompt,
+                                                "new_tokens": new_tokens})
+    except MeasurementError as err:
+        ctx.fail("decode", "onnxruntime", err)
+    finally:
+        shutil.rmtree(artifact, ignore_errors=True)
+    for key, task in (("hf", "decode_hf"), ("torch", "decode_torch")):
+        log(f"decode: {key}")
+        try:
+            results[key] = measure(task, {"checkpoint": str(ckpt), "prompt": prompt,
+                                          "new_tokens": new_tokens, "max_seq_len": max_seq_len})
+        except MeasurementError as err:
+            ctx.fail("decode", key, err)
+    bw = None
+    try:
+        log("decode: memory read bandwidth")
+        bw = measure("membw", {"bytes": 256 * 1024**2 if ctx.quick else 1024**3})["result"]
+    except MeasurementError as err:
+        ctx.fail("decode", "memory bandwidth", err)
+    # Bytes a decode step must read: every weight once, except the embedding (one row).
+    per_token = (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size) * 4
+    bound = None
+    if bw is not None:
+        best = max(bw["gbps_1thread"], bw["gbps_all"])
+        bound = best * GB / per_token
+        ctx.add("decode", "memory read bandwidth (numpy sum of 1 GB, best of 3)", best, "GB/s",
+                f"1 thread {bw['gbps_1thread']:.1f} GB/s, {bw['threads']} threads {bw['gbps_all']:.1f} GB/s")
+        ctx.add("decode", "bandwidth bound", bound, "tokens/s",
+                f"{per_token / GB:.2f} GB of weights read per token (all but the embedding)")
+    hf = results.get("hf", {}).get("result", {}).get("tokens_per_s")
+    titles = {"ort": "onnxruntime (our artifact, static cache)", "hf": "HF transformers generate (eager)",
+              "torch": "our torch backend (eager)"}
+    for key in ("ort", "hf", "torch"):
+        if key not in results:
+            continue
+        r = results[key]["result"]
+        against = []
+        if key != "hf" and hf:
+            against.append(f"{r['tokens_per_s'] / hf:.2f}x HF")
+        if bound:
+            against.append(f"{100 * r['tokens_per_s'] / bound:.0f}% of the bandwidth bound")
+        ctx.add("decode", f"{titles[key]}: decode", r["tokens_per_s"], "tokens/s",
+                ", ".join(against) + (f"; {geometry}" if key == "ort" else ""))
+        ctx.add("decode", f"{titles[key]}: peak RSS above baseline", gb(results[key]["rss"]["peak_delta"]),
+                "GB", f"absolute {gb(results[key]['rss']['peak']):.2f} GB")
+    if "ort" in results and "hf" in results:
+        a, b = results["ort"]["result"]["tokens"], results["hf"]["result"]["tokens"]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        ctx.add("decode", "greedy tokens equal to HF's (prefix)", f"{same}/{len(b)}", "tokens",
+                "a sanity check that both ran the same model")
+
+
+BENCH_FUNCS = {"load": bench_load, "export": bench_export, "peers": bench_peers, "decode": bench_decode}
+
+
+# -- peer virtual environments ---------------------------------------------------------------
+
+# Each peer in its own venv: they pin transformers versions that differ from ours (and each
+# other). torch first, pinned: it resolves to the CPU wheel on local disk, where a bare `torch`
+# requirement would pull the multi-GB CUDA build.
+PEER_TORCH = "torch==2.13.0"
+PEER_PACKAGES = {
+    # optimum[onnx] is optimum + optimum-onnx; optimum-onnx pins optimum~=2.1 and
+    # transformers<4.58, so asking for optimum-onnx lets pip pick the matching optimum.
+    "optimum": ["optimum-onnx[onnxruntime]"],
+    # The model builder imports torch, transformers (AutoConfig/AutoTokenizer and the HF model
+    # for weights), onnx_ir and onnx at run time but declares none of them.
+    "genai": ["onnxruntime-genai", "transformers", "onnx", "onnx_ir", "sentencepiece", "protobuf"],
+}
+PEER_INSTALL_TIMEOUT = 1200
+
+
+def peer_venv(workdir: Path, name: str) -> tuple[Path | None, str]:
+    """(python of workdir/peers/NAME, "") once installed, or (None, one-line reason)."""
+    venv = workdir / "peers" / name
+    python = venv / "bin" / "python"
+    marker = venv / ".bench-installed"
+    spec = json.dumps([PEER_TORCH, *PEER_PACKAGES[name]])
+    if marker.is_file() and marker.read_text() == spec and python.is_file():
+        return python, ""
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    log(f"peer {name}: creating {venv} and installing {' '.join(PEER_PACKAGES[name])} (minutes)")
+    steps = [["python3", "-m", "venv", str(venv)],
+             [str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"],
+             [str(python), "-m", "pip", "install", "-q", PEER_TORCH],
+             [str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES[name]]]
+    deadline = time.monotonic() + PEER_INSTALL_TIMEOUT
+    for cmd in steps:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return None, f"install timed out after {PEER_INSTALL_TIMEOUT} s ({' '.join(cmd[3:])})"
+        except OSError as err:
+            return None, f"install failed: {err}"
+        if done.returncode != 0:
+            lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+            return None, f"`pip install {' '.join(cmd[5:])}` failed: {lines[-1] if lines else done.returncode}"
+    marker.write_text(spec)
+    return python, ""
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_gb"] = int(f.readline().split()[1]) * 1024 / GB
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except (OSError, ValueError, IndexError):
+        pass
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m runner.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small geometries (seconds, for tests); peers only when --only names it")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated subset of {','.join(BENCHES)}")
+    parser.add_argument("--workdir", type=Path, default=Path("bench-out"),
+                        help="checkpoints, scratch and bench.json (default bench-out/)")
+    parser.add_argument("--keep", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep synthesized checkpoints cached in WORKDIR/checkpoints for the "
+                             "next run (default); --no-keep deletes those this run wrote")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-args", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.child_args, args.child_out)
+    if args.only:
+        selected = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [s for s in selected if s not in BENCHES]
+        if unknown or not selected:
+            print(f"--only {args.only!r}: unknown benchmark {', '.join(unknown) or '(none)'}; "
+                  f"choose from {', '.join(BENCHES)}", file=sys.stderr)
+            return 2
+    else:
+        selected = [b for b in DEFAULT_BENCHES if not (args.quick and b == "peers")]
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(workdir=workdir, quick=args.quick, created=[])
+    started = time.perf_counter()
+    try:
+        for name in BENCHES:
+            if name not in selected:
+                continue
+            log(f"== {name}")
+            t0 = time.perf_counter()
+            try:
+                BENCH_FUNCS[name](ctx)
+            except Exception as err:  # noqa: BLE001 — one broken bench must not hide the others
+                import traceback
+                traceback.print_exc(file=sys.stderr)
+                ctx.fail(name, "benchmark", err)
+            log(f"== {name} done in {time.perf_counter() - t0:.0f} s")
+    finally:
+        shutil.rmtree(workdir / "scratch", ignore_errors=True)
+        if not args.keep:
+            for path in ctx.created:
+                shutil.rmtree(path, ignore_errors=True)
+    payload = {"rows": [r.as_dict() for r in ctx.rows], "benches": selected, "quick": args.quick,
+               "failures": ctx.failures, "seconds": time.perf_counter() - started,
+               "machine": machine_info(),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (workdir / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(markdown_table(ctx.rows), flush=True)
+    log(f"rows written to {workdir / 'bench.json'}; {len(ctx.failures)} failure(s)")
+    return 1 if ctx.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
