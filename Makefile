@@ -20,16 +20,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	@echo "== 1/4 synthesize a Llama 3.1-architecture checkpoint (random weights, real Llama 3 tokenizer)"
+	@echo "== 1/5 synthesize a Llama 3.1-architecture checkpoint (random weights, real Llama 3 tokenizer)"
 	$(CLI) synth --preset llama-3.1-tiny --dtype bfloat16 --seed 0 --out $(DEMO)/checkpoint --force
-	@echo "== 2/4 export it: one ONNX graph per rank, TP2, float16, static KV cache"
+	@echo "== 2/5 export it: one ONNX graph per rank, TP2, FP8 weights+activations (calibrated), float16 compute"
 	$(CLI) export --checkpoint $(DEMO)/checkpoint --out $(DEMO)/artifact --tp 2 --dtype float16 \
-		--max-seq-len 256 --force
-	@echo "== 3/4 generate with ONNX Runtime (both ranks simulated in this process)"
+		--quant fp8 --calib-samples 4 --calib-seq-len 128 --max-seq-len 256 --force
+	@echo "== 3/5 generate with ONNX Runtime (both ranks simulated in this process)"
 	$(CLI) generate --artifact $(DEMO)/artifact --backend ort --prompt "$(PROMPT)" --max-new-tokens 16
-	@echo "== 4/4 parity: ONNX Runtime on the artifact vs PyTorch on the checkpoint"
+	@echo "== 4/5 parity: ONNX Runtime vs PyTorch on the same FP8 artifact"
+	$(CLI) parity --artifact $(DEMO)/artifact --a ort --b torch --prompt "$(PROMPT)" --steps 8 \
+		--report $(DEMO)/parity.json
+	@echo "== 5/5 fidelity: the FP8 artifact (ONNX Runtime) vs the unquantized checkpoint (PyTorch)"
 	$(CLI) parity --artifact $(DEMO)/artifact --a ort --b torch --reference $(DEMO)/checkpoint \
-		--prompt "$(PROMPT)" --steps 8 --report $(DEMO)/parity.json
+		--prompt "$(PROMPT)" --steps 8 --report $(DEMO)/fidelity.json
 
 test: setup
 	$(PY) -m pytest -q
