@@ -15,6 +15,7 @@ import numpy as np
 
 from export.config import PRESETS
 from export.errors import InputError, Llama405Error
+from engines import cli as engines_cli
 from runner import parity_cli
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="a .npy file")
 
     parity_cli.add_parser(sub)
+    engines_cli.add_parsers(sub)  # build, plan
 
     p = sub.add_parser("tokenize", help="print the token ids of a text as JSON")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model or its directory (default: bundled Llama 3)")
@@ -185,8 +187,13 @@ def open_backend(args):
     if args.backend == "torch":
         from runner.backends.torch_artifact import torch_backend_from_artifact
         return torch_backend_from_artifact(args.artifact)
-    raise InputError("--backend trt needs TensorRT engines, which this build cannot make yet; "
-                     "use --backend ort on the same artifact")
+    from runner.backends.trt import TrtBackend
+    from runner.dist import ProcessWorld, launched_by_torchrun
+    if launched_by_torchrun():
+        from export.manifest import load_manifest
+        manifest = load_manifest(args.artifact, only=[])
+        return TrtBackend(args.artifact, world=ProcessWorld(manifest.tp, manifest.pp))
+    return TrtBackend(args.artifact)
 
 
 def _is_primary(backend) -> bool:
@@ -264,7 +271,8 @@ def cmd_tokenize(args) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "export": cmd_export, "generate": cmd_generate, "logits": cmd_logits, "parity": parity_cli.run,
-            "tokenize": cmd_tokenize}
+            "tokenize": cmd_tokenize, "plan": engines_cli.run_plan,
+            "build": lambda args: engines_cli.run_build(args, calibration_input=calibration_input)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,8 +90,12 @@ class ProcessWorld:
     def __init__(self, tp: int, pp: int):
         import torch.distributed as dist
         from export.errors import InputError
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
         self.dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if self.world_size != tp * pp:
@@ -105,24 +109,28 @@ class ProcessWorld:
     def stage(self) -> int:
         return self.rank // self.tp
 
+    def _device(self, array) -> torch.Tensor:
+        # NCCL moves CUDA tensors only; gloo works on host memory.
+        tensor = torch.from_numpy(array)
+        return tensor.to(self.device) if self.device.type == "cuda" else tensor
+
     def all_reduce(self, array, stage: int):
-        tensor = torch.from_numpy(array.copy())
+        tensor = self._device(array.copy())
         self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.tp_groups[stage])
-        return tensor.numpy()
+        return tensor.cpu().numpy()
 
     def send(self, array, dst: int) -> None:
-        self.dist.send(torch.from_numpy(array.copy()), dst=dst)
+        self.dist.send(self._device(array.copy()), dst=dst)
 
     def recv(self, shape, dtype, src: int):
-        tensor = torch.from_numpy(np.empty(shape, dtype=dtype))
+        tensor = self._device(np.empty(shape, dtype=dtype))
         self.dist.recv(tensor, src=src)
-        return tensor.numpy()
+        return tensor.cpu().numpy()
 
     def broadcast(self, array, shape, dtype, src: int):
-
-        tensor = torch.from_numpy(array.copy() if array is not None else np.empty(shape, dtype=dtype))
+        tensor = self._device(array.copy() if array is not None else np.empty(shape, dtype=dtype))
         self.dist.broadcast(tensor, src=src)
-        return tensor.numpy()
+        return tensor.cpu().numpy()
 
     def close(self) -> None:
         if self.dist.is_initialized():

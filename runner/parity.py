@@ -444,7 +444,7 @@ def open_parity_backend(kind: str, artifact: Path, reference: Path | None = None
     ort    the artifact's rank graphs in onnxruntime
     torch  the eager PyTorch model over the artifact's own weights, or over the checkpoint
            `reference` (same tp/pp/dtype/kv-cache/max-seq-len as the artifact) when given
-    trt    TensorRT engines (rank{r}/engine.plan) — not part of this build yet
+    trt    TensorRT engines (rank{r}/engine.plan); needs TensorRT >= 10.16 and a GPU
     """
     artifact = Path(artifact)
     if kind == "ort":
@@ -456,6 +456,9 @@ def open_parity_backend(kind: str, artifact: Path, reference: Path | None = None
             return torch_backend_from_artifact(artifact)
         return _reference_backend(artifact, reference)
     check_backend_available(kind, artifact)
+    if kind == "trt":
+        from runner.backends.trt import TrtBackend
+        return TrtBackend(artifact)
     raise InputError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
 
 
@@ -471,8 +474,6 @@ def check_backend_available(kind: str, artifact: Path) -> None:
         raise InputError(f"--a/--b trt needs TensorRT engines, but {artifact} lacks {', '.join(missing)}; "
                          "build them with `llama405 build` (or `build-engine`) on a GPU machine "
                          "with TensorRT >= 10.16, or compare --a ort --b torch")
-    raise InputError(f"{artifact} has engines, but the TensorRT backend is not part of this build "
-                     "yet; compare --a ort --b torch")
 
 
 def _reference_backend(artifact: Path, reference: Path) -> Backend:

@@ -1,0 +1,257 @@
+"""`build-engine` (= `llama405 build`) and `llama405 plan`: the command-line face of engines/.
+
+`runner/cli.py` wires the two subcommands with `add_parsers(sub)` and dispatches `build` to
+`run_build`, `plan` to `run_plan`. `main()` is the `build-engine` console script.
+
+Exit codes: 0 ok (also `--stage onnx`, which stops after the ONNX artifact on purpose), 2 bad
+input (one line on stderr), 3 TensorRT or a suitable GPU is missing: the ONNX artifact is
+finished and one line on stderr says what is missing and how to continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from export.config import PRESETS
+from export.errors import InputError, Llama405Error
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+EXIT_MISSING = 3
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def add_build_flags(p: argparse.ArgumentParser) -> None:
+    """The export flags (same names and defaults as `llama405 export`) plus the engine flags."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory (exported to --out first)")
+    src.add_argument("--artifact", type=Path, help="an exported artifact directory to build engines for")
+    p.add_argument("--out", type=Path, help="artifact directory to create, or to reuse when its manifest matches")
+    p.add_argument("--tp", type=_positive, default=1, help="tensor-parallel ranks")
+    p.add_argument("--pp", type=_positive, default=1, help="pipeline stages")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16", help="compute dtype")
+    p.add_argument("--quant", choices=("none", "fp8"), default="none",
+                   help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)")
+    p.add_argument("--fp8-recipe", choices=("default", "meta"), default="default",
+                   help="meta: also keep attention and the first/last layer in the compute dtype")
+    p.add_argument("--fp8-exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep matching linears unquantized, e.g. 'model.layers.0.*' (repeatable)")
+    p.add_argument("--calib-text", default="default",
+                   help="UTF-8 text for FP8 activation calibration; 'default' = the shipped text, "
+                        "'none' = only use input_scale tensors from the checkpoint")
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
+    p.add_argument("--max-batch", type=_positive, help="largest batch (default 8, or the artifact's)")
+    p.add_argument("--max-seq-len", type=_positive, help="KV-cache length (default 4096, or the artifact's)")
+    p.add_argument("--logits", choices=("all", "last"), default="all")
+    p.add_argument("--ranks", help="export/build only these ranks, e.g. 0-7 (one node of a multi-node run)")
+    p.add_argument("--force", action="store_true", help="re-export even when --out holds a matching artifact")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--stage", choices=("onnx", "engine"), default="engine",
+                     help="stop after the ONNX artifact (onnx) or build engines too (engine, default)")
+    eng.add_argument("--max-input-len", type=_positive,
+                     help="largest tokens per step, i.e. the prefill chunk (default min(2048, max-seq-len))")
+    eng.add_argument("--opt-batch", type=_positive, help="batch TensorRT tunes kernels for (default max-batch)")
+    eng.add_argument("--opt-input-len", type=_positive, default=1,
+                     help="tokens per step TensorRT tunes for (default 1: decode)")
+    eng.add_argument("--builder-opt-level", type=int, default=3, choices=range(6), metavar="0-5",
+                     help="TensorRT builder optimization level (default 3)")
+    eng.add_argument("--workspace", help="builder workspace limit, e.g. 16GiB (default: TensorRT's)")
+    eng.add_argument("--weight-streaming", action="store_true", help="build for weight streaming (weights in host memory)")
+    eng.add_argument("--strip-plan", action="store_true",
+                     help="strip weights from the plan (STRIP_PLAN + REFIT_IDENTICAL); refitted from the ONNX at load")
+    eng.add_argument("--workers", type=_positive, default=1, help="ranks built in parallel, one GPU each")
+    eng.add_argument("--timing-cache", type=Path, help="timing cache file (default ART/timing.cache)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout; log lines go to stderr")
+
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a Llama 3.1 geometry (no checkpoint needed)")
+    src.add_argument("--checkpoint", type=Path, help="a Hugging Face checkpoint directory (its config.json)")
+    src.add_argument("--config", type=Path, help="a config.json file")
+    src.add_argument("--artifact", type=Path, help="an exported artifact (its manifest's geometry and options)")
+    p.add_argument("--tp", type=_positive, help="tensor-parallel ranks (default 1, or the artifact's)")
+    p.add_argument("--pp", type=_positive, help="pipeline stages (default 1, or the artifact's)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default float16, or the artifact's)")
+    p.add_argument("--quant", choices=("none", "fp8"), help="weight quantization (default none, or the artifact's)")
+    p.add_argument("--fp8-recipe", choices=("default", "meta"), help="which linears stay unquantized (as export)")
+    p.add_argument("--fp8-exclude", action="append", metavar="PATTERN", help="as export (repeatable)")
+    p.add_argument("--kv-cache", choices=("static", "concat"), help="KV-cache mode (default static)")
+    p.add_argument("--kv-cache-dtype", choices=("float32", "float16", "bfloat16", "fp8"),
+                   help="KV-cache element type (default: the compute dtype)")
+    p.add_argument("--max-batch", type=_positive, help="default 8, or the artifact's")
+    p.add_argument("--max-seq-len", type=_positive, help="context length (default 4096, or the artifact's)")
+    p.add_argument("--max-input-len", type=_positive, help="tokens per step (default min(2048, max-seq-len))")
+    p.add_argument("--logits", choices=("all", "last"), help="logits for every position (default) or the last")
+    p.add_argument("--attention", choices=("unfused", "fused"), default="unfused",
+                   help="unfused (default, conservative): count the [batch, heads, tokens, context] scores; "
+                        "fused: assume TensorRT's fused attention never materialises them")
+    p.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU (default 80GiB: H100)")
+    p.add_argument("--reserve", default="2GiB", help="per-GPU reserve for CUDA context, NCCL, workspaces (default 2GiB)")
+    p.add_argument("--json", action="store_true")
+
+
+def add_parsers(subparsers) -> None:
+    """`llama405 build` and `llama405 plan`."""
+    p = subparsers.add_parser("build", help="checkpoint -> ONNX artifact -> TensorRT engine per rank",
+                              description=__doc__.splitlines()[0])
+    add_build_flags(p)
+    p = subparsers.add_parser("plan", help="per-GPU memory: weights, KV cache, activations; does it fit?")
+    add_plan_flags(p)
+
+
+def _command_name(args) -> str:
+    command = getattr(args, "command", None)
+    return f"llama405 {command}" if command else "build-engine"
+
+
+# -- build -----------------------------------------------------------------------------------
+
+def _export_options(args):
+    from export.onnx_export import ExportOptions
+    from export.sharding import parse_rank_list
+    ranks = tuple(parse_rank_list(args.ranks, args.tp * args.pp)) if args.ranks else None
+    return ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
+                         max_batch=args.max_batch or 8, max_seq_len=args.max_seq_len or 4096,
+                         logits=args.logits, ranks=ranks, fp8_recipe=args.fp8_recipe,
+                         fp8_exclude=tuple(args.fp8_exclude))
+
+
+def _calibration(args, calibration_input):
+    """What --calib-text/--calib-samples/--calib-seq-len ask for (None: no calibration)."""
+    if args.quant != "fp8" or args.calib_text == "none":
+        return None
+    from engines.build import CalibrationRequest
+    from export.calibrate import read_calibration_text
+    _, source = read_calibration_text(None if args.calib_text == "default" else args.calib_text)
+    tokens = (lambda: calibration_input(args)) if calibration_input is not None else None
+    return CalibrationRequest(source=source, samples=args.calib_samples, seq_len=args.calib_seq_len, tokens=tokens)
+
+
+def _build_overrides(args) -> dict:
+    from engines.build import parse_size
+    overrides = {"max_batch": args.max_batch, "max_seq_len": args.max_seq_len, "max_input_len": args.max_input_len,
+                 "opt_batch": args.opt_batch, "opt_input_len": args.opt_input_len,
+                 "optimization_level": args.builder_opt_level,
+                 "workspace_bytes": parse_size(args.workspace) if args.workspace else None,
+                 "weight_streaming": args.weight_streaming, "strip_plan": args.strip_plan, "workers": args.workers,
+                 "timing_cache": args.timing_cache}
+    if args.ranks and args.artifact is not None:
+        from export.manifest import load_manifest
+        from export.sharding import parse_rank_list
+        manifest = load_manifest(args.artifact, only=[])
+        overrides["ranks"] = tuple(parse_rank_list(args.ranks, manifest.tp * manifest.pp))
+    return overrides
+
+
+def run_build(args, calibration_input=None) -> int:
+    """Exit 0 done, 3 TensorRT/GPU missing after the ONNX stage; Llama405Error propagates (2).
+
+    calibration_input(args) -> (tokens [samples, seq] or None, source): the FP8 calibration
+    tokenizer. `llama405 build` passes runner.cli.calibration_input; the standalone
+    `build-engine` has none (engines/ does not import runner/) and asks for `llama405 build`
+    when an FP8 export needs calibration."""
+    from engines.build import MissingRequirement, build, describe
+    if args.checkpoint is not None and args.out is None:
+        raise InputError("--checkpoint needs --out ART: the artifact directory to create (or reuse)")
+    if args.artifact is not None and args.out is not None:
+        raise InputError("--out goes with --checkpoint; with --artifact the engines are written into it")
+    stream = sys.stderr if args.json else sys.stdout
+
+    def log(line: str) -> None:
+        print(line, file=stream, flush=True)
+
+    try:
+        result = build(checkpoint=args.checkpoint, artifact=args.artifact, out=args.out,
+                       export_options=_export_options(args) if args.checkpoint is not None else None,
+                       build_overrides=_build_overrides(args), stage=args.stage, force=args.force,
+                       progress=sys.stderr.isatty() and not args.json, log=log,
+                       calibration=_calibration(args, calibration_input) if args.checkpoint is not None else None)
+    except MissingRequirement as missing:
+        if args.json:
+            print(json.dumps({"artifact": str(missing.artifact), "stage": "onnx", "missing": missing.missing}))
+        print(f"{_command_name(args)}: {missing}", file=sys.stderr)
+        return EXIT_MISSING
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(describe(result))
+    return 0
+
+
+# -- plan ------------------------------------------------------------------------------------
+
+def plan_request(args):
+    from engines.build import parse_size
+    from engines.plan import PlanRequest
+    from export.config import LlamaConfig, preset
+    defaults = {"tp": 1, "pp": 1, "dtype": "float16", "quant": "none", "kv_cache": "static", "max_batch": 8,
+                "max_seq_len": 4096, "logits": "all", "fp8_recipe": "default", "fp8_exclude": None}
+    if args.preset:
+        config = preset(args.preset)
+    elif args.config:
+        config = LlamaConfig.from_hf(args.config)
+    elif args.checkpoint:
+        from export.checkpoint import Checkpoint
+        config = Checkpoint(args.checkpoint).config  # reads headers only; undoes duplicated KV heads
+    else:
+        from export.manifest import load_manifest
+        manifest = load_manifest(args.artifact, only=[])
+        config = manifest.config
+        defaults.update(tp=manifest.tp, pp=manifest.pp, dtype=manifest.dtype, quant=manifest.quant,
+                        kv_cache=manifest.kv_cache, max_batch=manifest.max_batch, max_seq_len=manifest.max_seq_len,
+                        logits=manifest.logits)
+        fp8 = manifest.extra.get("fp8") or {}
+        if fp8:  # the manifest records the resolved patterns (recipe included)
+            defaults.update(fp8_recipe="default", fp8_exclude=list(fp8.get("exclude", [])))
+    chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    chosen["fp8_exclude"] = tuple(chosen["fp8_exclude"] or ())
+    gpu_bytes = _size(args.gpu_mem, "--gpu-mem", parse_size)
+    reserve = _size(args.reserve, "--reserve", parse_size)
+    return PlanRequest(config=config, max_input_len=args.max_input_len, kv_cache_dtype=args.kv_cache_dtype,
+                       attention=args.attention, gpu_bytes=gpu_bytes, reserve_bytes=reserve, **chosen)
+
+
+def _size(text: str, flag: str, parse) -> int:
+    try:
+        return parse(text)
+    except InputError:
+        raise InputError(f"{flag} {text!r}: expected a size like 80GiB or a byte count") from None
+
+
+def run_plan(args) -> int:
+    from engines.plan import format_table, plan, plan_json
+    result = plan(plan_request(args))
+    if args.json:
+        print(json.dumps(plan_json(result)))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="build-engine", description=__doc__.splitlines()[0])
+    add_build_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_build(args)
+    except Llama405Error as err:
+        print(f"build-engine: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

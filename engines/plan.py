@@ -1,0 +1,318 @@
+"""Per-GPU memory planner: weights, KV cache and activations of every rank, as pure functions.
+
+Every figure is computed from the same sharding plan the exporter uses (export/sharding.py), so
+the weights of a rank are the tensors that rank really holds: the vocab-parallel embedding slice
+on the first pipeline stage, lm_head's hidden slice and the final norm on the last, and the
+stage's decoder layers in between.
+
+Formulas (B = max_batch, S = max_input_len = tokens per step, L = max_seq_len, c = bytes of the
+compute dtype, h = hidden, f = intermediate / tp, Hq / Hkv = query / KV heads on the rank,
+d = head_dim, V = vocab, n = layers of the stage):
+
+weights       sum over the rank's tensors of elements x bytes. quant=fp8: q/k/v/o/gate/up/down
+              weights take 1 byte per element plus one per-output-channel scale each (c bytes)
+              and one per-tensor activation scale per linear (c bytes) — the exporter's layout,
+              honouring its recipe/exclusions (export/fp8.py); embedding, lm_head and norms stay
+              in the compute dtype; the rotary table is fp32 [d/2].
+kv_cache      static: B x L x n x Hkv x d x 2 (key and value) x bytes(kv dtype).
+              concat: twice that (past and present are separate tensors: no aliasing).
+activations   an upper bound on one step's live set — TensorRT reuses activation memory
+              across layers, so one layer's largest tensors plus the logits are summed:
+                hidden    4 x B x S x h x c            (residual, normed input, attention and
+                                                        MLP outputs)
+                q/k/v/ctx B x S x (2 Hq + 2 Hkv) x d x c
+                rotary    2 x B x S x d x c            (cos, sin)
+                scores    B x Hq x S x L x (4 + 4 + c) (fp32 scores, fp32 softmax, probabilities
+                                                        in c) — the unfused graph; dropped with
+                                                        attention="fused"
+                mask      B x S x L x 4                (fp32 additive mask; dropped when fused)
+                mlp       3 x B x S x f x c            (gate, up, gate*up)
+                fp8 only  B x S x (2h + Hq d + f) x 1  (quantized copies of the linear inputs)
+                logits    B x S' x V x (c + 4)         (last stage; partial logits in c plus the
+                                                        fp32 copy; S' = S, or 1 for logits="last")
+total         weights + kv_cache + activations; fits when total + reserve <= gpu_bytes on every
+              rank (reserve: CUDA context, NCCL buffers, cuBLAS/TensorRT workspaces).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+from export.config import LlamaConfig
+from export.errors import ConfigError
+from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shape, heads_local, kv_heads_local,
+                             rank_tensor_names, stage_layers, tensor_slice, validate_parallelism)
+
+GiB = 1 << 30
+DEFAULT_GPU_BYTES = 80 * GiB  # H100 80 GB (SXM/PCIe)
+DEFAULT_RESERVE_BYTES = 2 * GiB
+DEFAULT_MAX_INPUT_LEN = 2048  # prefill chunk: the profile's largest tokens-per-step
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+QUANT_MODES = ("none", "fp8")
+KV_MODES = ("static", "concat")
+FP8_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+               "mlp.down_proj.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    config: LlamaConfig
+    tp: int = 1
+    pp: int = 1
+    quant: str = "none"
+    dtype: str = "float16"
+    max_batch: int = 8
+    max_seq_len: int = 4096
+    max_input_len: int | None = None  # None: min(max_seq_len, DEFAULT_MAX_INPUT_LEN)
+    kv_cache: str = "static"
+    kv_cache_dtype: str | None = None  # None: the compute dtype
+    logits: str = "all"
+    attention: str = "unfused"  # "fused": assume TensorRT never materialises the scores
+    gpu_bytes: int = DEFAULT_GPU_BYTES
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES
+    fp8_recipe: str = "default"  # export/fp8.py QuantConfig: "meta" keeps attention + first/last layer
+    fp8_exclude: tuple[str, ...] = ()  # fnmatch patterns of linears kept in the compute dtype
+
+    @property
+    def input_len(self) -> int:
+        chosen = self.max_input_len if self.max_input_len is not None else DEFAULT_MAX_INPUT_LEN
+        return min(chosen, self.max_seq_len)
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.kv_cache_dtype or self.dtype
+
+    def validate(self) -> None:
+        validate_parallelism(self.config, self.tp, self.pp)
+        checks = [("--quant", self.quant, QUANT_MODES), ("--dtype", self.dtype, ("float32", "float16", "bfloat16")),
+                  ("--kv-cache", self.kv_cache, KV_MODES), ("--kv-cache-dtype", self.kv_dtype, tuple(DTYPE_BYTES)),
+                  ("--logits", self.logits, ("all", "last")), ("--attention", self.attention, ("unfused", "fused"))]
+        for flag, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+        for flag, value in (("--max-batch", self.max_batch), ("--max-seq-len", self.max_seq_len),
+                            ("--max-input-len", self.input_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag} {value!r} must be a positive integer")
+        if self.gpu_bytes <= 0 or self.reserve_bytes < 0:
+            raise ConfigError(f"GPU memory {self.gpu_bytes} and reserve {self.reserve_bytes} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankMemory:
+    rank: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    def as_dict(self) -> dict[str, int]:
+        return {"rank": self.rank, "weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
+                "activation_bytes": self.activation_bytes, "total_bytes": self.total_bytes}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    request: PlanRequest
+    ranks: tuple[RankMemory, ...]
+
+    @property
+    def fits(self) -> bool:
+        return all(fits_gpu(r, self.request) for r in self.ranks)
+
+    @property
+    def peak(self) -> RankMemory:
+        return max(self.ranks, key=lambda r: r.total_bytes)
+
+
+def fits_gpu(memory: RankMemory, request: PlanRequest) -> bool:
+    return memory.total_bytes + request.reserve_bytes <= request.gpu_bytes
+
+
+# -- the three terms -------------------------------------------------------------------------
+
+def _local_shape(cfg: LlamaConfig, spec: RankSpec, name: str) -> tuple[int, ...]:
+    return tensor_slice(cfg, spec, name).local_shape(expected_shape(cfg, checkpoint_name(cfg, name)))
+
+
+@functools.lru_cache(maxsize=4096)  # independent of batch and context: the suggestion searches reuse it
+def weights_bytes(cfg: LlamaConfig, spec: RankSpec, quant: str = "none", dtype: str = "float16",
+                  fp8_recipe: str = "default", fp8_exclude: tuple[str, ...] = ()) -> int:
+    """Bytes of the tensors rank `spec` holds (its real, sharded shapes)."""
+    c = DTYPE_BYTES[dtype]
+    quantized = _fp8_selector(cfg, quant, fp8_recipe, fp8_exclude)
+    total = (cfg.head_dim // 2) * 4  # rotary inv_freq, fp32 whatever the dtype
+    for name in rank_tensor_names(cfg, spec):
+        shape = _local_shape(cfg, spec, name)  # HF layout [out, in]
+        elements = math.prod(shape)
+        if quantized(name):
+            # FP8 weight + one scale per output channel + the input's per-tensor scale.
+            total += elements * 1 + shape[0] * c + c
+        else:
+            total += elements * c
+    return total
+
+
+def _fp8_selector(cfg: LlamaConfig, quant: str, recipe: str, exclude: tuple[str, ...]) -> Callable[[str], bool]:
+    """Which tensors are FP8: the exporter's own rule (export/fp8.py QuantConfig)."""
+    if quant != "fp8":
+        return lambda name: False
+    from export.fp8 import QuantConfig  # imports torch: only when FP8 is asked for
+    config = QuantConfig(recipe, tuple(exclude))
+    return lambda name: (name.endswith(FP8_LINEARS)
+                         and config.is_quantized(name.rsplit(".", 1)[0], cfg.num_hidden_layers))
+
+
+def kv_cache_bytes(cfg: LlamaConfig, spec: RankSpec, max_batch: int, max_seq_len: int,
+                   kv_dtype: str = "float16", kv_cache: str = "static") -> int:
+    layers = len(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
+    per_token = layers * kv_heads_local(cfg, spec.tp_size) * cfg.head_dim * 2 * DTYPE_BYTES[kv_dtype]
+    static = max_batch * max_seq_len * per_token
+    return static if kv_cache == "static" else 2 * static
+
+
+def activation_bytes(cfg: LlamaConfig, spec: RankSpec, max_batch: int, max_input_len: int, max_seq_len: int,
+                     dtype: str = "float16", quant: str = "none", logits: str = "all",
+                     attention: str = "unfused") -> int:
+    """Upper bound on one forward step's live activations (see the module docstring)."""
+    B, S, L, c = max_batch, max_input_len, max_seq_len, DTYPE_BYTES[dtype]
+    h, d, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    hq, hkv, f = heads_local(cfg, spec.tp_size), kv_heads_local(cfg, spec.tp_size), cfg.intermediate_size // spec.tp_size
+    total = 4 * B * S * h * c
+    total += B * S * (2 * hq + 2 * hkv) * d * c
+    total += 2 * B * S * d * c
+    if attention == "unfused":
+        total += B * hq * S * L * (4 + 4 + c)
+        total += B * S * L * 4
+    total += 3 * B * S * f * c
+    if quant == "fp8":
+        total += B * S * (2 * h + hq * d + f)
+    if spec.is_last_stage:
+        rows = S if logits == "all" else 1
+        total += B * rows * V * (c + 4)
+    return total
+
+
+def rank_memory(request: PlanRequest, spec: RankSpec) -> RankMemory:
+    r, cfg = request, request.config
+    return RankMemory(
+        rank=spec.rank,
+        weights_bytes=weights_bytes(cfg, spec, r.quant, r.dtype, r.fp8_recipe, tuple(r.fp8_exclude)),
+        kv_cache_bytes=kv_cache_bytes(cfg, spec, r.max_batch, r.max_seq_len, r.kv_dtype, r.kv_cache),
+        activation_bytes=activation_bytes(cfg, spec, r.max_batch, r.input_len, r.max_seq_len, r.dtype, r.quant,
+                                          r.logits, r.attention))
+
+
+def plan(request: PlanRequest) -> Plan:
+    request.validate()
+    return Plan(request, tuple(rank_memory(request, s) for s in all_ranks(request.tp, request.pp)))
+
+
+# -- what would fit --------------------------------------------------------------------------
+
+def _largest(fits: Callable[[int], bool], hi: int) -> int | None:
+    """Largest n in [1, hi] with fits(n), for fits monotone (true up to some n)."""
+    if hi < 1 or not fits(1):
+        return None
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _fits_with(request: PlanRequest, **changes: Any) -> bool:
+    return plan(dataclasses.replace(request, **changes)).fits
+
+
+def largest_max_batch(request: PlanRequest, limit: int | None = None) -> int | None:
+    """Largest max_batch that fits with everything else unchanged (up to `limit`; default: the
+    requested max_batch when it does not fit, else open-ended)."""
+    if limit is None:
+        limit = request.max_batch
+        if _fits_with(request, max_batch=limit):
+            while limit < (1 << 24) and _fits_with(request, max_batch=limit * 2):
+                limit *= 2
+            limit *= 2
+    return _largest(lambda b: _fits_with(request, max_batch=b), limit)
+
+
+def largest_max_seq_len(request: PlanRequest) -> int | None:
+    """Largest max_seq_len <= the requested one that fits (max_input_len clipped to it)."""
+    return _largest(lambda n: _fits_with(request, max_seq_len=n), request.max_seq_len)
+
+
+def largest_max_input_len(request: PlanRequest) -> int | None:
+    """Largest tokens-per-step (prefill chunk) <= the requested one that fits."""
+    return _largest(lambda n: _fits_with(request, max_input_len=n), request.input_len)
+
+
+def suggestion(result: Plan) -> dict[str, Any] | None:
+    """None when the plan fits; else the largest max_batch / max_seq_len / max_input_len that
+    would fit with the other settings unchanged (None where even 1 does not fit)."""
+    if result.fits:
+        return None
+    request = result.request
+    worst_weights = max(r.weights_bytes for r in result.ranks)
+    out: dict[str, Any] = {
+        "max_batch": largest_max_batch(request, limit=request.max_batch),
+        "max_seq_len": largest_max_seq_len(request),
+        "max_input_len": largest_max_input_len(request),
+    }
+    if worst_weights + request.reserve_bytes > request.gpu_bytes:
+        hint = "use --quant fp8 or more ranks (--tp/--pp)" if request.quant == "none" else "use more ranks (--tp/--pp)"
+        out["note"] = (f"the weights alone need {worst_weights / GiB:.2f} GiB per GPU (+ "
+                       f"{request.reserve_bytes / GiB:.2f} GiB reserve) of {request.gpu_bytes / GiB:.2f} GiB; {hint}")
+    return out
+
+
+def plan_json(result: Plan) -> dict[str, Any]:
+    """The `llama405 plan --json` document: DESIGN §2's keys plus the inputs and a suggestion."""
+    r = result.request
+    return {
+        "ranks": [m.as_dict() for m in result.ranks],
+        "gpu_bytes": r.gpu_bytes,
+        "fits": result.fits,
+        "reserve_bytes": r.reserve_bytes,
+        "request": {"tp": r.tp, "pp": r.pp, "quant": r.quant, "dtype": r.dtype, "kv_cache": r.kv_cache,
+                    "kv_cache_dtype": r.kv_dtype, "max_batch": r.max_batch, "max_seq_len": r.max_seq_len,
+                    "max_input_len": r.input_len, "logits": r.logits, "attention": r.attention,
+                    "fp8_recipe": r.fp8_recipe, "fp8_exclude": list(r.fp8_exclude),
+                    "parameters": r.config.num_parameters()},
+        "suggestion": suggestion(result),
+    }
+
+
+def format_table(result: Plan) -> str:
+    r = result.request
+    weights = f"fp8 weights ({r.dtype} compute)" if r.quant == "fp8" else f"{r.dtype} weights"
+    title = (f"{r.tp} x {r.pp} ranks, {weights}, {r.kv_cache} KV cache ({r.kv_dtype}), "
+             f"batch {r.max_batch}, context {r.max_seq_len}, {r.input_len} tokens/step, {r.attention} attention")
+    lines = [title,
+             f"{'rank':>4} {'weights':>11} {'kv cache':>11} {'activations':>11} {'total':>11}  (GiB)"]
+    for m in result.ranks:
+        lines.append(f"{m.rank:>4} {m.weights_bytes / GiB:>11.2f} {m.kv_cache_bytes / GiB:>11.2f} "
+                     f"{m.activation_bytes / GiB:>11.2f} {m.total_bytes / GiB:>11.2f}")
+    peak = result.peak
+    verdict = "fits" if result.fits else "does NOT fit"
+    lines.append(f"peak rank {peak.rank}: {peak.total_bytes / GiB:.2f} GiB + {r.reserve_bytes / GiB:.2f} GiB reserve "
+                 f"-> {verdict} a {r.gpu_bytes / GiB:.2f} GiB GPU")
+    hint = suggestion(result)
+    if hint:
+        parts = [f"--{k.replace('_', '-')} {v}" for k, v in hint.items() if k != "note" and v is not None]
+        if parts:
+            lines.append("would fit with (one change at a time): " + ", ".join(parts))
+        if "note" in hint:
+            lines.append(hint["note"])
+    return "\n".join(lines)
