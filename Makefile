@@ -20,19 +20,24 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	@echo "== 1/5 synthesize a Llama 3.1-architecture checkpoint (random weights, real Llama 3 tokenizer)"
+	@echo "== 1/6 synthesize a Llama 3.1-architecture checkpoint (random weights, real Llama 3 tokenizer)"
 	$(CLI) synth --preset llama-3.1-tiny --dtype bfloat16 --seed 0 --out $(DEMO)/checkpoint --force
-	@echo "== 2/5 export it: one ONNX graph per rank, TP2, FP8 weights+activations (calibrated), float16 compute"
+	@echo "== 2/6 export it: one ONNX graph per rank, TP2, FP8 weights+activations (calibrated), float16 compute"
 	$(CLI) export --checkpoint $(DEMO)/checkpoint --out $(DEMO)/artifact --tp 2 --dtype float16 \
 		--quant fp8 --calib-samples 4 --calib-seq-len 128 --max-seq-len 256 --force
-	@echo "== 3/5 generate with ONNX Runtime (both ranks simulated in this process)"
+	@echo "== 3/6 generate with ONNX Runtime (both ranks simulated in this process)"
 	$(CLI) generate --artifact $(DEMO)/artifact --backend ort --prompt "$(PROMPT)" --max-new-tokens 16
-	@echo "== 4/5 parity: ONNX Runtime vs PyTorch on the same FP8 artifact"
+	@echo "== 4/6 parity: ONNX Runtime vs PyTorch on the same FP8 artifact"
 	$(CLI) parity --artifact $(DEMO)/artifact --a ort --b torch --prompt "$(PROMPT)" --steps 8 \
 		--report $(DEMO)/parity.json
-	@echo "== 5/5 fidelity: the FP8 artifact (ONNX Runtime) vs the unquantized checkpoint (PyTorch)"
+	@echo "== 5/6 fidelity: the FP8 artifact (ONNX Runtime) vs the unquantized checkpoint (PyTorch)"
 	$(CLI) parity --artifact $(DEMO)/artifact --a ort --b torch --reference $(DEMO)/checkpoint \
 		--prompt "$(PROMPT)" --steps 8 --report $(DEMO)/fidelity.json
+	@echo "== 6/6 TensorRT engines from the same artifact (exit 3 = TensorRT/GPU not on this machine)"
+	@$(CLI) build --artifact $(DEMO)/artifact; rc=$$?; \
+	if [ $$rc -eq 3 ]; then echo "(skipped the engine stage: see the line above)"; \
+	elif [ $$rc -ne 0 ]; then exit $$rc; \
+	else $(CLI) parity --artifact $(DEMO)/artifact --a trt --b ort --prompt "$(PROMPT)" --steps 8; fi
 
 test: setup
 	$(PY) -m pytest -q
