@@ -37,7 +37,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from export.errors import ArtifactError, InputError, Llama405Error
 from export.manifest import MANIFEST, Manifest, RankEntry, load_manifest, write_manifest
@@ -105,7 +106,7 @@ class BuildOptions:
             raise InputError(f"--workspace {self.workspace_bytes} must be a positive size")
 
     @classmethod
-    def for_artifact(cls, manifest: Manifest, **given: Any) -> "BuildOptions":
+    def for_artifact(cls, manifest: Manifest, **given: Any) -> BuildOptions:
         """Options for an artifact: the manifest's max_batch / max_seq_len unless given; the
         static cache's length is fixed in the graph, so a different max_seq_len is refused."""
         given = {k: v for k, v in given.items() if v is not None}

@@ -39,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from export.config import LlamaConfig
 from export.errors import ConfigError

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

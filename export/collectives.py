@@ -34,7 +34,7 @@ DistCollective was not in the reference index; the mirrored onnx/onnx-tensorrt s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import onnx
 import onnx.defs

@@ -86,7 +86,7 @@ class LlamaConfig:
     # -- Hugging Face I/O ---------------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> LlamaConfig:
         arch = raw.get("model_type", "llama")
         if arch != "llama":
             raise ConfigError(f"{source}: model_type={arch!r}; llama405 converts Llama checkpoints "
@@ -142,7 +142,7 @@ class LlamaConfig:
             raise ConfigError(f"{source}: {str(err).split(': ', 1)[-1]}") from None
 
     @classmethod
-    def from_hf(cls, path: str | Path) -> "LlamaConfig":
+    def from_hf(cls, path: str | Path) -> LlamaConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -183,7 +183,7 @@ class LlamaConfig:
             "torch_dtype": self.torch_dtype,
         }
 
-    def replace(self, **changes: Any) -> "LlamaConfig":
+    def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -78,7 +78,7 @@ class Manifest:
         return json.dumps(body, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> "Manifest":
+    def from_json(cls, text: str, source: str) -> Manifest:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as err:

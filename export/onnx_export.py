@@ -19,12 +19,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 from torch.export import Dim
 from tqdm import tqdm
 

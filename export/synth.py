@@ -182,7 +182,7 @@ class Scratch:
     cast: torch.Tensor | None  # flat, in the checkpoint dtype; None when that is float32
 
     @classmethod
-    def allocate(cls, elements: int, dtype: torch.dtype) -> "Scratch":
+    def allocate(cls, elements: int, dtype: torch.dtype) -> Scratch:
         cast = None if dtype == torch.float32 else torch.empty(elements, dtype=dtype)
         return cls(torch.empty(elements, dtype=torch.float32), cast)
 

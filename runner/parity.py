@@ -21,7 +21,8 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Tolerance:
     min_top1: float  # fraction of positions whose argmax agrees, over the whole run
     kv_max_abs: float  # largest |a - b| over the filled KV-cache slots, all layers
 
-    def replace(self, **changes: float | None) -> "Tolerance":
+    def replace(self, **changes: float | None) -> Tolerance:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def check(self) -> None:

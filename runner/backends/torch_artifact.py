@@ -14,7 +14,7 @@ TorchBackend only asks its weight source for `.config` and `.iter_rank_tensors(s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
