@@ -91,7 +91,7 @@ def calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str = "", batc
             layer = DecoderLayer(cfg, spec, lambda x: x, layer_id)
         prefix = f"model.layers.{layer_id}."
         tensors = ((name[len(prefix):], t) for name, t in rank_module_tensors(
-            checkpoint, spec, torch.float32) if name.startswith(prefix))
+            checkpoint, spec, torch.float32, only=prefix))
         load_rank_weights(layer, tensors, torch.float32)
         hooks = [module.register_forward_pre_hook(_amax_hook(prefix + name, amax))
                  for name, module in layer.named_modules() if isinstance(module, nn.Linear)]

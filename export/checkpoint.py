@@ -127,14 +127,43 @@ class Checkpoint:
     # -- reading one rank --------------------------------------------------------------------
 
     def read(self, name: str, part: TensorSlice) -> torch.Tensor:
-        """One tensor (or the part `part` names) as stored, without touching other rows."""
-        view = self._slice_view(name)
+        """One tensor (or the part `part` names) copied out of the file.
+
+        Data is read through a short-lived handle and copied: safetensors returns views into
+        its memory map, and a long-lived map keeps every page an export touched resident (RSS
+        would grow with the number of layers). The cached handles serve headers only.
+        """
         if part.axis is None:
-            return view[:]
-        pieces = []
-        for start, stop in part.blocks:
-            pieces.append(view[start:stop] if part.axis == 0 else view[:, start:stop])
+            return self._copy_rows(name, 0, self.shape(name)[0] if self.shape(name) else None, None)
+        pieces = [self._copy_rows(name, start, stop, None) if part.axis == 0
+                  else self._copy_columns(name, start, stop) for start, stop in part.blocks]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.axis)
+
+    def _copy_rows(self, name: str, start: int, stop: int | None, columns: tuple[int, int] | None):
+        path = self._file_of(name)
+        try:
+            handle = safe_open(str(path), framework="pt")
+            if stop is None:  # a 0-d tensor (scalar scales) cannot be sliced
+                return handle.get_tensor(name).clone()
+            view = handle.get_slice(name)
+            rows = view[start:stop] if columns is None else view[start:stop, columns[0]:columns[1]]
+            return rows.clone()
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: tensor {name!r} unreadable ({err}); the file is truncated or "
+                                  "corrupt — download it again") from None
+
+    def _copy_columns(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """A column block, read in row blocks of ~32 MB: each block's pages are mapped only
+        while it is copied, so a 4 GB lm_head never becomes resident at once."""
+        shape = self.shape(name)
+        row_bytes = max(1, int(torch.tensor(shape[1:]).prod()) * self._itemsize(name))
+        step = max(1, (32 << 20) // row_bytes)
+        return torch.cat([self._copy_rows(name, r, min(r + step, shape[0]), (start, stop))
+                          for r in range(0, shape[0], step)])
+
+    def _itemsize(self, name: str) -> int:
+        return {"F64": 8, "F32": 4, "I64": 8, "I32": 4}.get(self._slice_view(name).get_dtype(), 2 if
+                                                             self._slice_view(name).get_dtype() in ("F16", "BF16") else 1)
 
     def check_shape(self, name: str) -> None:
         file_name = checkpoint_name(self.config, name)

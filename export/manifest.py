@@ -106,6 +106,11 @@ class Manifest:
             raise ArtifactError(f"{source}: malformed manifest ({err!r}); re-export the artifact") from None
 
 
+def config_digest(config: LlamaConfig) -> str:
+    """Fingerprint of the model geometry the rank graphs were traced for."""
+    return hashlib.sha256(json.dumps(config.to_hf_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -140,6 +145,10 @@ def load_manifest(directory: str | Path, verify_hashes: bool = False,
         raise ArtifactError(f"{path}: no manifest{hint}; this is not a finished artifact — run "
                             "`llama405 export` again")
     manifest = Manifest.from_json(path.read_text(), str(path))
+    if manifest.source.get("config_sha256") != config_digest(manifest.config):
+        raise ArtifactError(f"{path}: the config recorded in the manifest does not match the one the rank "
+                            "graphs were exported for (the manifest was edited or comes from another "
+                            "export); re-export the artifact")
     for rel, entry in manifest.files.items():
         if only is not None and rel not in only:
             continue

@@ -126,13 +126,13 @@ class Attention(nn.Module):
         else:
             k_all = torch.cat((past_k, k), dim=2)  # [batch, kv_heads, past + seq, head_dim]
             v_all = torch.cat((past_v, v), dim=2)
-        # Grouped-query attention without materialising repeated KV heads: each KV head serves
-        # its n_rep query heads through a broadcast matmul.
-        qg = q.view(batch, n_kv, n_rep, seq, d)  # [batch, kv_heads, n_rep, seq, head_dim]
-        scores = qg @ k_all[:, :, None].transpose(-1, -2)  # [batch, kv_heads, n_rep, seq, keys]
+        # Grouped-query attention without repeating KV heads: a KV head's n_rep query heads are
+        # folded into the row axis, so one plain matmul per KV head serves them all.
+        qg = q.reshape(batch, n_kv, n_rep * seq, d)  # [batch, kv_heads, n_rep * seq, head_dim]
+        scores = (qg @ k_all.transpose(-1, -2)).reshape(batch, n_kv, n_rep, seq, -1)  # [.., seq, keys]
         scores = scores.float() * (1.0 / math.sqrt(d)) + mask  # mask [batch, 1, 1, seq, keys]
         probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        out = probs @ v_all[:, :, None]  # [batch, kv_heads, n_rep, seq, head_dim]
+        out = probs.reshape(batch, n_kv, n_rep * seq, -1) @ v_all  # [batch, kv_heads, n_rep * seq, head_dim]
         out = out.reshape(batch, self.n_heads, seq, d).transpose(1, 2).reshape(batch, seq, self.n_heads * d)
         return self.reduce(self.o_proj(out)), k_all, v_all  # [batch, seq, hidden]
 

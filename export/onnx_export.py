@@ -35,7 +35,7 @@ from export.rank_tensors import checkpoint_input_scales, rank_module_tensors
 from export.checkpoint import Checkpoint
 from export.config import LlamaConfig
 from export.errors import ArtifactError, CheckpointError
-from export.manifest import Manifest, RankEntry, TensorSpec, file_entry, write_manifest
+from export.manifest import Manifest, RankEntry, TensorSpec, config_digest, file_entry, write_manifest
 from export.model import ModelOptions, build_rank_module, no_reduce, rope_inv_freq
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
                              stage_layers, tensor_slice, validate_parallelism)
@@ -114,12 +114,31 @@ def rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: t
                workdir: Path) -> onnx.ModelProto:
     """The rank's graph, no initializers: one traced layer stamped for every layer of the stage."""
     layers = list(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
-    # With num_hidden_layers = pp every stage holds exactly one layer: layer number pp_rank.
-    template_cfg = cfg.replace(num_hidden_layers=spec.pp_size)
-    model = trace_rank_graph(template_cfg, spec, options, dtype, workdir)
-    model = stamp_layers(model, template_layer=spec.pp_rank, layer_ids=layers)
+    if not _layers_alike(cfg, spec, options, layers):
+        # Per-layer FP8 exclusions (e.g. Meta's recipe: first/last layer unquantized) make
+        # layers differ, so one template cannot stand for all: trace the stage as it is.
+        model = trace_rank_graph(cfg, spec, options, dtype, workdir)
+    else:
+        # With num_hidden_layers = pp every stage holds exactly one layer: layer number pp_rank.
+        template_cfg = cfg.replace(num_hidden_layers=spec.pp_size)
+        model = trace_rank_graph(template_cfg, spec, options, dtype, workdir)
+        model = stamp_layers(model, template_layer=spec.pp_rank, layer_ids=layers)
     strip_metadata(model)
     return model
+
+
+def _layers_alike(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, layers: list[int]) -> bool:
+    """True when every layer of the stage quantizes the same linears as the one-layer template
+    (layer pp_rank of a pp-layer config), so stamping reproduces the stage exactly."""
+    quant = options.quant
+    if quant is None:
+        return True
+
+    def signature(layer: int, num_layers: int) -> tuple[bool, ...]:
+        return tuple(quant.is_quantized(f"model.layers.{layer}.{leaf}", num_layers) for leaf in fp8.QUANTIZABLE)
+
+    template = signature(spec.pp_rank, spec.pp_size)
+    return all(signature(i, cfg.num_hidden_layers) == template for i in layers)
 
 
 def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: torch.dtype,
@@ -420,7 +439,7 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
             config=cfg, tp=options.tp, pp=options.pp, dtype=options.dtype, quant=options.quant,
             kv_cache=options.kv_cache, max_batch=options.max_batch, max_seq_len=options.max_seq_len,
             logits=options.logits, opset=OPSET, ranks=tuple(entries), files=dict(sorted(files.items())),
-            source={"config_sha256": hashlib.sha256(cfg.to_hf_dict().__repr__().encode()).hexdigest(),
+            source={"config_sha256": config_digest(cfg),
                     "kv_dup_factor": checkpoint.kv_dup_factor,
                     "tokenizer": "checkpoint" if tokenizer_source else "bundled llama3"},
             toolchain=_toolchain(), extra={"fp8": fp8_info} if fp8_info else {})

@@ -56,10 +56,16 @@ def stored_input_scale(checkpoint: Checkpoint, module: str) -> float | None:
 
 def rank_module_tensors(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype,
                         quant: QuantConfig | None = None,
-                        input_scales: dict[str, float] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(state-dict name, tensor) for the rank module built with the same quant config."""
+                        input_scales: dict[str, float] | None = None,
+                        only: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(state-dict name, tensor) for the rank module built with the same quant config.
+
+    `only`: a name prefix (e.g. "model.layers.7."), filtered before anything is read.
+    """
     cfg = checkpoint.config
     for name in rank_tensor_names(cfg, spec):
+        if only is not None and not name.startswith(only):
+            continue
         module = module_of(name)
         fp8_in_file = stored_fp8(checkpoint, name)
         raw = checkpoint.read_rank_tensor(name, spec)

@@ -64,7 +64,9 @@ def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[in
     if not layer_nodes:
         raise ArtifactError(f"traced graph has no nodes scoped {scope!r}; the exporter's name-scope "
                             "metadata changed — this is a llama405 bug, please report it")
-    produced_in_layer = {o for n in layer_nodes for o in n.output}
+    # A dict, not a set: iteration order is node order, so output bytes do not depend on
+    # PYTHONHASHSEED (exports must be byte-identical across processes).
+    produced_in_layer = dict.fromkeys(o for n in layer_nodes for o in n.output if o)
     external_in = []
     for node in layer_nodes:
         for name in node.input:

@@ -1,6 +1,6 @@
 """`make bench`: load, export, peer-exporter and decode benchmarks (DESIGN §8).
 
-    python -m runner.bench [--quick] [--only load,export,peers,decode] [--workdir DIR] [--no-keep]
+    python -m runner.bench [--quick] [--only plan,load,export,fp8,peers,decode] [--workdir DIR] [--no-keep]
 
 Prints one Markdown table (what | figure | unit | against what) on stdout and writes the same
 rows to WORKDIR/bench.json; progress goes to stderr. Nothing here asserts on time: the figures
@@ -16,8 +16,9 @@ process tree, polled every 50 ms.
 
 Synthesized checkpoints are cached under WORKDIR/checkpoints/, keyed by a digest of their
 geometry, dtype and seed, so a second run reuses the ~21 GB 405B-width ones (`--no-keep`
-deletes what this run synthesized at the end). Before each load/export measurement the
-checkpoint's pages are dropped from the page cache (posix_fadvise DONTNEED), so reads are cold.
+deletes what this run synthesized at the end). Before each load/export measurement, ours and
+the peers', the checkpoint's pages are dropped from the page cache (posix_fadvise DONTNEED), so
+reads are cold; /proc/self/io's read_bytes says how much each child read from the disk.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-BENCHES = ("load", "export", "peers", "decode")
-DEFAULT_BENCHES = ("load", "export", "peers", "decode")
+BENCHES = ("plan", "load", "export", "fp8", "peers", "decode")
+DEFAULT_BENCHES = ("plan", "load", "export", "fp8", "peers", "decode")
 GB = 1e9
 
 
@@ -90,7 +92,7 @@ def markdown_table(rows: list[Row]) -> str:
     widths = [max(len(c[i]) for c in cells) for i in range(4)]
 
     def line(c):
-        return "| " + " | ".join(s.replace("|", "/").ljust(w) for s, w in zip(c, widths)) + " |"
+        return "| " + " | ".join(s.replace("|", "/").ljust(w) for s, w in zip(c, widths, strict=True)) + " |"
 
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                       *(line(c) for c in body)])
@@ -118,6 +120,19 @@ def proc_status() -> dict[str, int]:
             parts = rest.split()
             if len(parts) == 2 and parts[1] == "kB":
                 out[key] = int(parts[0]) * 1024
+    return out
+
+
+def proc_io() -> dict[str, int]:
+    """read_bytes / write_bytes this process caused at the storage layer (page faults included)."""
+    out = {}
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                out[key.strip()] = int(value)
+    except (OSError, ValueError):
+        pass
     return out
 
 
@@ -193,13 +208,20 @@ def _prep_torch():
 
 
 def task_load(args: dict) -> dict:
-    """Iterate one rank's slices (keeping them or not): what loading a rank costs."""
+    """Read one rank's slices into memory (keeping them or not): what loading a rank costs.
+
+    safetensors hands out zero-copy views of its memory map, so iterating the slices reads
+    nothing by itself; each slice is cloned, which reads its bytes from the file into memory
+    the way a load onto a device would.
+    """
     from export.checkpoint import Checkpoint
     from export.sharding import RankSpec
     kept, count, nbytes = [], 0, 0
     started = time.perf_counter()
     ckpt = Checkpoint(args["checkpoint"])
-    for _, tensor in ckpt.iter_rank_tensors(RankSpec(0, args["tp"])):
+    for _, view in ckpt.iter_rank_tensors(RankSpec(0, args["tp"])):
+        tensor = view.clone()
+        del view
         count += 1
         nbytes += tensor.numel() * tensor.element_size()
         if args["keep"]:
@@ -269,7 +291,14 @@ def task_export(args: dict) -> dict:
     options = ox.ExportOptions(**{k: tuple(v) if k == "ranks" and v is not None else v
                                   for k, v in args["options"].items()})
     started = time.perf_counter()
-    ox.export_artifact(args["checkpoint"], out, options, force=True)
+    tokens = None
+    if args.get("calibrate"):
+        import numpy as np
+        from export.checkpoint import Checkpoint
+        vocab = Checkpoint(args["checkpoint"]).config.vocab_size
+        tokens = np.random.default_rng(0).integers(0, vocab, (4, 128))
+    ox.export_artifact(args["checkpoint"], out, options, force=True, calibration_tokens=tokens,
+                       calibration_source="random tokens")
     wall = time.perf_counter() - started
     # The exporter leaves writeback to the kernel; time getting the bytes onto the disk too.
     started = time.perf_counter()
@@ -287,8 +316,9 @@ def task_export(args: dict) -> dict:
 
 def task_membw(args: dict) -> dict:
     """Memory read bandwidth: numpy sum over a ~1 GB array, best of 3; 1 thread and all cores."""
-    import numpy as np
     from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
     n = args["bytes"] // 4
     array = np.ones(n, dtype=np.float32)  # pages committed, not lazily zero
     threads = os.cpu_count() or 1
@@ -325,7 +355,7 @@ def _prep_ort():
     _prep_torch()
     import onnxruntime  # noqa: F401
 
-    import runner.backends.ort  # noqa: F401
+    import runner.backends.ort
     import runner.generate  # noqa: F401
 
 
@@ -340,7 +370,7 @@ def task_decode_ort(args: dict) -> dict:
 
 def _prep_torch_backend():
     _prep_torch()
-    import runner.backends.torch  # noqa: F401
+    import runner.backends.torch
     import runner.generate  # noqa: F401
 
 
@@ -384,6 +414,32 @@ def task_decode_hf(args: dict) -> dict:
             "tokens": tokens, "transformers": transformers.__version__}
 
 
+def task_calibrate(args: dict) -> dict:
+    """Calibrate a checkpoint (layer by layer) for FP8; the measurement is its time and RSS."""
+    import numpy as np
+    from export.calibrate import calibrate
+    from export.checkpoint import Checkpoint
+    tokens = np.random.default_rng(0).integers(0, args["vocab"], (args["samples"], args["seq_len"]))
+    started = time.perf_counter()
+    result = calibrate(Checkpoint(args["checkpoint"]), tokens)
+    return {"seconds": time.perf_counter() - started, "linears": len(result.amax)}
+
+
+def task_fidelity(args: dict) -> dict:
+    """Top-1 agreement and perplexity of an artifact against the checkpoint's fp32 model."""
+    import numpy as np
+    from export.checkpoint import Checkpoint
+    from export.model import ModelOptions
+    from runner.backends.ort import OrtBackend
+    from runner.backends.torch import TorchBackend
+    from runner.fidelity import fidelity_report
+    text = np.random.default_rng(1).integers(0, args["vocab"], args["tokens"]).tolist()
+    reference = TorchBackend(Checkpoint(args["checkpoint"]), dtype="float32",
+                             options=ModelOptions(max_seq_len=args["max_seq_len"]))
+    report = fidelity_report(OrtBackend(args["artifact"]), reference, text, window=len(text))
+    return {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+
+
 def _prep_none():
     pass
 
@@ -396,6 +452,8 @@ TASKS: dict[str, tuple[Callable[[], None], Callable[[dict], dict]]] = {
     "decode_ort": (_prep_ort, task_decode_ort),
     "decode_torch": (_prep_torch_backend, task_decode_torch),
     "decode_hf": (_prep_hf, task_decode_hf),
+    "calibrate": (_prep_export, task_calibrate),
+    "fidelity": (_prep_ort, task_fidelity),
 }
 
 
@@ -403,13 +461,18 @@ def child_main(task: str, args_json: str, out_path: str) -> int:
     """Entry point of a measurement subprocess: result JSON into out_path."""
     prepare, run = TASKS[task]
     try:
+        started = time.perf_counter()
         prepare()
+        prepare_s = time.perf_counter() - started
         baseline = proc_status()
+        io_before = proc_io()
         reset = reset_peak_rss()
         with RssSampler() as sampler:
             result = run(json.loads(args_json))
         after = proc_status()
-        payload = {"result": result, "rss": {
+        io_after = proc_io()
+        io = {k: io_after[k] - io_before.get(k, 0) for k in ("read_bytes", "write_bytes") if k in io_after}
+        payload = {"result": result, "imports_s": prepare_s, "io": io, "rss": {
             "baseline": baseline["VmRSS"], "peak": after["VmHWM"],
             "peak_delta": after["VmHWM"] - baseline["VmRSS"], "hwm_reset": reset,
             "peak_anon": sampler.peak_anon, "peak_file": sampler.peak_file,
@@ -436,18 +499,23 @@ class ProcResult:
     tree_peak: int  # peak of the RSS summed over the process tree, polled
     output_tail: str
     timed_out: bool = False
+    over_limit: bool = False
 
 
 def run_watched(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | None = None,
-                capture: bool = True, poll: float = 0.05) -> ProcResult:
-    """Run cmd, polling its process tree's RSS; ru_maxrss from wait4 (as /usr/bin/time -v)."""
+                capture: bool = True, poll: float = 0.05, rss_limit: int | None = None) -> ProcResult:
+    """Run cmd, polling its process tree's RSS; ru_maxrss from wait4 (as /usr/bin/time -v).
+
+    rss_limit: kill the tree when its RSS passes this many bytes (the machine is shared: a peer
+    that needs more memory than there is must not wake the OOM killer on someone else).
+    """
     import psutil
-    log_file = tempfile.TemporaryFile(mode="w+") if capture else None
+    log_file = tempfile.TemporaryFile(mode="w+") if capture else None  # noqa: SIM115 (closed below)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
                             stdout=log_file if capture else sys.stderr,
                             stderr=subprocess.STDOUT if capture else None)
-    tree_peak, status, usage, timed_out = 0, None, None, False
+    tree_peak, status, usage, timed_out, over_limit = 0, None, None, False, False
     try:
         root = psutil.Process(proc.pid)
     except psutil.Error:
@@ -467,8 +535,9 @@ def run_watched(cmd: list[str], timeout: float, env: dict | None = None, cwd: Pa
             except psutil.Error:
                 pass
             tree_peak = max(tree_peak, total)
-        if time.perf_counter() - started > timeout:
-            timed_out = True
+        over_limit = rss_limit is not None and tree_peak > rss_limit
+        if over_limit or time.perf_counter() - started > timeout:
+            timed_out = not over_limit
             _kill_tree(proc.pid)
             _, status, usage = os.wait4(proc.pid, 0)
             break
@@ -481,7 +550,15 @@ def run_watched(cmd: list[str], timeout: float, env: dict | None = None, cwd: Pa
         tail = log_file.read()[-4000:]
         log_file.close()
     maxrss = usage.ru_maxrss * 1024 if usage is not None else None
-    return ProcResult(proc.returncode, wall, maxrss, tree_peak, tail, timed_out)
+    return ProcResult(proc.returncode, wall, maxrss, tree_peak, tail, timed_out, over_limit)
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 * 1024**3
 
 
 def _kill_tree(pid: int) -> None:
@@ -505,6 +582,15 @@ class MeasurementError(RuntimeError):
     pass
 
 
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        import signal
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        hint = " (out of memory?)" if code == -9 else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"
+
+
 def measure(task: str, args: dict, timeout: float = 3600) -> dict:
     """Run one child task; returns {"result", "rss", "proc"} or raises MeasurementError."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -525,8 +611,10 @@ def measure(task: str, args: dict, timeout: float = 3600) -> dict:
     if "error" in payload:
         raise MeasurementError(f"{task}: {payload['error']}")
     if proc.returncode != 0 or "result" not in payload:
-        raise MeasurementError(f"{task}: child exited with code {proc.returncode}")
+        raise MeasurementError(f"{task}: child ended with {describe_exit(proc.returncode)}")
     payload["proc"] = {"maxrss": proc.maxrss, "tree_peak": proc.tree_peak, "wall_s": proc.wall_s}
+    log(f"  {task}: {proc.wall_s:.1f} s in the child (imports {payload.get('imports_s', 0):.1f} s), "
+        f"peak RSS {gb(proc.maxrss or 0):.2f} GB")
     return payload
 
 
@@ -617,6 +705,18 @@ class Context:
     created: list[Path]
     rows: list[Row] = dataclasses.field(default_factory=list)
     failures: list[str] = dataclasses.field(default_factory=list)
+    measurements: list[dict] = dataclasses.field(default_factory=list)
+    loads: list[float] = dataclasses.field(default_factory=list)
+
+    def measure(self, bench: str, label: str, task: str, args: dict, timeout: float = 3600) -> dict:
+        """measure(), with the raw result and the machine's load average kept for bench.json."""
+        before = os.getloadavg()[0]
+        m = measure(task, args, timeout)
+        after = os.getloadavg()[0]
+        self.loads += [before, after]
+        self.measurements.append({"bench": bench, "label": label, "task": task,
+                                  "loadavg_1min": [before, after], **m})
+        return m
 
     def add(self, bench: str, what: str, figure, unit: str = "", against: str = "") -> None:
         self.rows.append(Row(bench, what, figure, unit, against))
@@ -645,52 +745,59 @@ def bench_load(ctx: Context) -> None:
     rank = None
     width = "hidden 1024 (quick)" if ctx.quick else "405B width"
     for keep in (False, True):
-        label = "keep all slices" if keep else "streaming, keep nothing"
+        label = "keep all slices" if keep else "streaming (keep nothing)"
         evict_from_page_cache(ckpt)
-        log(f"load: TP{TP_WIDE} rank 0 of {width}, 2 layers, {label} (cold page cache)")
+        log(f"load: TP{TP_WIDE} rank 0 of {width}, 2 layers, {label}, cold page cache")
+        what = f"rank 0/{TP_WIDE}, {label}"
         try:
-            m = measure("load", {"checkpoint": str(ckpt), "tp": TP_WIDE, "keep": keep})
+            m = ctx.measure("load", what, "load", {"checkpoint": str(ckpt), "tp": TP_WIDE, "keep": keep})
         except MeasurementError as err:
-            ctx.fail("load", f"TP{TP_WIDE} rank 0, {label}", err)
+            ctx.fail("load", what, err)
             continue
         r, rss = m["result"], m["rss"]
         rank = r["rank_bytes"]
-        what = f"TP{TP_WIDE} rank 0 ({width}, 2 layers), {label}"
+        read = m.get("io", {}).get("read_bytes")
         ctx.add("load", f"{what}: wall", r["wall_s"], "s",
-                f"{gb(rank) / r['wall_s']:.2f} GB/s of rank weights, cold cache")
-        ctx.add("load", f"{what}: peak RSS above baseline", gb(rss["peak_delta"]), "GB",
-                f"rank weights {gb(rank):.2f} GB -> ratio {ratio(rss['peak_delta'], rank):.2f}")
-        ctx.add("load", f"{what}: peak RSS absolute", gb(rss["peak"]), "GB",
-                f"baseline after imports {gb(rss['baseline']):.2f} GB; peak heap (RssAnon) "
-                f"{gb(rss['peak_anon']):.2f} GB, mapped file pages (RssFile) {gb(rss['peak_file']):.2f} GB")
+                f"{gb(rank) / r['wall_s']:.2f} GB/s of rank weights, cold page cache"
+                + (f"; read {gb(read):.2f} GB from disk ({ratio(read, rank):.1f}x the rank's weights)"
+                   if read is not None else ""))
+        ctx.add("load", f"{what}: peak RSS - baseline", gb(rss["peak_delta"]), "GB",
+                f"{ratio(rss['peak_delta'], rank):.2f}x the rank's weights ({gb(rank):.2f} GB)")
+        ctx.add("load", f"{what}: peak RSS, absolute", gb(rss["peak"]), "GB",
+                f"baseline after imports {gb(rss['baseline']):.2f} GB; peaks: heap (RssAnon) "
+                f"{gb(rss['peak_anon']):.2f} GB, mapped checkpoint pages (RssFile) {gb(rss['peak_file']):.2f} GB")
     if rank is not None:
-        ctx.add("load", f"TP{TP_WIDE} rank 0 weights", gb(rank), "GB",
-                f"whole checkpoint {gb(total):.2f} GB (1/{total / rank:.1f})")
-    ctx.add("load", "checkpoint size (bf16, 2 layers)", gb(total), "GB", str(ckpt.name))
+        ctx.add("load", f"rank 0/{TP_WIDE} weights", gb(rank), "GB",
+                f"1/{total / rank:.1f} of the checkpoint")
+    ctx.add("load", "checkpoint", gb(total), "GB",
+            f"{width}, 2 layers, bf16, {cfg.num_parameters() / 1e9:.1f} B params")
 
 
-def _export_rows(ctx: Context, bench: str, what: str, m: dict, disk: dict | None,
-                 against_rss: str = "") -> None:
+def _export_rows(ctx: Context, bench: str, what: str, m: dict, disk: dict | None) -> None:
     r, rss = m["result"], m["rss"]
     written = r["bytes"]
+    other = r["wall_s"] - r["trace_s"] - r["weights_s"]
     ctx.add(bench, f"{what}: wall", r["wall_s"], "s",
             f"graph trace {r['trace_s']:.1f} s + weights {r['weights_s']:.1f} s + save/check "
-            f"{r['wall_s'] - r['trace_s'] - r['weights_s']:.1f} s; then fsync {r['flush_s']:.1f} s")
-    ctx.add(bench, f"{what}: bytes written", gb(written), "GB", "")
-    ctx.add(bench, f"{what}: peak RSS above baseline", gb(rss["peak_delta"]), "GB",
-            against_rss or f"absolute {gb(rss['peak']):.2f} GB (baseline {gb(rss['baseline']):.2f} GB)")
+            f"{other:.1f} s; fsync afterwards {r['flush_s']:.1f} s")
+    read = m.get("io", {}).get("read_bytes")
+    if read is not None:
+        ctx.add(bench, f"{what}: read from disk", gb(read), "GB",
+                f"{ratio(read, written):.1f}x the bytes written ({gb(written):.2f} GB): "
+                "slices along dim 1 (o_proj, down_proj, lm_head) touch every page of the tensor")
+    ctx.add(bench, f"{what}: peak RSS - baseline", gb(rss["peak_delta"]), "GB",
+            f"absolute {gb(rss['peak']):.2f} GB (baseline after imports {gb(rss['baseline']):.2f} GB); "
+            f"peaks: heap {gb(rss['peak_anon']):.2f} GB, mapped checkpoint pages "
+            f"{gb(rss['peak_file']):.2f} GB; wrote {gb(written):.2f} GB")
     if disk is None:
         return
     write = disk["write_gbps"]
-    whole = written / GB / r["wall_s"]
-    synced = written / GB / (r["wall_s"] + r["flush_s"])
+    whole = written / GB / (r["wall_s"] + r["flush_s"])
     no_trace = written / GB / max(r["wall_s"] - r["trace_s"] + r["flush_s"], 1e-9)
-    ctx.add(bench, f"{what}: achieved write rate, bytes / wall", whole, "GB/s",
-            f"{100 * whole / write:.0f}% of disk sequential write {write:.2f} GB/s (page cache may absorb it)")
-    ctx.add(bench, f"{what}: achieved write rate incl. fsync", synced, "GB/s",
-            f"{100 * synced / write:.0f}% of disk write {write:.2f} GB/s (goal >= 70%)")
-    ctx.add(bench, f"{what}: write rate incl. fsync, excluding graph trace", no_trace, "GB/s",
-            f"{100 * no_trace / write:.0f}% of disk write {write:.2f} GB/s")
+    ctx.add(bench, f"{what}: GB written / (wall + fsync)", whole, "GB/s",
+            f"{100 * whole / write:.0f}% of the disk's sequential write (goal >= 70%)")
+    ctx.add(bench, f"{what}: same, graph trace excluded", no_trace, "GB/s",
+            f"{100 * no_trace / write:.0f}% of the disk's sequential write")
 
 
 def bench_export(ctx: Context) -> None:
@@ -698,16 +805,17 @@ def bench_export(ctx: Context) -> None:
     size = 256 * 1024**2 if ctx.quick else 2 * 1024**3
     log(f"export: disk sequential write/read speed ({size / GB:.1f} GB file in {ctx.workdir})")
     try:
-        disk = measure("disk", {"path": str(ctx.workdir / "disk-speed.tmp"), "bytes": size})["result"]
+        disk = ctx.measure("export", "disk speed", "disk",
+                           {"path": str(ctx.workdir / "disk-speed.tmp"), "bytes": size})["result"]
         ctx.add("export", "disk sequential write (64 MB os.write + fsync)", disk["write_gbps"], "GB/s",
-                f"{disk['bytes'] / GB:.1f} GB file in the workdir; the export's yardstick")
+                f"{disk['bytes'] / GB:.1f} GB file in the workdir: the yardstick")
         ctx.add("export", "disk sequential read (cold, 64 MB reads)", disk["read_gbps"], "GB/s",
-                "the checkpoint is read from the same disk")
+                "the export reads the checkpoint from the same disk")
     except MeasurementError as err:
         ctx.fail("export", "disk sequential write", err)
     width = "hidden 1024 (quick)" if ctx.quick else "405B width"
     runs = [(1, "bfloat16"), (2, "bfloat16")] + ([] if ctx.quick else [(2, "float16")])
-    peaks = {}
+    peaks, heaps = {}, {}
     for layers, dtype in runs:
         cfg = wide_config(layers, ctx.quick)
         ckpt = cached_checkpoint(ctx.workdir, f"405b-width-{layers}L{'-quick' if ctx.quick else ''}",
@@ -715,10 +823,10 @@ def bench_export(ctx: Context) -> None:
         out = ctx.scratch("export-wide")
         evict_from_page_cache(ckpt)
         cast = "no cast" if dtype == "bfloat16" else "cast from bf16"
-        what = f"TP{TP_WIDE} rank 0 ({width}, {layers} layer{'s' if layers > 1 else ''}) -> {dtype} ({cast})"
-        log(f"export: {what} (cold page cache)")
+        what = f"rank 0/{TP_WIDE}, {layers} layer{'s' if layers > 1 else ''}, {dtype} ({cast})"
+        log(f"export: TP{TP_WIDE} rank 0 of {width}: {what}, cold page cache")
         try:
-            m = measure("export", {"checkpoint": str(ckpt), "out": str(out), "options": {
+            m = ctx.measure("export", what, "export", {"checkpoint": str(ckpt), "out": str(out), "options": {
                 "tp": TP_WIDE, "dtype": dtype, "ranks": [0]}})
         except MeasurementError as err:
             ctx.fail("export", what, err)
@@ -726,11 +834,15 @@ def bench_export(ctx: Context) -> None:
         finally:
             shutil.rmtree(out, ignore_errors=True)
         peaks[(layers, dtype)] = m["rss"]["peak_delta"]
+        heaps[(layers, dtype)] = m["rss"]["peak_anon"]
         _export_rows(ctx, "export", what, m, disk)
     if (1, "bfloat16") in peaks and (2, "bfloat16") in peaks:
-        ctx.add("export", "peak RSS above baseline, 2 layers / 1 layer (bf16)",
+        ctx.add("export", "peak RSS - baseline, 2 layers / 1 layer (bf16)",
                 ratio(peaks[(2, "bfloat16")], peaks[(1, "bfloat16")]), "x",
-                "flat in layers = about 1.0")
+                f"flat in layers = 1.0 ({width}, TP{TP_WIDE} rank 0, cold page cache)")
+        ctx.add("export", "peak heap (RssAnon), 2 layers / 1 layer (bf16)",
+                ratio(heaps[(2, "bfloat16")], heaps[(1, "bfloat16")]), "x",
+                "the part of the peak that is not mapped checkpoint pages")
 
 
 def _peer_command(name: str, python: Path, ckpt: Path, out: Path) -> list[str]:
@@ -758,13 +870,17 @@ def run_peer(ctx: Context, name: str, ckpt: Path) -> dict | str:
     env.pop("PYTHONPATH", None)
     cmd = _peer_command(name, python, ckpt, out)
     log(f"peers: {name}: {' '.join(cmd[1:])}")
+    limit = int(0.85 * available_memory())
+    evict_from_page_cache(ckpt)
     try:
-        proc = run_watched(cmd, PEER_TIMEOUT, env=env, cwd=out.parent)
+        proc = run_watched(cmd, PEER_TIMEOUT, env=env, cwd=out.parent, rss_limit=limit)
         if proc.timed_out:
             return f"timed out after {PEER_TIMEOUT} s"
+        if proc.over_limit:
+            return f"stopped at {gb(limit):.1f} GB RSS (85% of the memory available)"
         if proc.returncode != 0:
             lines = [ln for ln in proc.output_tail.splitlines() if ln.strip()]
-            return f"exit {proc.returncode}: {(lines[-1] if lines else '').strip()[:200]}"
+            return f"{describe_exit(proc.returncode)}: {(lines[-1] if lines else '').strip()[:200]}"
         written = dir_bytes(out) if out.exists() else 0
         if not written:
             return "exited 0 but wrote nothing"
@@ -790,28 +906,31 @@ def bench_peers(ctx: Context) -> None:
             peers_config(n_layers, ctx.quick), "bfloat16", created=ctx.created)
         out = ctx.scratch("export-peers")
         key = f"{dtype}-{n_layers}L"
+        evict_from_page_cache(c)  # every exporter, ours and the peers, starts from a cold cache
         log(f"peers: our export, TP1 {dtype}, {n_layers} layers")
         try:
-            ours[key] = measure("export", {"checkpoint": str(c), "out": str(out),
-                                           "options": {"tp": 1, "dtype": dtype}})
+            ours[key] = ctx.measure("peers", f"ours {key}", "export", {
+                "checkpoint": str(c), "out": str(out), "options": {"tp": 1, "dtype": dtype}})
         except MeasurementError as err:
             ctx.fail("peers", f"our export TP1 {dtype} {n_layers} layers", err)
         finally:
             shutil.rmtree(out, ignore_errors=True)
     for key, m in ours.items():
-        r, rss = m["result"], m["rss"]
-        ctx.add("peers", f"our export TP1 {key.replace('-', ', ')}: peak RSS (whole process)",
-                gb(m["proc"]["maxrss"]), "GB",
-                f"{gb(rss['peak_delta']):.2f} GB above the baseline after imports; target <= 1.5 GB; "
-                f"wall {r['wall_s']:.1f} s")
+        rss = m["rss"]
+        dtype, n = key.split("-")
+        ctx.add("peers", f"ours, TP1 {dtype}, {n[:-1]} layers: peak RSS", gb(m["proc"]["maxrss"]), "GB",
+                f"whole process (target <= 1.5 GB); {gb(rss['peak_delta']):.2f} GB above the "
+                f"baseline after imports; peaks: heap {gb(rss['peak_anon']):.2f} GB, mapped "
+                f"checkpoint pages {gb(rss['peak_file']):.2f} GB")
     f32 = ours.get(f"float32-{layers}L")
     f32_half = ours.get(f"float32-{layers // 2}L")
     if f32 and f32_half:
-        ctx.add("peers", f"our peak RSS, {layers} / {layers // 2} layers (fp32)",
-                ratio(f32["proc"]["maxrss"], f32_half["proc"]["maxrss"]), "x", "flat in layers = about 1.0")
+        ctx.add("peers", f"ours, peak RSS {layers} layers / {layers // 2} layers (fp32)",
+                ratio(f32["proc"]["maxrss"], f32_half["proc"]["maxrss"]), "x", "flat in layers = 1.0")
     peers = {}
-    for name, title in (("genai", "onnxruntime-genai builder (fp32, cpu)"),
-                        ("optimum", "Optimum export onnx (fp32)")):
+    titles = {"genai": "onnxruntime-genai model builder (-p fp32 -e cpu)",
+              "optimum": "Optimum export onnx (fp32, text-generation-with-past)"}
+    for name in ("genai", "optimum"):
         try:
             peers[name] = run_peer(ctx, name, ckpt)
         except Exception as err:  # noqa: BLE001 — a peer never takes the bench down
@@ -819,12 +938,12 @@ def bench_peers(ctx: Context) -> None:
         result = peers[name]
         if isinstance(result, str):
             log(f"peers: {name} unavailable: {result}")
-            ctx.add("peers", f"{title}: peak RSS", f"unavailable: {result}")
+            ctx.add("peers", f"{titles[name]}: peak RSS", f"unavailable: {result}")
             continue
-        ctx.add("peers", f"{title}: peak RSS", gb(result["maxrss"]), "GB",
-                f"largest process (ru_maxrss); process tree {gb(result['tree_peak']):.2f} GB; "
+        ctx.add("peers", f"{titles[name]}: peak RSS", gb(result["maxrss"]), "GB",
+                f"largest process (ru_maxrss; tree sum {gb(result['tree_peak']):.2f} GB); "
                 f"wrote {gb(result['bytes']):.2f} GB")
-    for name, title in (("genai", "genai"), ("optimum", "Optimum")):
+    for name, title, target in (("genai", "genai", "target <= 0.5"), ("optimum", "Optimum", "")):
         result = peers.get(name)
         if not isinstance(result, dict):
             continue
@@ -832,11 +951,11 @@ def bench_peers(ctx: Context) -> None:
             if not key.endswith(f"-{layers}L"):
                 continue
             dtype = key.split("-")[0]
-            ctx.add("peers", f"wall, our TP1 {dtype} / {title} fp32",
+            ctx.add("peers", f"wall, ours TP1 {dtype} / {title} fp32",
                     ratio(m["proc"]["wall_s"], result["wall_s"]), "x",
-                    "target <= 0.5 vs genai; process wall times, interpreter start included")
-            ctx.add("peers", f"peak RSS, our TP1 {dtype} / {title} fp32",
-                    ratio(m["proc"]["maxrss"], result["maxrss"]), "x", "whole-process peaks (ru_maxrss)")
+                    "; ".join(x for x in (target, "process wall, interpreter start included") if x))
+            ctx.add("peers", f"peak RSS, ours TP1 {dtype} / {title} fp32",
+                    ratio(m["proc"]["maxrss"], result["maxrss"]), "x", "whole-process peaks")
 
 
 def bench_decode(ctx: Context) -> None:
@@ -846,18 +965,20 @@ def bench_decode(ctx: Context) -> None:
     prompt_len, new_tokens = (16, 16) if ctx.quick else (16, 64)
     max_seq_len = 128
     prompt = _decode_prompt(cfg.vocab_size, prompt_len)
-    geometry = (f"{cfg.num_parameters() / 1e6:.0f} M params fp32, hidden {cfg.hidden_size}, "
-                f"{cfg.num_hidden_layers} layers, batch 1, {prompt_len}-token prompt, {new_tokens} steps")
+    geometry = (f"fp32, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+                f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}; "
+                f"batch 1, {prompt_len}-token prompt, {new_tokens} greedy steps, max_seq_len {max_seq_len}")
+    ctx.add("decode", "model", cfg.num_parameters() / 1e6, "M params", geometry)
     artifact = ctx.workdir / "scratch" / "decode-artifact"
     shutil.rmtree(artifact, ignore_errors=True)
     log("decode: export TP1 fp32 static cache")
     results: dict[str, dict] = {}
     try:
-        measure("export", {"checkpoint": str(ckpt), "out": str(artifact), "options": {
+        ctx.measure("decode", "export", "export", {"checkpoint": str(ckpt), "out": str(artifact), "options": {
             "tp": 1, "dtype": "float32", "kv_cache": "static", "max_seq_len": max_seq_len,
             "max_batch": 1}})
         log("decode: onnxruntime")
-        results["ort"] = measure("decode_ort", {"artifact": str(artifact), "prompt": prompt,
+        results["ort"] = ctx.measure("decode", "ort", "decode_ort", {"artifact": str(artifact), "prompt": prompt,
                                                 "new_tokens": new_tokens})
     except MeasurementError as err:
         ctx.fail("decode", "onnxruntime", err)
@@ -866,14 +987,14 @@ def bench_decode(ctx: Context) -> None:
     for key, task in (("hf", "decode_hf"), ("torch", "decode_torch")):
         log(f"decode: {key}")
         try:
-            results[key] = measure(task, {"checkpoint": str(ckpt), "prompt": prompt,
+            results[key] = ctx.measure("decode", key, task, {"checkpoint": str(ckpt), "prompt": prompt,
                                           "new_tokens": new_tokens, "max_seq_len": max_seq_len})
         except MeasurementError as err:
             ctx.fail("decode", key, err)
     bw = None
     try:
         log("decode: memory read bandwidth")
-        bw = measure("membw", {"bytes": 256 * 1024**2 if ctx.quick else 1024**3})["result"]
+        bw = ctx.measure("decode", "membw", "membw", {"bytes": 256 * 1024**2 if ctx.quick else 1024**3})["result"]
     except MeasurementError as err:
         ctx.fail("decode", "memory bandwidth", err)
     # Bytes a decode step must read: every weight once, except the embedding (one row).
@@ -887,7 +1008,7 @@ def bench_decode(ctx: Context) -> None:
         ctx.add("decode", "bandwidth bound", bound, "tokens/s",
                 f"{per_token / GB:.2f} GB of weights read per token (all but the embedding)")
     hf = results.get("hf", {}).get("result", {}).get("tokens_per_s")
-    titles = {"ort": "onnxruntime (our artifact, static cache)", "hf": "HF transformers generate (eager)",
+    titles = {"ort": "onnxruntime, our artifact (static cache)", "hf": "HF transformers generate (PyTorch eager)",
               "torch": "our torch backend (eager)"}
     for key in ("ort", "hf", "torch"):
         if key not in results:
@@ -898,18 +1019,100 @@ def bench_decode(ctx: Context) -> None:
             against.append(f"{r['tokens_per_s'] / hf:.2f}x HF")
         if bound:
             against.append(f"{100 * r['tokens_per_s'] / bound:.0f}% of the bandwidth bound")
-        ctx.add("decode", f"{titles[key]}: decode", r["tokens_per_s"], "tokens/s",
-                ", ".join(against) + (f"; {geometry}" if key == "ort" else ""))
-        ctx.add("decode", f"{titles[key]}: peak RSS above baseline", gb(results[key]["rss"]["peak_delta"]),
+        ctx.add("decode", f"{titles[key]}: decode", r["tokens_per_s"], "tokens/s", ", ".join(against))
+        ctx.add("decode", f"{titles[key]}: peak RSS - baseline", gb(results[key]["rss"]["peak_delta"]),
                 "GB", f"absolute {gb(results[key]['rss']['peak']):.2f} GB")
     if "ort" in results and "hf" in results:
         a, b = results["ort"]["result"]["tokens"], results["hf"]["result"]["tokens"]
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         ctx.add("decode", "greedy tokens equal to HF's (prefix)", f"{same}/{len(b)}", "tokens",
                 "a sanity check that both ran the same model")
 
 
-BENCH_FUNCS = {"load": bench_load, "export": bench_export, "peers": bench_peers, "decode": bench_decode}
+H100_HBM_BYTES_PER_S = 3.35e12  # H100 SXM5 HBM3 peak; decode reads every weight once per token
+
+
+def bench_plan(ctx: Context) -> None:
+    """Paper numbers until a GPU with TensorRT is here: 405B FP8 TP8 memory per rank and the
+    memory-bandwidth floor of one decode step that a measured engine will be held against."""
+    from engines.plan import PlanRequest, plan
+    from export.config import preset
+    for seq_len, batch in ((131072, 1), (8192, 8)):
+        result = plan(PlanRequest(config=preset("llama-3.1-405b"), tp=8, quant="fp8", dtype="float16",
+                                  max_batch=batch, max_seq_len=seq_len, max_input_len=512))
+        peak = result.peak
+        label = f"405B fp8 TP8, batch {batch}, context {seq_len}, 512 tokens/step"
+        ctx.add("plan", f"{label}: weights per GPU", gb(peak.weights_bytes), "GB", "rank 0 (all ranks equal)")
+        ctx.add("plan", f"{label}: KV cache per GPU", gb(peak.kv_cache_bytes), "GB",
+                f"{batch} x {seq_len} x 126 layers x 1 KV head x 128 x 2 x 2 B")
+        ctx.add("plan", f"{label}: activations per GPU", gb(peak.activation_bytes), "GB", "unfused attention scores included")
+        ctx.add("plan", f"{label}: total per GPU", gb(peak.total_bytes), "GB",
+                f"{'fits' if result.fits else 'does NOT fit'} 80 GiB H100 with 2 GiB reserve")
+        if batch == 1:
+            floor_ms = peak.weights_bytes / H100_HBM_BYTES_PER_S * 1e3
+            ctx.add("plan", "405B fp8 TP8: roofline decode latency per token", round(floor_ms, 2), "ms",
+                    f"{peak.weights_bytes / 1e9:.1f} GB weights per rank / 3.35 TB/s HBM (+ 2 all-reduces per layer, "
+                    "not counted); the engine's measured latency is held against this")
+
+
+def bench_fp8(ctx: Context) -> None:
+    """Artifact size fp16 vs fp8; calibration time and RSS vs layers; fidelity fp8 vs fp16."""
+    width = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2,
+                 vocab_size=32000)
+    from export.synth import synth_config
+    layer_counts = (2, 4) if ctx.quick else (4, 16)
+    ckpts = {}
+    for layers in layer_counts:
+        cfg = synth_config("llama-3.1-8b", None, layers, None).replace(**width)
+        ckpts[layers] = cached_checkpoint(ctx.workdir, f"fp8-{layers}l", cfg, "bfloat16", created=ctx.created)
+    small = ckpts[layer_counts[0]]
+    sizes = {}
+    for quant in ("none", "fp8"):
+        out = ctx.workdir / "scratch" / f"fp8-bench-{quant}"
+        shutil.rmtree(out, ignore_errors=True)
+        options = {"tp": 1, "dtype": "float16", "quant": quant, "max_seq_len": 256, "max_batch": 1}
+        try:
+            ctx.measure("fp8", f"export {quant}", "export", {"checkpoint": str(small), "out": str(out),
+                                                            "options": options, "calibrate": quant == "fp8"})
+            sizes[quant] = dir_bytes(out, ".data")
+            if quant != "none":
+                m = ctx.measure("fp8", "fidelity", "fidelity", {"checkpoint": str(small), "artifact": str(out),
+                                                                "vocab": width["vocab_size"], "tokens": 96,
+                                                                "max_seq_len": 256})
+                ref16 = ctx.workdir / "scratch" / "fp8-bench-none"
+                m16 = ctx.measure("fp8", "fidelity fp16", "fidelity", {"checkpoint": str(small), "artifact": str(ref16),
+                                                                     "vocab": width["vocab_size"], "tokens": 96,
+                                                                     "max_seq_len": 256})
+                for tag, res in (("fp8", m["result"]), ("fp16", m16["result"])):
+                    ctx.add("fp8", f"fidelity vs fp32 checkpoint, {tag} artifact: top-1 agreement",
+                            round(res.get("top1_agreement", float("nan")), 4), "",
+                            f"{layer_counts[0]} layers, hidden 512, random weights, 96 random tokens")
+                    ctx.add("fp8", f"fidelity vs fp32 checkpoint, {tag} artifact: perplexity delta",
+                            round(res.get("perplexity_delta_rel", float("nan")) * 100, 3), "%",
+                            f"perplexity {res.get('perplexity', float('nan')):.3f} vs "
+                            f"{res.get('reference_perplexity', float('nan')):.3f}")
+        except MeasurementError as err:
+            ctx.fail("fp8", f"export/fidelity {quant}", err)
+    if len(sizes) == 2:
+        ctx.add("fp8", "artifact weights, fp8 / fp16", round(sizes["fp8"] / sizes["none"], 3), "x",
+                f"{gb(sizes['fp8'])} GB vs {gb(sizes['none'])} GB; embedding and lm_head stay fp16 (half the "
+                "bytes of this small-vocab model)")
+    for layers, path in ckpts.items():
+        try:
+            m = ctx.measure("fp8", f"calibrate {layers}", "calibrate", {"checkpoint": str(path), "vocab": width["vocab_size"],
+                                                                         "samples": 4, "seq_len": 128})
+            ctx.add("fp8", f"calibration, {layers} layers: wall", round(m["result"]["seconds"], 2), "s",
+                    "4 x 128 tokens, one layer in memory at a time")
+            ctx.add("fp8", f"calibration, {layers} layers: peak RSS - baseline", gb(m["rss"]["peak_delta"]),
+                    "GB", f"checkpoint {gb(checkpoint_bytes(path))} GB")
+        except (MeasurementError, KeyError) as err:
+            ctx.fail("fp8", f"calibrate {layers}", err)
+    shutil.rmtree(ctx.workdir / "scratch" / "fp8-bench-none", ignore_errors=True)
+    shutil.rmtree(ctx.workdir / "scratch" / "fp8-bench-fp8", ignore_errors=True)
+
+
+BENCH_FUNCS = {"plan": bench_plan, "load": bench_load, "export": bench_export, "fp8": bench_fp8,
+               "peers": bench_peers, "decode": bench_decode}
 
 
 # -- peer virtual environments ---------------------------------------------------------------
@@ -947,7 +1150,7 @@ def peer_venv(workdir: Path, name: str) -> tuple[Path | None, str]:
     deadline = time.monotonic() + PEER_INSTALL_TIMEOUT
     for cmd in steps:
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True,
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True,
                                   timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             return None, f"install timed out after {PEER_INSTALL_TIMEOUT} s ({' '.join(cmd[3:])})"
@@ -1027,8 +1230,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             for path in ctx.created:
                 shutil.rmtree(path, ignore_errors=True)
+    if ctx.loads:
+        # Wall times on a shared machine stretch with whatever else runs: say how busy it was.
+        ctx.rows.insert(0, Row("machine", "1-min load average around the measurements",
+                               f"{min(ctx.loads):.1f}-{max(ctx.loads):.1f}", "",
+                               f"{os.cpu_count()} cores; above that, other jobs were competing "
+                               "and the times are inflated"))
     payload = {"rows": [r.as_dict() for r in ctx.rows], "benches": selected, "quick": args.quick,
-               "failures": ctx.failures, "seconds": time.perf_counter() - started,
+               "failures": ctx.failures, "measurements": ctx.measurements, "seconds": time.perf_counter() - started,
                "machine": machine_info(),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (workdir / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")

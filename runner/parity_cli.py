@@ -141,6 +141,11 @@ def run(args) -> int:
                "tp": manifest.tp, "pp": manifest.pp, "tolerance_preset": preset, "token_source": source}
     with _progress(args.steps + 1, enabled=not args.json and sys.stderr.isatty()) as tick:
         report = run_parity(backend_a, backend_b, tokens, args.steps, tolerance, context, on_step=tick)
+    if args.reference is not None and manifest.quant == "fp8":
+        from runner.fidelity import fidelity_report
+        text = report.prompt + [row.tokens[0] for row in report.rows[1:]]  # what both were fed
+        if len(text) >= 2:
+            report.context["fidelity"] = fidelity_report(backend_a, backend_b, text, window=len(text))
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(report.to_json() + "\n")
@@ -154,6 +159,9 @@ def _text(report: ParityReport) -> str:
              f"        {c['dtype']} tp{c['tp']} pp{c['pp']} {c['kv_cache']} cache; {len(report.prompt)} prompt "
              f"tokens ({c['token_source']}) + {report.steps} decode steps; tolerance {c['tolerance_preset']}",
              "", report.format_table(), ""]
+    if c.get("fidelity"):
+        from runner.fidelity import format_fidelity
+        lines += [format_fidelity(c["fidelity"]), ""]
     if report.passed:
         lines.append(f"PASS: {report.backend_a} and {report.backend_b} agree within tolerance")
     else:

@@ -35,19 +35,17 @@ def sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:
     return total
 
 
-_GLOBAL_POOL = []
-
-
 def session_options() -> ort.SessionOptions:
-    """Options for one segment session, sharing one process-wide thread pool.
+    """Options for one segment session.
 
-    A 405B rank is ~250 segments; a pool per session would start thousands of threads.
+    Per-session pools, kept small and non-spinning: a 405B rank is ~250 segments, and
+    onnxruntime's process-wide pool would refuse every default session created later in the
+    same process (tests, user code).
     """
-    if not _GLOBAL_POOL:
-        ort.set_global_thread_pool_sizes(os.cpu_count() or 1, 1)
-        _GLOBAL_POOL.append(True)
     options = ort.SessionOptions()
-    options.use_per_session_threads = False
+    options.intra_op_num_threads = min(os.cpu_count() or 1, 8)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # constant-folding chatter about CastLike is not news
     return options
 
