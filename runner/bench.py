@@ -1095,8 +1095,8 @@ def bench_fp8(ctx: Context) -> None:
             ctx.fail("fp8", f"export/fidelity {quant}", err)
     if len(sizes) == 2:
         ctx.add("fp8", "artifact weights, fp8 / fp16", round(sizes["fp8"] / sizes["none"], 3), "x",
-                f"{gb(sizes['fp8'])} GB vs {gb(sizes['none'])} GB; embedding and lm_head stay fp16 (half the "
-                "bytes of this small-vocab model)")
+                f"{sizes['fp8'] / 1e9:.3f} GB vs {sizes['none'] / 1e9:.3f} GB; embedding and lm_head stay fp16 "
+                "and dominate this small model; quantized linears themselves shrink 2x")
     for layers, path in ckpts.items():
         try:
             m = ctx.measure("fp8", f"calibrate {layers}", "calibrate", {"checkpoint": str(path), "vocab": width["vocab_size"],
@@ -1104,7 +1104,7 @@ def bench_fp8(ctx: Context) -> None:
             ctx.add("fp8", f"calibration, {layers} layers: wall", round(m["result"]["seconds"], 2), "s",
                     "4 x 128 tokens, one layer in memory at a time")
             ctx.add("fp8", f"calibration, {layers} layers: peak RSS - baseline", gb(m["rss"]["peak_delta"]),
-                    "GB", f"checkpoint {gb(checkpoint_bytes(path))} GB")
+                    "GB", f"checkpoint {checkpoint_bytes(path) / 1e9:.3f} GB")
         except (MeasurementError, KeyError) as err:
             ctx.fail("fp8", f"calibrate {layers}", err)
     shutil.rmtree(ctx.workdir / "scratch" / "fp8-bench-none", ignore_errors=True)
