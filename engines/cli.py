@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from export.cli_flags import add_quant_flags
 from export.config import PRESETS
 from export.errors import InputError, Llama405Error
 
@@ -41,17 +42,7 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=_positive, default=1, help="tensor-parallel ranks")
     p.add_argument("--pp", type=_positive, default=1, help="pipeline stages")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16", help="compute dtype")
-    p.add_argument("--quant", choices=("none", "fp8"), default="none",
-                   help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)")
-    p.add_argument("--fp8-recipe", choices=("default", "meta"), default="default",
-                   help="meta: also keep attention and the first/last layer in the compute dtype")
-    p.add_argument("--fp8-exclude", action="append", default=[], metavar="PATTERN",
-                   help="keep matching linears unquantized, e.g. 'model.layers.0.*' (repeatable)")
-    p.add_argument("--calib-text", default="default",
-                   help="UTF-8 text for FP8 activation calibration; 'default' = the shipped text, "
-                        "'none' = only use input_scale tensors from the checkpoint")
-    p.add_argument("--calib-samples", type=int, default=8)
-    p.add_argument("--calib-seq-len", type=int, default=256)
+    add_quant_flags(p)
     p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
     p.add_argument("--max-batch", type=_positive, help="largest batch (default 8, or the artifact's)")
     p.add_argument("--max-seq-len", type=_positive, help="KV-cache length (default 4096, or the artifact's)")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.cli_flags import add_quant_flags
 from export.config import PRESETS
 from export.errors import InputError, Llama405Error
 from engines import cli as engines_cli
@@ -40,17 +41,7 @@ def _add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16",
                    help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)")
-    p.add_argument("--quant", choices=("none", "fp8"), default="none",
-                   help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)")
-    p.add_argument("--fp8-recipe", choices=("default", "meta"), default="default",
-                   help="meta: also keep attention and the first/last layer in the compute dtype")
-    p.add_argument("--fp8-exclude", action="append", default=[], metavar="PATTERN",
-                   help="keep matching linears unquantized, e.g. 'model.layers.0.*' (repeatable)")
-    p.add_argument("--calib-text", default="default",
-                   help="UTF-8 text for FP8 activation calibration; 'default' = the shipped text, "
-                        "'none' = only use input_scale tensors from the checkpoint")
-    p.add_argument("--calib-samples", type=int, default=8)
-    p.add_argument("--calib-seq-len", type=int, default=256)
+    add_quant_flags(p)
     p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=4096)

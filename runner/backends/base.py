@@ -13,11 +13,13 @@ outputs: logits float32 [batch, seq, vocab] ([batch, 1, vocab] for a logits="las
 from __future__ import annotations
 
 from typing import Protocol
+from collections.abc import Callable
 
 import numpy as np
 
 from export.config import LlamaConfig
-from export.errors import InputError
+from export.errors import ArtifactError, InputError
+from export.sharding import stage_layers
 
 
 class Backend(Protocol):
@@ -67,3 +69,19 @@ def logical_kv(per_rank: list[np.ndarray], cfg: LlamaConfig, tp: int) -> np.ndar
     if tp > cfg.num_key_value_heads:
         per_rank = per_rank[:: tp // cfg.num_key_value_heads]  # replicated heads: one copy each
     return np.concatenate(per_rank, axis=1)
+
+
+def gather_cache(cfg: LlamaConfig, tp: int, pp: int, read: Callable[[int, str], np.ndarray],
+                 multi_process: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every layer's (key, value) in logical layout; read(rank, "past_key_values.{i}.key") gives
+    that rank's float32 cache tensor."""
+    if multi_process:
+        raise ArtifactError("the KV cache of a multi-process run is spread over the processes; "
+                            "compare caches in a single-process (simulated) run")
+    layers = []
+    for stage in range(pp):
+        ranks = [stage * tp + t for t in range(tp)]
+        for layer in stage_layers(cfg.num_hidden_layers, pp, stage):
+            layers.append(tuple(logical_kv([read(r, f"past_key_values.{layer}.{part}") for r in ranks], cfg, tp)
+                                for part in ("key", "value")))
+    return layers

@@ -21,8 +21,8 @@ import onnxruntime as ort
 
 from export.errors import ArtifactError
 from export.manifest import Manifest, load_manifest
-from export.sharding import kv_heads_local, stage_layers
-from runner.backends.base import check_feed, logical_kv, past_len
+from export.sharding import kv_heads_local
+from runner.backends.base import check_feed, gather_cache, past_len
 from runner.backends.graph_split import Segment, make_session, split_at_collectives
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -185,17 +185,5 @@ class OrtBackend:
         return world.broadcast(out, (batch, rows, cfg.vocab_size), self.dtype, src=(self.pp - 1) * self.tp)
 
     def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        if self.world is not None:
-            raise ArtifactError("the KV cache of a multi-process run is spread over the processes; "
-                                "compare caches in a single-process (simulated) run")
-        layers = []
-        for stage in range(self.pp):
-            ranks = self._stage_ranks(stage)
-            for layer in stage_layers(self.config.num_hidden_layers, self.pp, stage):
-                kv = []
-                for part in ("key", "value"):
-                    name = f"past_key_values.{layer}.{part}"
-                    kv.append(logical_kv([self.runners[r].cache[name].astype(np.float32) for r in ranks],
-                                         self.config, self.tp))
-                layers.append(tuple(kv))
-        return layers
+        return gather_cache(self.config, self.tp, self.pp, lambda rank, name: self.runners[rank].cache[name].astype(np.float32),
+                            multi_process=self.world is not None)

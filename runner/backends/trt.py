@@ -39,8 +39,8 @@ import numpy as np
 
 from export.errors import ArtifactError, InputError
 from export.manifest import Manifest, load_manifest
-from export.sharding import kv_heads_local, stage_layers
-from runner.backends.base import check_feed, logical_kv, past_len
+from export.sharding import kv_heads_local
+from runner.backends.base import check_feed, gather_cache, past_len
 
 ENGINE_FILE = "engine.plan"
 _CAPSULE_NAME = b"ncclComm_t"  # module-level: the capsule keeps a pointer to this name
@@ -414,20 +414,9 @@ class TrtBackend:
         return {"logits": logits.astype(np.float32)}
 
     def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        if self.world is not None:
-            raise ArtifactError("the KV cache of a multi-process run is spread over the processes; compare "
-                                "caches in a single-process run")
-        layers = []
-        for stage in range(self.pp):
-            ranks = self._stage_ranks(stage)
-            for layer in stage_layers(self.config.num_hidden_layers, self.pp, stage):
-                kv = []
-                for part in ("key", "value"):
-                    name = f"past_key_values.{layer}.{part}"
-                    kv.append(logical_kv([self.runners[r].cache[name].float().cpu().numpy() for r in ranks],
-                                         self.config, self.tp))
-                layers.append(tuple(kv))
-        return layers
+        def read(rank: int, name: str) -> np.ndarray:
+            return self.runners[rank].cache[name].float().cpu().numpy()
+        return gather_cache(self.config, self.tp, self.pp, read, multi_process=self.world is not None)
 
     def close(self) -> None:
         """Release the NCCL communicator (collective: every rank calls it)."""

@@ -1,0 +1,23 @@
+"""Command-line flags shared by `llama405 export` and `llama405 build` / `build-engine`.
+
+Lives in export/ because both faces (runner/cli.py and engines/cli.py) may import it, and the
+flags describe export options.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_quant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", choices=("none", "fp8"), default="none",
+                   help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)")
+    p.add_argument("--fp8-recipe", choices=("default", "meta"), default="default",
+                   help="meta: also keep attention and the first/last layer in the compute dtype")
+    p.add_argument("--fp8-exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep matching linears unquantized, e.g. 'model.layers.0.*' (repeatable)")
+    p.add_argument("--calib-text", default="default",
+                   help="UTF-8 text for FP8 activation calibration; 'default' = the shipped text, "
+                        "'none' = only use input_scale tensors from the checkpoint")
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-seq-len", type=int, default=256)
