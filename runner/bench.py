@@ -1024,7 +1024,7 @@ def bench_decode(ctx: Context) -> None:
                 "GB", f"absolute {gb(results[key]['rss']['peak']):.2f} GB")
     if "ort" in results and "hf" in results:
         a, b = results["ort"]["result"]["tokens"], results["hf"]["result"]["tokens"]
-        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         ctx.add("decode", "greedy tokens equal to HF's (prefix)", f"{same}/{len(b)}", "tokens",
                 "a sanity check that both ran the same model")
 

@@ -1,7 +1,6 @@
 """`llama405 parity`: the command-line face of runner/parity.py (DESIGN §2).
 
-Wired into runner/cli.py with `add_parser(sub)` and `COMMANDS["parity"] = run`; `main()` runs
-the subcommand on its own with the same error handling as the `llama405` entry point.
+Wired into runner/cli.py with `add_parser(sub)` and `COMMANDS["parity"] = run`.
 Exit codes: 0 within tolerance, 1 outside, 2 bad input (a Llama405Error, one line on stderr).
 """
 
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import ArtifactError, InputError, Llama405Error
+from export.errors import ArtifactError, InputError
 from runner.parity import (BACKEND_KINDS, DEFAULT_TOLERANCES, ParityReport, StepRow, check_backend_available,
                            check_capacity, check_tokens, default_preset, open_parity_backend, run_parity)
 
@@ -189,19 +188,3 @@ class _progress:
         if self.bar is not None:
             self.bar.close()
         return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`llama405 parity ...` standalone: argv starts with "parity", as for the entry point."""
-    parser = argparse.ArgumentParser(prog="llama405")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except Llama405Error as err:
-        print(f"llama405 {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
