@@ -113,29 +113,13 @@ class Llama3Tokenizer:
     def special_tokens(self) -> dict[str, int]:
         return dict(SPECIAL_TOKENS)
 
-    @property
-    def vocab_size(self) -> int:
-        return VOCAB_SIZE
-
-    @property
-    def bos_id(self) -> int:
-        return SPECIAL_TOKENS["<|begin_of_text|>"]
-
-    @property
-    def eos_id(self) -> int:
-        return SPECIAL_TOKENS["<|end_of_text|>"]
-
-    @property
-    def eot_id(self) -> int:
-        return SPECIAL_TOKENS["<|eot_id|>"]
-
-    @property
-    def eom_id(self) -> int:
-        return SPECIAL_TOKENS["<|eom_id|>"]
-
-    @property
-    def pad_id(self) -> int:
-        return SPECIAL_TOKENS["<|finetune_right_pad_id|>"]
+    # Fixed by the Llama 3.1 vocabulary, the same for every tokenizer.model of this family.
+    vocab_size = VOCAB_SIZE
+    bos_id = SPECIAL_TOKENS["<|begin_of_text|>"]
+    eos_id = SPECIAL_TOKENS["<|end_of_text|>"]
+    eot_id = SPECIAL_TOKENS["<|eot_id|>"]
+    eom_id = SPECIAL_TOKENS["<|eom_id|>"]
+    pad_id = SPECIAL_TOKENS["<|finetune_right_pad_id|>"]
 
     @property
     def stop_ids(self) -> frozenset[int]:
