@@ -1,8 +1,8 @@
 """Hugging Face safetensors checkpoints, read one rank's slices at a time.
 
-Nothing here loads a whole tensor file: `safe_open(...).get_slice` maps the file and copies out
-only the rows/columns a rank holds, so exporting one rank of 405B needs memory for a few slices,
-not for the 800 GB model.
+Nothing here loads a whole tensor file: `SafetensorsFile.read` copies out only the rows/columns a
+rank holds (column slices page by page), so exporting one rank of 405B needs memory for a few
+slices, not for the 800 GB model, and `iter_blocks` bounds even that to row blocks of a slice.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 from collections.abc import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from export.config import LlamaConfig
 from export.errors import CheckpointError, ConfigError
+from export.safetensors_file import SafetensorsFile, TensorInfo
 from export.sharding import (RankSpec, TensorSlice, checkpoint_name, expected_shape,
                              rank_tensor_names, tensor_slice)
 
@@ -32,7 +32,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.directory}: no such checkpoint directory; pass the folder "
                                   "holding config.json and *.safetensors")
         file_config = LlamaConfig.from_hf(self.directory / "config.json")
-        self._handles: dict[Path, object] = {}
+        self._files: dict[Path, SafetensorsFile] = {}
         self.weight_map = self._read_weight_map()
         self.kv_dup_factor = self._detect_duplicated_kv_heads(file_config)
         try:
@@ -58,18 +58,14 @@ class Checkpoint:
                                           "download it again or fix the index")
             return files
         if single.is_file():
-            return {name: single for name in self._handle(single).keys()}
+            return {name: single for name in self._file(single).tensors}
         raise CheckpointError(f"{self.directory}: neither {INDEX_FILE} nor {SINGLE_FILE} found; "
                               "point --checkpoint at a Hugging Face safetensors checkpoint")
 
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as err:
-                raise CheckpointError(f"{path}: cannot read safetensors header ({err}); the file is "
-                                      "truncated or corrupt — download it again") from None
-        return self._handles[path]
+    def _file(self, path: Path) -> SafetensorsFile:
+        if path not in self._files:
+            self._files[path] = SafetensorsFile(path)
+        return self._files[path]
 
     def _file_of(self, name: str) -> Path:
         try:
@@ -78,17 +74,11 @@ class Checkpoint:
             raise CheckpointError(f"{self.directory}: tensor {name!r} is not in the checkpoint; "
                                   "is this a Llama checkpoint with the config.json beside it?") from None
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice_view(name).get_shape())
+    def info(self, name: str) -> TensorInfo:
+        return self._file(self._file_of(name)).info(name)
 
-    def _slice_view(self, name: str):
-        path = self._file_of(name)
-        handle = self._handle(path)
-        try:
-            return handle.get_slice(name)
-        except SafetensorError as err:
-            raise CheckpointError(f"{path}: tensor {name!r} unreadable ({err}); the index points "
-                                  "at the wrong shard or the file is corrupt") from None
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
 
     # -- duplicated KV heads -----------------------------------------------------------------
 
@@ -107,10 +97,9 @@ class Checkpoint:
             name = f"model.layers.0.self_attn.{proj}.weight"
             if name not in self.weight_map:
                 return 1
-            view = self._slice_view(name)
-            if tuple(view.get_shape())[0] != n_kv * d:
+            if self.shape(name)[0] != n_kv * d:
                 return 1  # the shape check of the load names this mismatch properly
-            raw = view[:]
+            raw = self._read_part(name, None, None)
             if raw.element_size() == 1:
                 raw = raw.view(torch.uint8)  # FP8 weights: compare the stored bytes
             heads[proj] = raw.reshape(n_kv, d, -1)  # [kv_heads, head_dim, hidden]
@@ -127,43 +116,31 @@ class Checkpoint:
     # -- reading one rank --------------------------------------------------------------------
 
     def read(self, name: str, part: TensorSlice) -> torch.Tensor:
-        """One tensor (or the part `part` names) copied out of the file.
+        """One tensor (or the part `part` names) copied out of the file."""
+        blocks = list(self.iter_blocks(name, part, None))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
-        Data is read through a short-lived handle and copied: safetensors returns views into
-        its memory map, and a long-lived map keeps every page an export touched resident (RSS
-        would grow with the number of layers). The cached handles serve headers only.
-        """
-        if part.axis is None:
-            return self._copy_rows(name, 0, self.shape(name)[0] if self.shape(name) else None, None)
-        pieces = [self._copy_rows(name, start, stop, None) if part.axis == 0
-                  else self._copy_columns(name, start, stop) for start, stop in part.blocks]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.axis)
+    def iter_blocks(self, name: str, part: TensorSlice, max_bytes: int | None) -> Iterator[torch.Tensor]:
+        """The part of a tensor in consecutive row blocks of at most ~max_bytes each (None: one
+        block per run of rows); concatenated along dim 0 they are `read(name, part)`."""
+        if part.axis not in (None, 0, 1):
+            raise CheckpointError(f"{name}: slicing along axis {part.axis} is not supported")
+        info = self.info(name)
+        if not info.shape:
+            yield self._read_part(name, None, None)
+            return
+        columns = tuple(part.blocks) if part.axis == 1 else None
+        runs = part.blocks if part.axis == 0 else ((0, info.shape[0]),)
+        row_bytes = info.row_bytes if columns is None else \
+            sum(c1 - c0 for c0, c1 in columns) * info.dtype.itemsize
+        for lo, hi in runs:
+            step = hi - lo if max_bytes is None else max(1, max_bytes // max(1, row_bytes))
+            for start in range(lo, hi, step):
+                yield self._read_part(name, (start, min(start + step, hi)), columns)
 
-    def _copy_rows(self, name: str, start: int, stop: int | None, columns: tuple[int, int] | None):
-        path = self._file_of(name)
-        try:
-            handle = safe_open(str(path), framework="pt")
-            if stop is None:  # a 0-d tensor (scalar scales) cannot be sliced
-                return handle.get_tensor(name).clone()
-            view = handle.get_slice(name)
-            rows = view[start:stop] if columns is None else view[start:stop, columns[0]:columns[1]]
-            return rows.clone()
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: tensor {name!r} unreadable ({err}); the file is truncated or "
-                                  "corrupt — download it again") from None
-
-    def _copy_columns(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """A column block, read in row blocks of ~32 MB: each block's pages are mapped only
-        while it is copied, so a 4 GB lm_head never becomes resident at once."""
-        shape = self.shape(name)
-        row_bytes = max(1, int(torch.tensor(shape[1:]).prod()) * self._itemsize(name))
-        step = max(1, (32 << 20) // row_bytes)
-        return torch.cat([self._copy_rows(name, r, min(r + step, shape[0]), (start, stop))
-                          for r in range(0, shape[0], step)])
-
-    def _itemsize(self, name: str) -> int:
-        return {"F64": 8, "F32": 4, "I64": 8, "I32": 4}.get(self._slice_view(name).get_dtype(), 2 if
-                                                             self._slice_view(name).get_dtype() in ("F16", "BF16") else 1)
+    def _read_part(self, name: str, rows: tuple[int, int] | None,
+                   columns: tuple[tuple[int, int], ...] | None) -> torch.Tensor:
+        return self._file(self._file_of(name)).read(name, rows, columns)
 
     def check_shape(self, name: str) -> None:
         file_name = checkpoint_name(self.config, name)
@@ -185,6 +162,12 @@ class Checkpoint:
         part = tensor_slice(self.config, spec, name, self.kv_dup_factor)
         return self.read(file_name, part)
 
+    def iter_rank_blocks(self, name: str, spec: RankSpec, max_bytes: int | None) -> Iterator[torch.Tensor]:
+        """read_rank_tensor in row blocks (see iter_blocks)."""
+        self.check_shape(name)
+        part = tensor_slice(self.config, spec, name, self.kv_dup_factor)
+        return self.iter_blocks(checkpoint_name(self.config, name), part, max_bytes)
+
     def validate(self, spec: RankSpec) -> None:
         """Every tensor a rank needs is present with the right shape (headers only, no data)."""
         for name in rank_tensor_names(self.config, spec):
@@ -193,4 +176,4 @@ class Checkpoint:
     def tensor_dtype(self) -> torch.dtype:
         """The storage dtype of the checkpoint (taken from its first norm weight)."""
         name = "model.norm.weight" if "model.norm.weight" in self.weight_map else next(iter(self.weight_map))
-        return self._slice_view(name)[:1].dtype
+        return self.info(name).dtype

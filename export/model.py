@@ -174,15 +174,16 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
         super().__init__()
         self.local = cfg.vocab_size // spec.tp_size
-        self.start = spec.tp_rank * self.local
         self.sharded = spec.tp_size > 1
         self.reduce = reduce
         self.weight = nn.Parameter(torch.empty(self.local, cfg.hidden_size))
+        if self.sharded:  # a tensor, not an int: every TP rank of a stage traces to one graph
+            self.register_buffer("vocab_start", torch.tensor(spec.tp_rank * self.local), persistent=False)
 
     def forward(self, input_ids):
         if not self.sharded:
             return F.embedding(input_ids, self.weight)  # [batch, seq, hidden]
-        local_ids = input_ids - self.start
+        local_ids = input_ids - self.vocab_start
         mine = (local_ids >= 0) & (local_ids < self.local)  # [batch, seq]
         # Where, not clamp: TensorRT's Clip takes float types only.
         rows = F.embedding(torch.where(mine, local_ids, 0), self.weight)  # [batch, seq, hidden]
@@ -243,7 +244,9 @@ class LlamaRank(nn.Module):
         if spec.is_last_stage:
             self.lm_head = nn.Linear(cfg.hidden_size // spec.tp_size, cfg.vocab_size, bias=False)
         self.reduce = reduce
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        for name, value in rank_constants(cfg, spec).items():
+            if "." not in name:
+                self.register_buffer(name, value, persistent=False)
 
     @property
     def layer_ids(self) -> list[int]:
@@ -266,8 +269,7 @@ class LlamaRank(nn.Module):
             h = h[:, -1:]
         h = self.model.norm(h)
         if spec.tp_size > 1:
-            width = self.cfg.hidden_size // spec.tp_size
-            h = h[..., spec.tp_rank * width:(spec.tp_rank + 1) * width]  # [batch, seq, hidden / tp]
+            h = h.index_select(-1, self.hidden_index)  # [batch, seq, hidden / tp]
         logits = self.reduce(self.lm_head(h))  # [batch, seq, vocab]
         return (logits, *presents)
 
@@ -281,8 +283,22 @@ def build_rank_module(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions = 
     module.to(dtype)
     # Computed from the config, never loaded: real values even on a meta module, and fp32
     # whatever the compute dtype.
-    module.inv_freq = rope_inv_freq(cfg)
+    for name, value in rank_constants(cfg, spec).items():
+        owner, leaf = _owner(module, name)
+        setattr(owner, leaf, value)
     return module.eval().requires_grad_(False)
+
+
+def rank_constants(cfg: LlamaConfig, spec: RankSpec) -> dict[str, torch.Tensor]:
+    """Buffers derived from the config and the rank, not the checkpoint (the exporter writes
+    them as initializers, so all TP ranks of a stage share one traced graph)."""
+    constants = {"inv_freq": rope_inv_freq(cfg)}  # [head_dim / 2] fp32
+    if spec.tp_size > 1 and spec.is_first_stage:
+        constants["model.embed_tokens.vocab_start"] = torch.tensor(spec.tp_rank * (cfg.vocab_size // spec.tp_size))
+    if spec.tp_size > 1 and spec.is_last_stage:
+        width = cfg.hidden_size // spec.tp_size  # the hidden columns this rank's lm_head slice multiplies
+        constants["hidden_index"] = torch.arange(spec.tp_rank * width, (spec.tp_rank + 1) * width)
+    return constants
 
 
 def load_rank_weights(module: LlamaRank, tensors, dtype: torch.dtype) -> None:
@@ -304,5 +320,5 @@ def load_rank_weights(module: LlamaRank, tensors, dtype: torch.dtype) -> None:
 
 
 def _owner(module: nn.Module, name: str):
-    path, leaf = name.rsplit(".", 1)
+    path, _, leaf = name.rpartition(".")
     return module.get_submodule(path), leaf

@@ -1,22 +1,24 @@
 """Checkpoint -> artifact directory with one ONNX graph per rank (DESIGN §3-§5).
 
 Per rank: build the rank module on the meta device, `torch.export` it with meta inputs, convert
-with torch.onnx (dynamo) and save the graph with no initializers — its nodes name the HF
-state-dict keys. Then every weight slice is read from the checkpoint, cast and appended to the
-rank's `model.onnx.data`, and an initializer pointing at (offset, length) is added. One slice is
-in memory at a time, so peak RSS does not grow with the model.
+with torch.onnx (dynamo) and keep the graph with no initializers — its nodes name the HF
+state-dict keys. Meanwhile every weight slice is read from the checkpoint in row blocks, cast
+and appended to the rank's `model.onnx.data` (export/weight_stream.py), and an initializer
+pointing at (offset, length) is added per tensor. A few blocks are in memory at a time, so peak
+RSS does not grow with the model; for large exports the graphs are traced in a worker process
+(export/graph_worker.py) so tracing and streaming overlap.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from collections.abc import Callable
@@ -31,20 +33,21 @@ from tqdm import tqdm
 from export import cache_ops, collectives, fp8
 from export.calibrate import Calibration, calibrate
 from export.fp8 import QuantConfig
-from export.rank_tensors import checkpoint_input_scales, rank_module_tensors
+from export.graph_worker import Graphs, worth_a_process
+from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
 from export.checkpoint import Checkpoint
 from export.config import LlamaConfig
 from export.errors import ArtifactError, CheckpointError
 from export.manifest import Manifest, RankEntry, TensorSpec, config_digest, file_entry, write_manifest
-from export.model import ModelOptions, build_rank_module, no_reduce, rope_inv_freq
+from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
                              stage_layers, tensor_slice, validate_parallelism)
 from export.stamp import stamp_layers, strip_metadata
 from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files
+from export.weight_stream import ALIGN, BLOCK_BYTES, WrittenTensor, write_weights
 
 OPSET = 24
 DATA_FILE = "model.onnx.data"
-ALIGN = 4096  # page-aligned tensors: runtimes can mmap them directly
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64,
@@ -146,7 +149,10 @@ def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dt
     """The rank's graph as torch.onnx emits it, no initializers (weights named by state-dict key)."""
     reduce = collectives.all_reduce if spec.tp_size > 1 else no_reduce
     module = build_rank_module(cfg, spec, options, reduce=reduce, dtype=dtype, device="meta")
-    module.inv_freq = module.inv_freq.to("meta")
+    for name in rank_constants(cfg, spec):  # graph inputs the exporter fills in per rank
+        owner, _, leaf = name.rpartition(".")
+        target = module.get_submodule(owner)
+        setattr(target, leaf, getattr(target, leaf).to("meta"))
     args, dynamic = _example_inputs(cfg, spec, options, dtype)
     input_names, output_names = io_names(cfg, spec, options.kv_cache)
     table = {**collectives.custom_translation_table(), **cache_ops.custom_translation_table(),
@@ -207,79 +213,32 @@ def _name_symbolic_dims(model: onnx.ModelProto, spec: RankSpec, kv_cache: str) -
 
 # -- weights ---------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class _DataWriter:
-    """Appends tensors to one external-data file, page-aligned, hashing as it goes."""
-
-    path: Path
-
-    def __post_init__(self):
-        self._file = open(self.path, "wb")
-        self._digest = hashlib.sha256()
-        self.offset = 0
-
-    def write(self, buffer: memoryview) -> tuple[int, int]:
-        pad = (-self.offset) % ALIGN
-        if pad:
-            self._put(memoryview(bytes(pad)))
-        start = self.offset
-        self._put(buffer)
-        return start, self.offset - start
-
-    def _put(self, buffer: memoryview) -> None:
-        self._file.write(buffer)
-        self._digest.update(buffer)
-        self.offset += buffer.nbytes
-
-    def close(self) -> str:
-        self._file.close()
-        return self._digest.hexdigest()
-
-
-def _external_initializer(name: str, tensor: torch.Tensor, offset: int, length: int) -> TensorProto:
-    proto = TensorProto(name=name, data_type=ONNX_DTYPES[tensor.dtype], dims=list(tensor.shape))
+def _external_initializer(tensor: WrittenTensor) -> TensorProto:
+    proto = TensorProto(name=tensor.name, data_type=ONNX_DTYPES[tensor.dtype], dims=list(tensor.shape))
     proto.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+    for key, value in (("location", DATA_FILE), ("offset", str(tensor.offset)), ("length", str(tensor.length))):
         entry = proto.external_data.add()
         entry.key, entry.value = key, value
     return proto
 
 
-def attach_weights(model: onnx.ModelProto, tensors, cfg: LlamaConfig, rank: int, rank_dir: Path,
-                   on_bytes: Callable[[int], None] = lambda n: None) -> str:
-    """Stream (name, tensor) pairs into rank_dir/model.onnx.data as external initializers.
-
-    Returns the data file's sha256. Every weight the traced graph reads must be provided.
-    """
+def attach_initializers(model: onnx.ModelProto, written: list[WrittenTensor], cfg: LlamaConfig,
+                        spec: RankSpec) -> None:
+    """Point the graph's weights at the data file and add the rank's constants inline; every
+    initializer the graph reads must be provided, and nothing else."""
     wanted = {i for node in model.graph.node for i in node.input}
     wanted -= {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
     wanted.discard("")
-    writer = _DataWriter(rank_dir / DATA_FILE)
-    written = set()
-    try:
-        for name, tensor in tensors:
-            if name not in wanted:
-                raise ArtifactError(f"the traced graph of rank {rank} does not use {name!r}; "
-                                    "this is a llama405 bug — please report it")
-            tensor = tensor.contiguous()
-            if tensor.dtype == torch.float16 and not torch.isfinite(tensor).all():
-                raise CheckpointError(f"{name} has values beyond float16's range (65504) once cast; "
-                                      "export with --dtype bfloat16 or float32")
-            # reshape(-1): a 0-d scale cannot be viewed as bytes directly
-            offset, length = writer.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            model.graph.initializer.append(_external_initializer(name, tensor, offset, length))
-            written.add(name)
-            on_bytes(length)
-            del tensor
-    finally:
-        digest = writer.close()
-    # Rotary frequencies come from the config, not the checkpoint; fp32 whatever the dtype.
-    model.graph.initializer.append(numpy_helper.from_array(rope_inv_freq(cfg).numpy(), "inv_freq"))
-    missing = wanted - written - {"inv_freq"}
-    if missing:
-        raise ArtifactError(f"rank {rank}: no tensor provided for {sorted(missing)[:3]}; this is a "
-                            "llama405 bug — please report it")
-    return digest
+    # RoPE frequencies (fp32 whatever the dtype), this rank's vocab start and hidden columns.
+    constants = rank_constants(cfg, spec)
+    names = {t.name for t in written} | set(constants)
+    extra, missing = names - wanted, wanted - names
+    if extra or missing:
+        raise ArtifactError(f"rank {spec.rank}: the traced graph and the weights disagree (unused: "
+                            f"{sorted(extra)[:3]}, missing: {sorted(missing)[:3]}); this is a llama405 bug — "
+                            "please report it")
+    model.graph.initializer.extend(_external_initializer(t) for t in written)
+    model.graph.initializer.extend(numpy_helper.from_array(v.numpy(), name) for name, v in constants.items())
 
 
 def rank_bytes(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype) -> int:
@@ -305,16 +264,37 @@ def _spec_entries(values) -> tuple[TensorSpec, ...]:
     return tuple(out)
 
 
-def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, rank_dir: Path,
-                input_scales: dict[str, float] | None = None,
-                on_bytes: Callable[[int], None] = lambda n: None) -> tuple[RankEntry, dict]:
-    cfg, dtype = checkpoint.config, TORCH_DTYPES[options.dtype]
-    rank_dir.mkdir(parents=True)
-    model = rank_graph(cfg, spec, options.model_options, dtype, rank_dir)
+def rank_graph_proto(cfg: LlamaConfig, spec: RankSpec, options: ExportOptions) -> tuple[onnx.ModelProto, int]:
+    """The finished rank graph without weights: traced, collectives rewritten, dims named.
+    Returns it and the number of DistCollective nodes (module level: runs in the worker)."""
+    with tempfile.TemporaryDirectory(prefix="llama405-trace-") as workdir:
+        model = rank_graph(cfg, spec, options.model_options, TORCH_DTYPES[options.dtype], Path(workdir))
     n_collectives = collectives.rewrite_collectives(model, spec.tp_size) if spec.tp_size > 1 else 0
     _name_symbolic_dims(model, spec, options.kv_cache)
-    tensors = rank_module_tensors(checkpoint, spec, dtype, options.quant_config, input_scales)
-    data_sha = attach_weights(model, tensors, cfg, spec.rank, rank_dir, on_bytes)
+    return model, n_collectives
+
+
+def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, rank_dir: Path,
+                graphs: Graphs, input_scales: dict[str, float] | None = None,
+                on_bytes: Callable[[int], None] = lambda n: None,
+                stats: dict[str, float] | None = None) -> tuple[RankEntry, dict]:
+    """Stream the rank's weights, then take its stage's graph from `graphs` (submitted under
+    spec.pp_rank: all TP ranks of a stage share one graph, their differences are initializers)."""
+    cfg, dtype = checkpoint.config, TORCH_DTYPES[options.dtype]
+    rank_dir.mkdir(parents=True)
+    # Traced here, the graph comes first: the tracer's transient memory is freed before the
+    # weight blocks are in flight, so the two peaks do not add up.
+    graph = None if graphs.in_background else graphs.result(spec.pp_rank)
+    started = time.perf_counter()
+    tensors = rank_module_blocks(checkpoint, spec, dtype, options.quant_config, input_scales, None, BLOCK_BYTES)
+    written, data_sha = write_weights(tensors, rank_dir / DATA_FILE, on_bytes=on_bytes)
+    weights_done = time.perf_counter()
+    model, n_collectives, trace_s = graph or graphs.result(spec.pp_rank)
+    if stats is not None:
+        stats["weights_s"] = stats.get("weights_s", 0.0) + weights_done - started
+        stats["graph_wait_s"] = stats.get("graph_wait_s", 0.0) + time.perf_counter() - weights_done
+        stats["trace_s"] = stats.get("trace_s", 0.0) + trace_s
+    attach_initializers(model, written, cfg, spec)
     model.producer_name, model.producer_version = "llama405", _version()
     model.doc_string = (f"Llama 3.1 rank {spec.rank} (tp {spec.tp_rank}/{spec.tp_size}, "
                         f"pp {spec.pp_rank}/{spec.pp_size})")
@@ -400,11 +380,15 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
 def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: ExportOptions,
                     force: bool = False, progress: bool = False,
                     calibration_tokens: np.ndarray | None = None,
-                    calibration_source: str = "") -> Path:
+                    calibration_source: str = "", trace_process: bool | None = None,
+                    stats: dict[str, float] | None = None) -> Path:
     """Write the artifact atomically: a temporary sibling renamed into place at the end.
 
     calibration_tokens [samples, seq] are used for FP8 activation scales when the checkpoint
     carries none (the CLI tokenizes --calib-text; export/ never imports the runner's tokenizer).
+    trace_process: trace graphs in a worker process (None: when the weights are large enough).
+    stats, if given, receives seconds spent: weights_s (streaming), trace_s (tracing, wherever it
+    ran), graph_wait_s (waiting for the worker after the weights were done).
     """
     out = Path(out)
     checkpoint = Checkpoint(checkpoint_dir)
@@ -420,16 +404,22 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
     total = sum(rank_bytes(checkpoint, s, dtype) for s in specs)
     check_disk(out.parent, total)
 
-    input_scales, fp8_info = resolve_input_scales(checkpoint, options, calibration_tokens,
-                                                  calibration_source, progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    use_process = worth_a_process(total) if trace_process is None else trace_process
+    graphs = Graphs(use_process)
+    tmp = None
     try:
+        stages = {spec.pp_rank: spec for spec in reversed(specs)}  # the first listed rank of each stage
+        for pp_rank, spec in sorted(stages.items()):  # a worker starts tracing now, beside the weights
+            graphs.submit(pp_rank, rank_graph_proto, cfg, spec, options)
+        input_scales, fp8_info = resolve_input_scales(checkpoint, options, calibration_tokens,
+                                                      calibration_source, progress)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         entries, files = [], {}
         with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="export") as bar:
             for spec in specs:
                 bar.set_postfix_str(f"rank {spec.rank}")
-                entry, rank_files = export_rank(checkpoint, spec, options, tmp / f"rank{spec.rank}",
-                                                input_scales, bar.update)
+                entry, rank_files = export_rank(checkpoint, spec, options, tmp / f"rank{spec.rank}", graphs,
+                                                input_scales, bar.update, stats)
                 entries.append(entry)
                 files.update(rank_files)
         tokenizer_source = _tokenizer_source(checkpoint.directory)
@@ -446,8 +436,11 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        graphs.close()
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from export.checkpoint import Checkpoint
 from export.errors import CheckpointError
 from export.fp8 import FP8, QuantConfig, quantize_weight
-from export.sharding import RankSpec, TensorSlice, rank_tensor_names, tensor_slice
+from export.sharding import RankSpec, TensorSlice, checkpoint_name, rank_tensor_names, tensor_slice
 
 
 def module_of(name: str) -> str:
@@ -62,31 +62,49 @@ def rank_module_tensors(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dty
 
     `only`: a name prefix (e.g. "model.layers.7."), filtered before anything is read.
     """
+    for name, blocks in rank_module_blocks(checkpoint, spec, dtype, quant, input_scales, only, None):
+        parts = list(blocks)
+        yield name, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def rank_module_blocks(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype,
+                       quant: QuantConfig | None, input_scales: dict[str, float] | None,
+                       only: str | None, max_bytes: int | None) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+    """Like rank_module_tensors, each tensor as lazily read row blocks of at most ~max_bytes
+    (after the cast), so a writer can stream a 4 GB fp32 embedding through a few MB of memory.
+
+    A quantized linear is one block (its scales need whole rows, its layout is transposed);
+    consume each tensor's blocks before advancing to the next name.
+    """
     cfg = checkpoint.config
     for name in rank_tensor_names(cfg, spec):
         if only is not None and not name.startswith(only):
             continue
         module = module_of(name)
         fp8_in_file = stored_fp8(checkpoint, name)
-        raw = checkpoint.read_rank_tensor(name, spec)
         if quant is not None and quant.is_quantized(module, cfg.num_hidden_layers):
+            raw = checkpoint.read_rank_tensor(name, spec)
             if fp8_in_file:
                 weight = raw.to(FP8).t().contiguous()  # [in, out], bytes untouched
                 scale = _scale_slice(checkpoint, spec, name)
             else:
                 weight, scale = quantize_weight(raw)
+            del raw
             if input_scales is None or module not in input_scales:
                 raise CheckpointError(f"{checkpoint.directory}: no activation scale for {module}; "
                                       "calibrate (--calib-text) or use a checkpoint with input_scale tensors")
-            yield name, weight
-            yield module + ".weight_scale", scale.to(dtype)
-            yield module + ".input_scale", torch.tensor(input_scales[module]).to(dtype)
+            yield name, iter([weight])
+            yield module + ".weight_scale", iter([scale.to(dtype)])
+            yield module + ".input_scale", iter([torch.tensor(input_scales[module]).to(dtype)])
         elif fp8_in_file:
             # Stored FP8 but kept in the compute dtype here (an exclusion): dequantize the slice.
+            raw = checkpoint.read_rank_tensor(name, spec)
             scale = _scale_slice(checkpoint, spec, name)
-            yield name, (raw.float() * scale[:, None]).to(dtype)
+            yield name, iter([(raw.float() * scale[:, None]).to(dtype)])
         else:
-            yield name, raw.to(dtype)
+            source_bytes = None if max_bytes is None else max(1, max_bytes * checkpoint.info(
+                checkpoint_name(cfg, name)).dtype.itemsize // dtype.itemsize)
+            yield name, (block.to(dtype) for block in checkpoint.iter_rank_blocks(name, spec, source_bytes))
 
 
 def checkpoint_input_scales(checkpoint: Checkpoint) -> dict[str, float]:

@@ -25,13 +25,10 @@ from onnx import TensorProto, numpy_helper
 from export.errors import ArtifactError
 from export.manifest import Manifest, load_manifest
 from export.fp8 import QuantConfig
-from export.model import ModelOptions, build_rank_module
+from export.model import ModelOptions, build_rank_module, rank_constants
 from export.sharding import RankSpec, all_ranks
 from runner.backends.torch import DTYPES, TorchBackend
 
-# Initializers the exporter adds from the config rather than the checkpoint (RoPE frequencies);
-# build_rank_module computes them itself.
-CONFIG_DERIVED = frozenset({"inv_freq"})
 
 _TORCH_FROM_ONNX = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
                     TensorProto.BFLOAT16: torch.bfloat16, TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn}
@@ -55,7 +52,10 @@ class ArtifactWeights:
             raise ArtifactError(f"{onnx_path}: cannot read the rank graph ({err}); re-export the "
                                 "artifact") from None
         expected = set(build_rank_module(self.config, spec, artifact_model_options(self.manifest)).state_dict())
-        found = {init.name for init in model.graph.initializer} - CONFIG_DERIVED
+        # Rank constants (RoPE frequencies, vocab start, hidden columns) come from the config;
+        # build_rank_module computes them itself.
+        derived = set(rank_constants(self.config, spec))
+        found = {init.name for init in model.graph.initializer} - derived
         if found != expected:
             extra, missing = sorted(found - expected), sorted(expected - found)
             raise ArtifactError(f"{onnx_path}: initializers do not match rank {spec.rank} of the manifest's "
@@ -63,7 +63,7 @@ class ArtifactWeights:
                                 "from another configuration or was edited — re-export it")
         data: dict[Path, np.memmap] = {}
         for init in model.graph.initializer:
-            if init.name in CONFIG_DERIVED:
+            if init.name in derived:
                 continue
             yield init.name, _read_initializer(init, rank_dir, onnx_path, data)
 

@@ -31,7 +31,7 @@ import export.onnx_export as onnx_export
 from export import collectives
 from export.errors import ArtifactError
 from export.manifest import load_manifest
-from export.model import ModelOptions, build_rank_module, rope_inv_freq
+from export.model import ModelOptions, build_rank_module, rank_constants
 from export.onnx_export import ExportOptions, export_artifact, trace_rank_graph
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shape, kv_heads_local,
                              rank_tensor_names, stage_layers, tensor_slice)
@@ -152,13 +152,14 @@ def with_weights(model: onnx.ModelProto, cfg, spec: RankSpec, options: ModelOpti
     state = build_rank_module(cfg, spec, options, device="cpu").state_dict()
     free = ({i for n in model.graph.node for i in n.input} - {o for n in model.graph.node for o in n.output}
             - {v.name for v in model.graph.input} - {""})
-    assert free == set(state) | {"inv_freq"}, sorted(free ^ (set(state) | {"inv_freq"}))
+    constants = rank_constants(cfg, spec)
+    assert free == set(state) | set(constants), sorted(free ^ (set(state) | set(constants)))
     for k, name in enumerate(sorted(state)):
         rng = np.random.default_rng(k)
         shape = tuple(state[name].shape)
         values = rng.normal(1.0, 0.1, shape) if "norm" in name else rng.normal(0.0, 0.3, shape)
         model.graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
-    model.graph.initializer.append(numpy_helper.from_array(rope_inv_freq(cfg).numpy(), "inv_freq"))
+    model.graph.initializer.extend(numpy_helper.from_array(v.numpy(), name) for name, v in constants.items())
     return model
 
 
@@ -277,6 +278,41 @@ def test_an_export_in_another_process_is_byte_identical(hf_checkpoint, tmp_path_
     assert [name for name in a if a[name] != b[name]] == []
 
 
+def test_graphs_traced_in_a_worker_process_give_a_byte_identical_artifact(hf_checkpoint, tmp_path_factory,
+                                                                        tmp_path):
+    """Large exports trace in `python -m export.graph_worker` beside the weight stream; forced
+    here on a small one, the artifact must equal the in-process export byte for byte."""
+    checkpoint, _ = hf_checkpoint
+    original = shared_artifact(tmp_path_factory, checkpoint, tp=2, pp=2)
+    stats: dict[str, float] = {}
+    export_artifact(checkpoint, tmp_path / "art", ExportOptions(tp=2, pp=2, dtype="float32",
+                                                                max_seq_len=MAX_SEQ_LEN),
+                    trace_process=True, stats=stats)
+    a, b = all_files(original), all_files(tmp_path / "art")
+    assert sorted(a) == sorted(b) and [name for name in a if a[name] != b[name]] == []
+    assert stats["trace_s"] > 0 and stats["weights_s"] > 0
+
+
+def test_each_pipeline_stage_is_traced_once_for_all_its_tp_ranks(hf_checkpoint, tmp_path, monkeypatch):
+    """TP ranks of a stage differ only in initializers (slices, vocab start, hidden columns)."""
+    checkpoint, _ = hf_checkpoint
+    traced = []
+    real = onnx_export.rank_graph
+
+    def counting(cfg, spec, *args):
+        traced.append((spec.tp_rank, spec.pp_rank))
+        return real(cfg, spec, *args)
+
+    monkeypatch.setattr(onnx_export, "rank_graph", counting)
+    out = export_artifact(checkpoint, tmp_path / "art", ExportOptions(tp=4, pp=2, dtype="float32",
+                                                                      max_seq_len=MAX_SEQ_LEN))
+    assert traced == [(0, 0), (0, 1)]
+    graphs = [onnx.load(str(out / f"rank{r}" / "model.onnx"), load_external_data=False) for r in range(8)]
+    starts = [numpy_helper.to_array(next(i for i in g.graph.initializer if i.name == "model.embed_tokens.vocab_start"))
+              for g in graphs[:4]]
+    assert [int(x) for x in starts] == [r * (load_manifest(out).config.vocab_size // 4) for r in range(4)]
+
+
 def test_force_replaces_an_artifact_with_a_byte_identical_export(hf_checkpoint, tmp_path_factory, tmp_path, capsys):
     checkpoint, _ = hf_checkpoint
     original = shared_artifact(tmp_path_factory, checkpoint)  # tp1, static, float32
@@ -313,13 +349,13 @@ def test_existing_out_without_force_raises_before_any_work(hf_checkpoint, tmp_pa
 def test_failure_mid_export_leaves_nothing_behind(hf_checkpoint, tmp_path, monkeypatch):
     checkpoint, _ = hf_checkpoint
     calls = []
-    real = onnx_export.attach_weights
+    real = onnx_export.attach_initializers
 
     def attach_then_die(*args, **kwargs):
         calls.append(real(*args, **kwargs))  # rank0/model.onnx.data is written in full first
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(onnx_export, "attach_weights", attach_then_die)
+    monkeypatch.setattr(onnx_export, "attach_initializers", attach_then_die)
     out = tmp_path / "art"
     with pytest.raises(RuntimeError, match="disk on fire"):
         export_artifact(checkpoint, out, ExportOptions(tp=1, dtype="float32", max_seq_len=MAX_SEQ_LEN))
@@ -373,7 +409,7 @@ def test_weight_file_holds_exactly_the_rank_parameters(hf_checkpoint, tmp_path_f
         spans = []
         for init in model.graph.initializer:
             if init.data_location != onnx.TensorProto.EXTERNAL:
-                assert init.name == "inv_freq"  # from the config, fp32, inline
+                assert init.name in rank_constants(cfg, spec)  # from the config and rank, inline
                 continue
             info = {e.key: e.value for e in init.external_data}
             offset, length = int(info["offset"]), int(info["length"])
@@ -478,12 +514,6 @@ def export_memory(tmp_path_factory):
 
 MB = 10**6
 OVERHEAD = 400 * MB  # torch.export + torch.onnx on a meta module, the traced graph
-MMAP_REASON = ("export/checkpoint.py keeps every safetensors file mmapped (Checkpoint._handles) for the "
-               "whole export and reads column slices (o_proj, down_proj, lm_head: axis-1 in "
-               "Checkpoint.read) through the map, which faults in the whole tensor: mapped file pages "
-               "count in RSS, so peak RSS grows by ~60 MB per layer and by all of lm_head (525 MB "
-               "here) instead of one slice; anonymous memory stays flat")
-
 
 @pytest.mark.slow
 def test_export_peak_rss_is_bounded_by_a_few_slices(export_memory):

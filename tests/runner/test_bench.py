@@ -59,6 +59,8 @@ def test_quick_bench_prints_one_table_and_matching_json(quick_run):
         "load: rank 0/8 weights",
         "load: checkpoint",
         "export: disk sequential write (64 MB os.write + fsync)",
+        "export: disk copy (cold read + write of the same file, fsync)",
+        "export: rank 0/8, 2 layers, bfloat16 (no cast): weight stream alone, (weights + fsync)",
         "export: rank 0/8, 1 layer, bfloat16 (no cast): wall",
         "export: rank 0/8, 2 layers, bfloat16 (no cast): peak RSS - baseline",
         "export: rank 0/8, 2 layers, bfloat16 (no cast): GB written / (wall + fsync)",
