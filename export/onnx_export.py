@@ -2,11 +2,11 @@
 
 Per rank: build the rank module on the meta device, `torch.export` it with meta inputs, convert
 with torch.onnx (dynamo) and keep the graph with no initializers — its nodes name the HF
-state-dict keys. Meanwhile every weight slice is read from the checkpoint in row blocks, cast
+state-dict keys. Then every weight slice is read from the checkpoint in row blocks, cast
 and appended to the rank's `model.onnx.data` (export/weight_stream.py), and an initializer
 pointing at (offset, length) is added per tensor. A few blocks are in memory at a time, so peak
-RSS does not grow with the model; for large exports the graphs are traced in a worker process
-(export/graph_worker.py) so tracing and streaming overlap.
+RSS does not grow with the model. One graph is traced per pipeline stage and copied for each of
+its TP ranks.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from tqdm import tqdm
 from export import cache_ops, collectives, fp8
 from export.calibrate import Calibration, calibrate
 from export.fp8 import QuantConfig
-from export.graph_worker import Graphs, worth_a_process
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
 from export.checkpoint import Checkpoint
 from export.config import LlamaConfig
@@ -266,7 +265,7 @@ def _spec_entries(values) -> tuple[TensorSpec, ...]:
 
 def rank_graph_proto(cfg: LlamaConfig, spec: RankSpec, options: ExportOptions) -> tuple[onnx.ModelProto, int]:
     """The finished rank graph without weights: traced, collectives rewritten, dims named.
-    Returns it and the number of DistCollective nodes (module level: runs in the worker)."""
+    Returns it and the number of DistCollective nodes."""
     with tempfile.TemporaryDirectory(prefix="llama405-trace-") as workdir:
         model = rank_graph(cfg, spec, options.model_options, TORCH_DTYPES[options.dtype], Path(workdir))
     n_collectives = collectives.rewrite_collectives(model, spec.tp_size) if spec.tp_size > 1 else 0
@@ -274,26 +273,41 @@ def rank_graph_proto(cfg: LlamaConfig, spec: RankSpec, options: ExportOptions) -
     return model, n_collectives
 
 
+class StageGraphs:
+    """One traced graph per pipeline stage, copied for each of its TP ranks (they differ only in
+    initializers: weight slices, vocab start, hidden columns)."""
+
+    def __init__(self, cfg: LlamaConfig, options: ExportOptions):
+        self.cfg, self.options = cfg, options
+        self._traced: dict[int, tuple[onnx.ModelProto, int]] = {}
+        self.trace_s = 0.0
+
+    def for_rank(self, spec: RankSpec) -> tuple[onnx.ModelProto, int]:
+        if spec.pp_rank not in self._traced:
+            started = time.perf_counter()
+            self._traced[spec.pp_rank] = rank_graph_proto(self.cfg, spec, self.options)
+            self.trace_s += time.perf_counter() - started
+        model, n_collectives = self._traced[spec.pp_rank]
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy, n_collectives
+
+
 def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, rank_dir: Path,
-                graphs: Graphs, input_scales: dict[str, float] | None = None,
+                graphs: StageGraphs, input_scales: dict[str, float] | None = None,
                 on_bytes: Callable[[int], None] = lambda n: None,
                 stats: dict[str, float] | None = None) -> tuple[RankEntry, dict]:
-    """Stream the rank's weights, then take its stage's graph from `graphs` (submitted under
-    spec.pp_rank: all TP ranks of a stage share one graph, their differences are initializers)."""
     cfg, dtype = checkpoint.config, TORCH_DTYPES[options.dtype]
     rank_dir.mkdir(parents=True)
-    # Traced here, the graph comes first: the tracer's transient memory is freed before the
-    # weight blocks are in flight, so the two peaks do not add up.
-    graph = None if graphs.in_background else graphs.result(spec.pp_rank)
+    # The graph first: the tracer's transient memory is freed before weight blocks are in
+    # flight, so the two peaks do not add up.
+    model, n_collectives = graphs.for_rank(spec)
     started = time.perf_counter()
     tensors = rank_module_blocks(checkpoint, spec, dtype, options.quant_config, input_scales, None, BLOCK_BYTES)
     written, data_sha = write_weights(tensors, rank_dir / DATA_FILE, on_bytes=on_bytes)
-    weights_done = time.perf_counter()
-    model, n_collectives, trace_s = graph or graphs.result(spec.pp_rank)
     if stats is not None:
-        stats["weights_s"] = stats.get("weights_s", 0.0) + weights_done - started
-        stats["graph_wait_s"] = stats.get("graph_wait_s", 0.0) + time.perf_counter() - weights_done
-        stats["trace_s"] = stats.get("trace_s", 0.0) + trace_s
+        stats["weights_s"] = stats.get("weights_s", 0.0) + time.perf_counter() - started
+        stats["trace_s"] = graphs.trace_s
     attach_initializers(model, written, cfg, spec)
     model.producer_name, model.producer_version = "llama405", _version()
     model.doc_string = (f"Llama 3.1 rank {spec.rank} (tp {spec.tp_rank}/{spec.tp_size}, "
@@ -380,15 +394,12 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
 def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: ExportOptions,
                     force: bool = False, progress: bool = False,
                     calibration_tokens: np.ndarray | None = None,
-                    calibration_source: str = "", trace_process: bool | None = None,
-                    stats: dict[str, float] | None = None) -> Path:
+                    calibration_source: str = "", stats: dict[str, float] | None = None) -> Path:
     """Write the artifact atomically: a temporary sibling renamed into place at the end.
 
     calibration_tokens [samples, seq] are used for FP8 activation scales when the checkpoint
     carries none (the CLI tokenizes --calib-text; export/ never imports the runner's tokenizer).
-    trace_process: trace graphs in a worker process (None: when the weights are large enough).
-    stats, if given, receives seconds spent: weights_s (streaming), trace_s (tracing, wherever it
-    ran), graph_wait_s (waiting for the worker after the weights were done).
+    stats, if given, receives the seconds spent streaming weights (weights_s) and tracing (trace_s).
     """
     out = Path(out)
     checkpoint = Checkpoint(checkpoint_dir)
@@ -404,16 +415,11 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
     total = sum(rank_bytes(checkpoint, s, dtype) for s in specs)
     check_disk(out.parent, total)
 
-    use_process = worth_a_process(total) if trace_process is None else trace_process
-    graphs = Graphs(use_process)
-    tmp = None
+    input_scales, fp8_info = resolve_input_scales(checkpoint, options, calibration_tokens,
+                                                  calibration_source, progress)
+    graphs = StageGraphs(cfg, options)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        stages = {spec.pp_rank: spec for spec in reversed(specs)}  # the first listed rank of each stage
-        for pp_rank, spec in sorted(stages.items()):  # a worker starts tracing now, beside the weights
-            graphs.submit(pp_rank, rank_graph_proto, cfg, spec, options)
-        input_scales, fp8_info = resolve_input_scales(checkpoint, options, calibration_tokens,
-                                                      calibration_source, progress)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         entries, files = [], {}
         with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="export") as bar:
             for spec in specs:
@@ -436,11 +442,8 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        graphs.close()
     return out
 
 

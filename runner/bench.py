@@ -313,7 +313,7 @@ def task_export(args: dict) -> dict:
                 os.close(fd)
     flush = time.perf_counter() - started
     return {"wall_s": wall, "flush_s": flush, "trace_s": stats.get("trace_s", 0.0),
-            "weights_s": stats.get("weights_s", 0.0), "graph_wait_s": stats.get("graph_wait_s", 0.0),
+            "weights_s": stats.get("weights_s", 0.0),
             "bytes": dir_bytes(out), "data_bytes": dir_bytes(out, ".onnx.data")}
 
 
@@ -779,10 +779,8 @@ def bench_load(ctx: Context) -> None:
 def _export_rows(ctx: Context, bench: str, what: str, m: dict, disk: dict | None) -> None:
     r, rss = m["result"], m["rss"]
     written = r["bytes"]
-    other = r["wall_s"] - r["weights_s"] - r["graph_wait_s"]
-    where = "in a worker process, beside the weights" if r["graph_wait_s"] or r["trace_s"] > other else "first"
     ctx.add(bench, f"{what}: wall", r["wall_s"], "s",
-            f"weights {r['weights_s']:.1f} s + graph trace {r['trace_s']:.1f} s ({where}) + save/check; "
+            f"weights {r['weights_s']:.1f} s + graph trace {r['trace_s']:.1f} s + save/check; "
             f"fsync afterwards {r['flush_s']:.1f} s")
     read = m.get("io", {}).get("read_bytes")
     if read is not None:
@@ -808,24 +806,28 @@ def _export_rows(ctx: Context, bench: str, what: str, m: dict, disk: dict | None
             + ": the part that grows with the model")
 
 
-def bench_export(ctx: Context) -> None:
-    disk = None
+def _disk_rows(ctx: Context) -> dict | None:
     size = 256 * 1024**2 if ctx.quick else 2 * 1024**3
-    log(f"export: disk sequential write/read speed ({size / GB:.1f} GB file in {ctx.workdir})")
+    log(f"export: disk sequential write/read/copy speed ({size / GB:.1f} GB file in {ctx.workdir})")
     try:
         disk = ctx.measure("export", "disk speed", "disk",
                            {"path": str(ctx.workdir / "disk-speed.tmp"), "bytes": size})["result"]
-        ctx.add("export", "disk sequential write (64 MB os.write + fsync)", disk["write_gbps"], "GB/s",
-                f"{disk['bytes'] / GB:.1f} GB file in the workdir: the yardstick")
-        ctx.add("export", "disk sequential read (cold, 64 MB reads)", disk["read_gbps"], "GB/s",
-                "the export reads the checkpoint from the same disk")
-        ctx.add("export", "disk copy (cold read + write of the same file, fsync)", disk["copy_gbps"], "GB/s",
-                "GB written per second when reads and writes share the disk: an I/O-bound export's ceiling")
     except MeasurementError as err:
         ctx.fail("export", "disk sequential write", err)
+        return None
+    ctx.add("export", "disk sequential write (64 MB os.write + fsync)", disk["write_gbps"], "GB/s",
+            f"{disk['bytes'] / GB:.1f} GB file in the workdir, measured after the exports: the yardstick")
+    ctx.add("export", "disk sequential read (cold, 64 MB reads)", disk["read_gbps"], "GB/s",
+            "the export reads the checkpoint from the same disk")
+    ctx.add("export", "disk copy (cold read + write of the same file, fsync)", disk["copy_gbps"], "GB/s",
+            "GB written per second when reads and writes share the disk: an I/O-bound export's ceiling")
+    return disk
+
+
+def bench_export(ctx: Context) -> None:
     width = "hidden 1024 (quick)" if ctx.quick else "405B width"
     runs = [(1, "bfloat16"), (2, "bfloat16")] + ([] if ctx.quick else [(2, "float16")])
-    peaks, heaps, results = {}, {}, {}
+    measured: dict[tuple[int, str], tuple[str, dict]] = {}
     for layers, dtype in runs:
         cfg = wide_config(layers, ctx.quick)
         ckpt = cached_checkpoint(ctx.workdir, f"405b-width-{layers}L{'-quick' if ctx.quick else ''}",
@@ -843,34 +845,28 @@ def bench_export(ctx: Context) -> None:
             continue
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        peaks[(layers, dtype)] = m["rss"]["peak_delta"]
-        heaps[(layers, dtype)] = m["rss"]["peak_anon"]
-        results[(layers, dtype)] = m["result"]
+        measured[(layers, dtype)] = (what, m)
+    all_ranks_run = None if ctx.quick else _export_all_ranks(ctx)
+    # The yardsticks last: the disk test's own writeback must not slow the first export.
+    disk = _disk_rows(ctx)
+    for what, m in measured.values():
         _export_rows(ctx, "export", what, m, disk)
-    one, two = results.get((1, "bfloat16")), results.get((2, "bfloat16"))
-    if one and two and disk:
-        # What one more layer costs: the trace and the embedding/lm_head cancel out.
-        extra_s = two["wall_s"] + two["flush_s"] - one["wall_s"] - one["flush_s"]
-        what = "marginal rate, 1 -> 2 layers (bf16): extra GB / extra (wall + fsync)"
-        if extra_s <= 0:
-            ctx.add("export", what, "not measurable: the 2-layer export was not slower (noise)")
-        else:
-            rate = (two["bytes"] - one["bytes"]) / GB / extra_s
-            ctx.add("export", what, rate, "GB/s",
-                    f"{100 * rate / disk['write_gbps']:.0f}% of sequential write, {100 * rate / disk['copy_gbps']:.0f}% "
-                    "of the copy rate: how the remaining layers of a real rank stream")
-    if not ctx.quick:
-        _bench_export_all_ranks(ctx, disk)
-    if (1, "bfloat16") in peaks and (2, "bfloat16") in peaks:
+    if all_ranks_run is not None:
+        what, m = all_ranks_run
+        ctx.add("export", f"{what}: graph traces", m["result"]["trace_s"], "s",
+                f"one trace for the stage, copied to its {TP_WIDE} ranks (was one per rank)")
+        _export_rows(ctx, "export", what, m, disk)
+    if (1, "bfloat16") in measured and (2, "bfloat16") in measured:
+        one, two = measured[(1, "bfloat16")][1]["rss"], measured[(2, "bfloat16")][1]["rss"]
         ctx.add("export", "peak RSS - baseline, 2 layers / 1 layer (bf16)",
-                ratio(peaks[(2, "bfloat16")], peaks[(1, "bfloat16")]), "x",
+                ratio(two["peak_delta"], one["peak_delta"]), "x",
                 f"flat in layers = 1.0 ({width}, TP{TP_WIDE} rank 0, cold page cache)")
         ctx.add("export", "peak heap (RssAnon), 2 layers / 1 layer (bf16)",
-                ratio(heaps[(2, "bfloat16")], heaps[(1, "bfloat16")]), "x",
+                ratio(two["peak_anon"], one["peak_anon"]), "x",
                 "the part of the peak that is not mapped checkpoint pages")
 
 
-def _bench_export_all_ranks(ctx: Context, disk: dict | None) -> None:
+def _export_all_ranks(ctx: Context) -> tuple[str, dict] | None:
     """All TP8 ranks of the 1-layer 405B-width checkpoint in one export: one trace serves them."""
     ckpt = cached_checkpoint(ctx.workdir, "405b-width-1L", wide_config(1, False), "bfloat16", created=ctx.created)
     out = ctx.scratch("export-wide-all")
@@ -878,17 +874,13 @@ def _bench_export_all_ranks(ctx: Context, disk: dict | None) -> None:
     what = f"all {TP_WIDE} ranks, 1 layer, bfloat16"
     log(f"export: TP{TP_WIDE} {what} of 405B width, cold page cache")
     try:
-        m = ctx.measure("export", what, "export", {"checkpoint": str(ckpt), "out": str(out),
-                                                  "options": {"tp": TP_WIDE, "dtype": "bfloat16"}})
+        return what, ctx.measure("export", what, "export", {"checkpoint": str(ckpt), "out": str(out),
+                                                           "options": {"tp": TP_WIDE, "dtype": "bfloat16"}})
     except MeasurementError as err:
         ctx.fail("export", what, err)
-        return
+        return None
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    r = m["result"]
-    ctx.add("export", f"{what}: graph traces", r["trace_s"], "s",
-            f"one trace for the stage, copied to its {TP_WIDE} ranks (was one per rank)")
-    _export_rows(ctx, "export", what, m, disk)
 
 
 def _peer_command(name: str, python: Path, ckpt: Path, out: Path) -> list[str]:

@@ -278,21 +278,6 @@ def test_an_export_in_another_process_is_byte_identical(hf_checkpoint, tmp_path_
     assert [name for name in a if a[name] != b[name]] == []
 
 
-def test_graphs_traced_in_a_worker_process_give_a_byte_identical_artifact(hf_checkpoint, tmp_path_factory,
-                                                                        tmp_path):
-    """Large exports trace in `python -m export.graph_worker` beside the weight stream; forced
-    here on a small one, the artifact must equal the in-process export byte for byte."""
-    checkpoint, _ = hf_checkpoint
-    original = shared_artifact(tmp_path_factory, checkpoint, tp=2, pp=2)
-    stats: dict[str, float] = {}
-    export_artifact(checkpoint, tmp_path / "art", ExportOptions(tp=2, pp=2, dtype="float32",
-                                                                max_seq_len=MAX_SEQ_LEN),
-                    trace_process=True, stats=stats)
-    a, b = all_files(original), all_files(tmp_path / "art")
-    assert sorted(a) == sorted(b) and [name for name in a if a[name] != b[name]] == []
-    assert stats["trace_s"] > 0 and stats["weights_s"] > 0
-
-
 def test_each_pipeline_stage_is_traced_once_for_all_its_tp_ranks(hf_checkpoint, tmp_path, monkeypatch):
     """TP ranks of a stage differ only in initializers (slices, vocab start, hidden columns)."""
     checkpoint, _ = hf_checkpoint
