@@ -995,9 +995,14 @@ def bench_peers(ctx: Context) -> None:
             if not key.endswith(f"-{layers}L"):
                 continue
             dtype = key.split("-")[0]
-            ctx.add("peers", f"wall, ours TP1 {dtype} / {title} fp32",
-                    ratio(m["proc"]["wall_s"], result["wall_s"]), "x",
-                    "; ".join(x for x in (target, "process wall, interpreter start included") if x))
+            # The peers leave writeback to the kernel; so does the comparison (the bench's own
+            # fsync after our export is taken out of our process wall).
+            r = m["result"]
+            ours_wall = m["proc"]["wall_s"] - r["flush_s"]
+            ctx.add("peers", f"wall, ours TP1 {dtype} / {title} fp32", ratio(ours_wall, result["wall_s"]), "x",
+                    "; ".join(x for x in (target, f"process wall, interpreter start included: ours {ours_wall:.1f} s "
+                                          f"(trace {r['trace_s']:.1f} s, weights {r['weights_s']:.1f} s), "
+                                          f"{name} {result['wall_s']:.1f} s") if x))
             ctx.add("peers", f"peak RSS, ours TP1 {dtype} / {title} fp32",
                     ratio(whole_peak(m["proc"]), whole_peak(result)), "x", "process-tree peaks")
 
