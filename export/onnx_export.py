@@ -41,6 +41,7 @@ from export.manifest import Manifest, RankEntry, TensorSpec, config_digest, file
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
                              stage_layers, tensor_slice, validate_parallelism)
+from export.graph_passes import fold_constant_arithmetic
 from export.stamp import stamp_layers, strip_metadata
 from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files
 from export.weight_stream import ALIGN, BLOCK_BYTES, WrittenTensor, write_weights
@@ -165,7 +166,8 @@ def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dt
         onnx_program.save(str(path), include_initializers=False)
     model = onnx.load(str(path), load_external_data=False)
     path.unlink()
-    return model
+    # TensorRT needs the exporter's shape/axes arithmetic as build-time constants.
+    return fold_constant_arithmetic(model)
 
 
 class _quiet_exporter:
@@ -227,6 +229,7 @@ def attach_initializers(model: onnx.ModelProto, written: list[WrittenTensor], cf
     initializer the graph reads must be provided, and nothing else."""
     wanted = {i for node in model.graph.node for i in node.input}
     wanted -= {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
+    wanted -= {t.name for t in model.graph.initializer}  # folded constants (export/graph_passes.py)
     wanted.discard("")
     # RoPE frequencies (fp32 whatever the dtype), this rank's vocab start and hidden columns.
     constants = rank_constants(cfg, spec)

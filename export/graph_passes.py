@@ -1,0 +1,47 @@
+"""Graph-only clean-up of a traced rank graph, before stamping: no weight is ever touched.
+
+torch.onnx with `optimize=False` (its optimizer cannot run on a meta-device graph) leaves the
+shape and axes arithmetic as `Reshape(Constant, Constant)`, `Cast(Constant)` and the like.
+TensorRT's ONNX parser needs some of those values at build time — a ReduceMean's axes must
+"resolve to a build-time constant" or the graph is rejected — so the subgraphs whose inputs are
+all constants are folded here, with onnxscript's constant folder (the one torch.onnx itself runs
+when it can). The graph has no weight initializers yet (they are attached from the checkpoint
+later), so only exporter-made constants can fold; the folder's size limits keep it that way.
+
+The folder turns folded values into initializers; they are small (axes, shapes, scalars) and are
+kept inline in model.onnx. Node name-scope metadata survives, so the stamper still finds the
+template layer's nodes; folded initializers are not nodes and stay shared between stamped layers
+(a folded value is the same in every layer).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+# The graph references weights that are not attached yet; onnx_ir warns about every one of them
+# when it deserializes. That is expected here, so those messages are kept out of the CLI output.
+_IR_LOGGERS = ("onnx_ir", "onnx_ir.serde", "onnxscript")
+# Largest constant a fold may produce: shape/axes arithmetic is tiny, anything bigger is not ours
+# to bake into the graph file.
+FOLD_OUTPUT_LIMIT = 1 << 16
+
+
+def fold_constant_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every all-constant subgraph folded and dead nodes removed."""
+    levels = [(name, logging.getLogger(name).level) for name in _IR_LOGGERS]
+    for name, _ in levels:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        ir_model = ir.serde.deserialize_model(model)
+        onnxscript.optimizer.fold_constants(ir_model, input_size_limit=FOLD_OUTPUT_LIMIT,
+                                            output_size_limit=FOLD_OUTPUT_LIMIT)
+        RemoveUnusedNodesPass()(ir_model)
+        return ir.serde.serialize_model(ir_model)
+    finally:
+        for name, level in levels:
+            logging.getLogger(name).setLevel(level)
