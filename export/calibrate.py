@@ -137,3 +137,14 @@ def read_calibration_text(path: str | Path | None) -> tuple[str, str]:
         return path.read_text(encoding="utf-8"), str(path)
     except UnicodeDecodeError as err:
         raise InputError(f"--calib-text {path}: not UTF-8 text ({err})") from None
+
+
+def checkpoint_calibration_tokens(checkpoint_dir: str | Path, text_path: str | Path | None, samples: int,
+                                  seq_len: int) -> tuple[np.ndarray, str]:
+    """([samples, seq_len] token windows, source) of the calibration text (None: the shipped
+    default), tokenized with the checkpoint's own tokenizer.model, else the bundled Llama 3 one."""
+    from export.tokenizer import Llama3Tokenizer
+    text, source = read_calibration_text(text_path)
+    model = Path(checkpoint_dir) / "tokenizer.model"
+    tokenizer = Llama3Tokenizer.from_path(model) if model.is_file() else Llama3Tokenizer.default()
+    return calibration_tokens(tokenizer.encode(text, bos=False), samples, seq_len), source

@@ -18,6 +18,7 @@ from export.config import LlamaConfig
 from export.errors import ArtifactError, ConfigError
 
 MANIFEST = "manifest.json"
+ENGINE_FILE = "engine.plan"  # rank{r}/engine.plan, written by `llama405 build`
 FORMAT = "llama405-artifact"
 FORMAT_VERSION = 1
 
@@ -42,6 +43,10 @@ class RankEntry:
     @property
     def onnx_path(self) -> str:
         return f"rank{self.rank}/model.onnx"
+
+    @property
+    def engine_path(self) -> str:
+        return f"rank{self.rank}/{ENGINE_FILE}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ __init__ imports heavy dependencies we do not install, so the directory is found
 import system's spec (which does not execute the package) rather than importlib.resources.
 
 The shipped files are Llama 3.2's, which name special tokens that 3.1 leaves unused
-differently (see runner/tokenizer.py); the 128000 BPE ranks, the pre-tokenizer and every id a
+differently (see export/tokenizer.py); the 128000 BPE ranks, the pre-tokenizer and every id a
 text model uses are the same. Two defects of the shipped JSON files are repaired on copy, so a
 checkpoint or artifact never carries them:
 - tokenizer.json has `"ignore_merges": false`. Llama 3's BPE (tiktoken, and Meta's own

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="a .npy file")
 
     parity_cli.add_parser(sub)
-    engines_cli.add_parsers(sub)  # build, plan
+    engines_cli.add_parsers(sub)  # build, plan, inspect
 
     p = sub.add_parser("tokenize", help="print the token ids of a text as JSON")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model or its directory (default: bundled Llama 3)")
@@ -118,16 +118,12 @@ def export_options(args):
 
 
 def calibration_input(args):
-    """(tokens [samples, seq] or None, source) for an FP8 export; the tokenizer lives here, in
-    the runner, so export/ never imports it."""
+    """(tokens [samples, seq] or None, source) for an FP8 export."""
     if args.quant != "fp8" or args.calib_text == "none":
         return None, ""
-    from export.calibrate import calibration_tokens, read_calibration_text
-    from runner.tokenizer import Llama3Tokenizer
-    text, source = read_calibration_text(None if args.calib_text == "default" else args.calib_text)
-    tokenizer = (Llama3Tokenizer.from_path(args.checkpoint / "tokenizer.model")
-                 if (args.checkpoint / "tokenizer.model").is_file() else Llama3Tokenizer.default())
-    return calibration_tokens(tokenizer.encode(text, bos=False), args.calib_samples, args.calib_seq_len), source
+    from export.calibrate import checkpoint_calibration_tokens
+    return checkpoint_calibration_tokens(args.checkpoint, None if args.calib_text == "default" else args.calib_text,
+                                         args.calib_samples, args.calib_seq_len)
 
 
 def cmd_export(args) -> int:
@@ -193,7 +189,7 @@ def _is_primary(backend) -> bool:
 
 
 def _tokenizer_for(args):
-    from runner.tokenizer import Llama3Tokenizer
+    from export.tokenizer import Llama3Tokenizer
     if args.tokenizer is not None:
         return Llama3Tokenizer.from_path(args.tokenizer)
     source = args.checkpoint or args.artifact
@@ -256,14 +252,14 @@ def cmd_logits(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from runner.tokenizer import token_ids_for_cli
+    from export.tokenizer import token_ids_for_cli
     print(json.dumps(token_ids_for_cli(args.tokenizer, args.text, args.chat)))
     return 0
 
 
 COMMANDS = {"synth": cmd_synth, "export": cmd_export, "generate": cmd_generate, "logits": cmd_logits, "parity": parity_cli.run,
-            "tokenize": cmd_tokenize, "plan": engines_cli.run_plan,
-            "build": lambda args: engines_cli.run_build(args, calibration_input=calibration_input)}
+            "tokenize": cmd_tokenize, "plan": engines_cli.run_plan, "inspect": engines_cli.run_inspect,
+            "build": engines_cli.run_build}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -446,7 +446,7 @@ def open_parity_backend(kind: str, artifact: Path, reference: Path | None = None
     ort    the artifact's rank graphs in onnxruntime
     torch  the eager PyTorch model over the artifact's own weights, or over the checkpoint
            `reference` (same tp/pp/dtype/kv-cache/max-seq-len as the artifact) when given
-    trt    TensorRT engines (rank{r}/engine.plan); needs TensorRT >= 10.16 and a GPU
+    trt    TensorRT engines (rank{r}/engine.plan) with the runtime of the flavour that built them, on a GPU
     """
     artifact = Path(artifact)
     if kind == "ort":
@@ -470,12 +470,15 @@ def check_backend_available(kind: str, artifact: Path) -> None:
         return
     from export.manifest import load_manifest
     manifest = load_manifest(artifact)
-    missing = [f"rank{e.rank}/engine.plan" for e in manifest.ranks
-               if not (artifact / f"rank{e.rank}" / "engine.plan").is_file()]
+    missing = [e.engine_path for e in manifest.ranks if not (artifact / e.engine_path).is_file()]
     if missing:
         raise InputError(f"--a/--b trt needs TensorRT engines, but {artifact} lacks {', '.join(missing)}; "
                          "build them with `llama405 build` (or `build-engine`) on a GPU machine "
                          "with TensorRT >= 10.16, or compare --a ort --b torch")
+    from export.trt_flavours import why_engines_cannot_run
+    why = why_engines_cannot_run(manifest.extra.get("engines") or {})
+    if why is not None:
+        raise InputError(f"--a/--b trt: {why}; compare --a ort --b torch on this machine")
 
 
 def _reference_backend(artifact: Path, reference: Path) -> Backend:

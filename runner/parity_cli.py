@@ -82,7 +82,7 @@ def prompt_tokens(args, manifest) -> tuple[list[int], str]:
         ids = parse_token_ids(args.tokens)
         check_tokens(ids, vocab)
         return ids, "--tokens"
-    from runner.tokenizer import Llama3Tokenizer
+    from export.tokenizer import Llama3Tokenizer
     if args.prompt is None and vocab < Llama3Tokenizer.default().vocab_size:
         # A synthetic model with a toy vocabulary cannot take real text; any ids exercise the
         # same arithmetic, and a fixed seed keeps reports comparable run to run.

@@ -39,27 +39,27 @@ import numpy as np
 
 from export.errors import ArtifactError, InputError
 from export.manifest import Manifest, load_manifest
+from export.trt_flavours import flavour as trt_flavour
+from export.trt_flavours import why_engines_cannot_run
 from export.sharding import kv_heads_local
 from runner.backends.base import check_feed, gather_cache, past_len
 
-ENGINE_FILE = "engine.plan"
 _CAPSULE_NAME = b"ncclComm_t"  # module-level: the capsule keeps a pointer to this name
 
 
-def _require_runtime():
-    """(tensorrt, torch) or InputError naming what is missing."""
-    try:
-        import tensorrt as trt
-    except Exception as err:  # noqa: BLE001 — ImportError, or a stub package failing at import
-        raise InputError(f"--backend trt needs TensorRT (import tensorrt failed: {err}); install it on a GPU "
-                         "machine (pip install '.[gpu]') or use --backend ort on the same artifact") from None
-    if not hasattr(trt, "Runtime"):
-        raise InputError("--backend trt: the installed `tensorrt` package has no runtime (a stub?); install "
-                         "TensorRT >= 10.16 from NVIDIA")
+def _require_runtime(directory: Path, section: dict):
+    """(TensorRT module of the engines' flavour, torch), or InputError saying why this machine
+    cannot run them (flavour not installed, no GPU, another GPU architecture)."""
+    chosen = trt_flavour(section.get("flavour", "tensorrt"))
+    trt = chosen.import_module()
+    if trt is None or not hasattr(trt, "Runtime"):
+        raise InputError(f"--backend trt: {directory}'s engines were built with {chosen.title}, which is not "
+                         f"importable here; install {chosen.pip}, or use --backend ort on the same artifact")
+    why = why_engines_cannot_run(section)
+    if why is not None:
+        raise InputError(f"--backend trt: {why}; run them on such a GPU, rebuild them here with "
+                         f"`llama405 build --artifact {directory}`, or use --backend ort on the same artifact")
     import torch
-    if not torch.cuda.is_available():
-        raise InputError("--backend trt needs a CUDA GPU and a CUDA build of PyTorch "
-                         f"(torch {torch.__version__}: torch.cuda.is_available() is False)")
     return trt, torch
 
 
@@ -91,8 +91,9 @@ class RankEngine:
         self.trt, self.torch, self.rank, self.device = trt, torch, rank, torch.device("cuda", device)
         self.entry = manifest.rank(rank)
         self.kv_cache = manifest.kv_cache
-        meta = ((manifest.extra.get("engines") or {}).get("ranks") or {}).get(str(rank))
-        path = directory / f"rank{rank}" / ENGINE_FILE
+        section = manifest.extra.get("engines") or {}
+        meta = (section.get("ranks") or {}).get(str(rank))
+        path = directory / self.entry.engine_path
         if meta is None or not path.is_file():
             raise ArtifactError(f"{path}: no TensorRT engine for rank {rank}; build it with `llama405 build "
                                 f"--artifact {directory}` on a GPU machine with TensorRT")
@@ -107,12 +108,14 @@ class RankEngine:
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
                 self.engine = self.runtime.deserialize_cuda_engine(plan)  # py::buffer: no copy of the plan
             if self.engine is None:
-                raise ArtifactError(f"{path}: TensorRT {trt.__version__} could not deserialize it (built with "
-                                    f"TensorRT {meta.get('tensorrt')} for {meta.get('gpu')} SM{meta.get('sm')}); "
+                built_for = section.get("targets") or section.get("gpu")
+                raise ArtifactError(f"{path}: {trt.__name__} {trt.__version__} could not deserialize it (built with "
+                                    f"{section.get('flavour')} {section.get('version')} for {built_for}); "
                                     f"rebuild with `llama405 build --artifact {directory}` on this machine")
-            if "STRIP_PLAN" in meta.get("flags", []):
+            flags = section.get("flags", [])
+            if "STRIP_PLAN" in flags:
                 self._refit_from_onnx(directory / self.entry.onnx_path)
-            if "WEIGHT_STREAMING" in meta.get("flags", []):
+            if "WEIGHT_STREAMING" in flags:
                 budget = weight_streaming_budget
                 if budget is None:
                     budget = self.engine.get_weight_streaming_automatic_budget()
@@ -261,17 +264,18 @@ class TrtBackend:
                  weight_streaming_budget: int | None = None):
         """world: a runner.dist.ProcessWorld when each process serves one rank (torchrun, required for
         tp > 1); None runs every rank of a tp == 1 artifact in this process."""
-        trt, torch = _require_runtime()
-        self.trt, self.torch = trt, torch
         self.directory = Path(artifact)
         manifest = load_manifest(self.directory, only=[])
+        section = manifest.extra.get("engines")
+        if not section:
+            raise ArtifactError(f"{self.directory}: no TensorRT engines in this artifact; build them with "
+                                f"`llama405 build --artifact {self.directory}` (--trt tensorrt on the GPU they are for)")
+        trt, torch = _require_runtime(self.directory, section)
+        self.trt, self.torch = trt, torch
         ranks = [world.rank] if world is not None else [e.rank for e in manifest.ranks]
         mine = [f for r in ranks for f in manifest.files if f.startswith(f"rank{r}/")]
         self.manifest = load_manifest(self.directory, verify_hashes=verify_hashes, only=mine)
         m = self.manifest
-        if not m.extra.get("engines"):
-            raise ArtifactError(f"{self.directory}: no TensorRT engines in this artifact; build them with "
-                                f"`llama405 build --artifact {self.directory}` on a GPU machine with TensorRT")
         if world is None and m.tp > 1:
             raise InputError(f"a tp {m.tp} TensorRT artifact runs one process per rank (its all-reduces are NCCL "
                              f"collectives inside the engines): torchrun --nproc-per-node {m.tp * m.pp} -m runner.cli "

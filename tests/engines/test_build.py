@@ -17,8 +17,9 @@ import onnx
 import pytest
 
 from engines import cli
-from engines.build import (BuildOptions, MissingRequirement, artifact_differences, optimization_profiles,
-                           parse_size, preflight, profile_shapes)
+from engines.build import MissingRequirement, preflight
+from engines.flow import artifact_differences
+from engines.profiles import BuildOptions, optimization_profiles, parse_size, profile_shapes
 from engines.plan import weights_bytes
 from export.errors import ArtifactError, InputError
 from export.manifest import RankEntry, TensorSpec, load_manifest
@@ -98,11 +99,12 @@ def test_build_options_validation():
 def test_preflight_here_reports_tensorrt_and_gpu():
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
-    missing = preflight("none", tp=2)
+    missing = preflight("tensorrt", "none", tp=2)
     assert any("TensorRT is not importable" in m and "10.16" in m for m in missing)
     assert any("GPU" in m for m in missing) or _has_gpu()
     message = str(MissingRequirement(missing, Path("ART")))
-    assert "\n" not in message and "build-engine --artifact ART" in message
+    assert "\n" not in message and "build-engine --artifact ART --trt tensorrt" in message and "--trt rtx" in message
+    assert preflight("rtx", "fp8", tp=8) == []  # TensorRT-RTX builds here, GPU or not
 
 
 def _has_gpu() -> bool:
@@ -208,16 +210,8 @@ def test_bad_invocations_exit_2(tiny, capsys):
     assert "fixed in the graph" in capsys.readouterr().err  # checked before preflight
 
 
-def test_standalone_build_engine_cannot_calibrate_fp8(tiny, tmp_path, capsys):
-    checkpoint, _ = tiny
-    argv = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "fp8"), "--quant", "fp8", "--stage", "onnx"]
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "llama405 build" in err and "tokenize" in err and not (tmp_path / "fp8").exists()
-
-
 def test_fp8_differences_name_recipe_and_calibration(tiny):
-    from engines.build import CalibrationRequest
+    from engines.flow import CalibrationRequest
     cfg = tiny_config()
     from export.manifest import Manifest
     info = {"recipe": "default", "exclude": [], "scales_from": "calibration",
@@ -241,35 +235,35 @@ def test_planner_weights_match_the_exported_bytes(tiny):
     """engines/plan.py's count equals what the exporter wrote for the rank (fp16, no padding)."""
     _, artifact = tiny
     model = onnx.load(str(artifact / "rank0" / "model.onnx"), load_external_data=False)
+    from export.model import rank_constants
+    constants = rank_constants(tiny_config(), RankSpec(0, 1))  # inline; the folded shape constants are not weights
     total = 0
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             total += int({e.key: e.value for e in init.external_data}["length"])
-        else:
+        elif init.name in constants:
             total += len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
     assert total == weights_bytes(tiny_config(), RankSpec(0, 1), "none", "float16")
 
 
-def test_trt_backend_refuses_cleanly_without_tensorrt(tiny):
-    if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("tensorrt is installed here")
+def test_trt_backend_refuses_an_artifact_without_engines(tiny):
     from runner.backends.trt import TrtBackend
     _, artifact = tiny
-    with pytest.raises(InputError, match="TensorRT"):
+    with pytest.raises(ArtifactError, match="no TensorRT engines.*llama405 build"):
         TrtBackend(artifact)
 
 
 # -- on a GPU machine with TensorRT ----------------------------------------------------------
 
 def _gpu_skip_reason() -> str | None:
-    missing = preflight("none", tp=1)
+    missing = preflight("tensorrt", "none", tp=1)
     return "; ".join(missing) if missing else None
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_skip_reason() is not None, reason=f"needs TensorRT and an NVIDIA GPU: {_gpu_skip_reason()}")
 def test_tp1_engine_matches_onnxruntime(tiny, tmp_path):
-    from engines.build import BuildOptions, build_engines
+    from engines.build import build_engines
     from runner.backends.base import make_feed
     from runner.backends.ort import OrtBackend
     from runner.backends.trt import TrtBackend

@@ -18,7 +18,8 @@ from export.collectives import (
     rewrite_collectives,
 )
 from export.errors import ShardingError
-from export.trt_support import trt_compatibility_problems
+from export.trt_support import silent_trt_problems
+from tests.trt_parser import parsed_model_layers
 
 TP_SIZE = 4
 
@@ -152,19 +153,19 @@ def test_rewrite_rejects_bad_tp_size():
             rewrite_collectives(onnx.ModelProto(), bad)
 
 
-# --------------------------------------------------------------------------- TensorRT allowlist
+# --------------------------------------------------------------------------- NVIDIA's parser
 
 
-def test_rewritten_toy_is_trt_compatible(exported):
+def test_rewritten_toy_parses_into_dist_collective_layers(exported):
     model = onnx.ModelProto()
     model.CopyFrom(exported[0])
-    rewrite_collectives(model, TP_SIZE)
-    assert trt_compatibility_problems(model) == []
+    n = rewrite_collectives(model, TP_SIZE)
+    assert parsed_model_layers(model).get("DIST_COLLECTIVE") == n > 0
 
 
-def test_placeholder_left_in_graph_is_flagged(exported):
-    problems = trt_compatibility_problems(exported[0])
-    assert len(problems) == 2 and all("rewrite_collectives" in p for p in problems)
+def test_placeholder_left_in_graph_is_refused_by_the_parser(exported):
+    with pytest.raises(AssertionError, match="AllReduce"):
+        parsed_model_layers(exported[0])
 
 
 def _tiny(nodes, inputs, outputs, initializers=(), opset=24):
@@ -172,47 +173,17 @@ def _tiny(nodes, inputs, outputs, initializers=(), opset=24):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)] if opset else [])
 
 
-def _vi(name, dtype=TensorProto.FLOAT, shape=(4,)):
+def _vi(name, dtype=TensorProto.FLOAT, shape=(1, 2, 3, 4)):
     return helper.make_tensor_value_info(name, dtype, list(shape))
 
 
-def test_unsupported_op_is_flagged():
-    model = _tiny([helper.make_node("Unique", ["x"], ["y"])], [_vi("x")], [_vi("y")])
-    problems = trt_compatibility_problems(model)
-    assert len(problems) == 1 and "Unique" in problems[0]
-
-
-def test_float64_initializer_is_flagged():
-    import numpy as np
-
-    weight = numpy_helper.from_array(np.ones(4, dtype=np.float64), "w")
-    model = _tiny([helper.make_node("Add", ["x", "w"], ["y"])], [_vi("x", TensorProto.DOUBLE)],
-                  [_vi("y", TensorProto.DOUBLE)], [weight])
-    problems = trt_compatibility_problems(model)
-    assert any("initializer 'w'" in p and "DOUBLE" in p for p in problems)
-    assert any("input 'x'" in p for p in problems)
-
-
-def test_old_or_missing_opset_is_flagged():
-    nodes, ins, outs = [helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [_vi("y")]
-    assert any("below 23" in p for p in trt_compatibility_problems(_tiny(nodes, ins, outs, opset=21)))
-    assert any("no default-domain opset" in p for p in trt_compatibility_problems(_tiny(nodes, ins, outs, opset=None)))
-
-
-def test_subgraphs_are_walked():
-    then_branch = helper.make_graph([helper.make_node("Unique", ["x"], ["t"])], "then", [], [_vi("t")])
-    else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [_vi("e")])
-    node = helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)
-    model = _tiny([node], [_vi("c", TensorProto.BOOL, ()), _vi("x")], [_vi("y")])
-    problems = trt_compatibility_problems(model)
-    assert len(problems) == 2  # If is not a Llama op; Unique inside the branch is found too
-    assert any("then_branch" in p and "Unique" in p for p in problems)
-
-
-def test_attention_with_kv_inputs_is_flagged():
-    shape4 = (1, 2, 3, 4)
-    ins = [_vi(n, shape=shape4) for n in ("q", "k", "v", "pk", "pv")]
-    node = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "present_k", "present_v"])
-    model = _tiny([node], ins, [_vi("y", shape=shape4), _vi("present_k", shape=shape4), _vi("present_v", shape=shape4)])
-    problems = trt_compatibility_problems(model)
-    assert any("past_key" in p for p in problems) and any("present_key" in p for p in problems)
+def test_silent_attention_rules_are_flagged():
+    """What TensorRT parses but runs differently from ONNX (export/trt_support.py)."""
+    ins = [_vi(n) for n in ("q", "k", "v")] + [_vi("lens", TensorProto.INT64, (1,))]
+    causal = helper.make_node("Attention", ["q", "k", "v"], ["y"], name="causal", is_causal=1)
+    nonpad = helper.make_node("Attention", ["q", "k", "v", "", "", "", "lens"], ["z"], name="nonpad")
+    masked = helper.make_node("Attention", ["q", "k", "v"], ["w"], name="masked", is_causal=0)
+    problems = silent_trt_problems(_tiny([causal, nonpad, masked], ins, [_vi("y"), _vi("z"), _vi("w")]))
+    assert len(problems) == 2
+    assert problems[0].startswith("causal: ") and "upper-left" in problems[0]
+    assert problems[1].startswith("nonpad: ") and "nonpad_kv_seqlen" in problems[1]

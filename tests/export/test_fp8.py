@@ -35,7 +35,7 @@ from export.errors import CheckpointError
 from export.fp8 import QuantConfig
 from export.manifest import load_manifest
 from export.onnx_export import ExportOptions, export_artifact
-from export.trt_support import trt_compatibility_problems
+from tests.trt_parser import parsed_layers
 from runner.backends.base import make_feed
 from runner.backends.ort import OrtBackend
 from runner.backends.torch import TorchBackend
@@ -495,7 +495,10 @@ def test_qdq_graph_pattern(dtype, request):
             assert [u.op_type for u in users] == ["DequantizeLinear"], init.name
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert inits[name].data_type == ONNX_COMPUTE[dtype], name
-    assert trt_compatibility_problems(model) == []
+    # NVIDIA's parser: a QUANTIZE per GEMM input, a DEQUANTIZE per FP8 weight and per GEMM input.
+    layers, dtypes = parsed_layers(art / "rank0" / "model.onnx")
+    assert layers["QUANTIZE"] == len(quantized) and layers["DEQUANTIZE"] == 2 * len(quantized)
+    assert dtypes["QUANTIZE"] == {"FP8": len(quantized)}
 
 
 # -- calibration --------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-import runner.tokenizer as tokenizer_module
+import export.tokenizer as tokenizer_module
 from export.errors import ConfigError, InputError
 from export.tokenizer_files import (TOKENIZER_FILES, TOKENIZER_MODEL_SHA256,
                                     copy_tokenizer_files, default_tokenizer_dir)
-from runner.tokenizer import Llama3Tokenizer, token_ids_for_cli
+from export.tokenizer import Llama3Tokenizer, token_ids_for_cli
 
 GOLDEN = {
     "english": ("Hello, world! The quick brown fox jumps over the lazy dog.",

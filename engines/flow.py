@@ -1,0 +1,186 @@
+"""Checkpoint or artifact -> artifact (+ engines): the `build` command's flow.
+
+Export the ONNX artifact if needed (or reuse one whose manifest matches the request and whose
+hashes verify), then check the chosen TensorRT flavour (`engines.build.preflight`). When
+something is missing the ONNX stage is done and `MissingRequirement` says what is missing and
+how to go on (the CLI turns it into one line and exit code 3); otherwise every rank's engine is
+built (`engines.build.build_engines`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engines.build import BuildOptions, MissingRequirement, build_engines, describe_flavour, preflight
+from export.errors import ArtifactError, InputError
+from export.manifest import MANIFEST, Manifest, load_manifest
+from export.trt_flavours import flavour as trt_flavour
+
+
+@dataclasses.dataclass
+class BuildResult:
+    artifact: Path
+    exported: bool
+    reused: bool
+    stage: str
+    engines: dict | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"artifact": str(self.artifact), "exported": self.exported, "reused": self.reused,
+                "stage": self.stage, "engines": self.engines}
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationRequest:
+    """FP8 activation calibration as requested on the command line: `text` (a file, or None for
+    the shipped default) tokenized into `samples` windows of `seq_len` tokens. `source` is what
+    an existing artifact's manifest is compared with."""
+
+    source: str
+    samples: int
+    seq_len: int
+    text: str | None = None
+
+
+def artifact_differences(manifest: Manifest, config, options,
+                         calibration: CalibrationRequest | None = None) -> list[str]:
+    """How an existing artifact differs from what `options` (ExportOptions) would export."""
+    diffs = []
+    if manifest.config != config:
+        diffs.append("the model config differs from the checkpoint's")
+    for field in ("tp", "pp", "dtype", "quant", "kv_cache", "max_batch", "max_seq_len", "logits"):
+        have, want = getattr(manifest, field), getattr(options, field)
+        if have != want:
+            diffs.append(f"{field.replace('_', '-')} {have} (requested {want})")
+    wanted_ranks = sorted(options.ranks) if options.ranks is not None else list(range(options.tp * options.pp))
+    have_ranks = sorted(e.rank for e in manifest.ranks)
+    if have_ranks != wanted_ranks:
+        diffs.append(f"ranks {have_ranks} (requested {wanted_ranks})")
+    if manifest.quant == "fp8" and options.quant == "fp8":
+        diffs += _fp8_differences(manifest, config, options, calibration)
+    return diffs
+
+
+def _fp8_differences(manifest: Manifest, config, options, calibration: CalibrationRequest | None) -> list[str]:
+    info = manifest.extra.get("fp8") or {}
+    diffs = []
+    if info.get("recipe", "default") != options.fp8_recipe:
+        diffs.append(f"fp8-recipe {info.get('recipe')} (requested {options.fp8_recipe})")
+    wanted = list(options.quant_config.patterns(config.num_hidden_layers))
+    if list(info.get("exclude", [])) != wanted:
+        diffs.append(f"fp8 exclusions {info.get('exclude')} (requested {wanted})")
+    if info.get("scales_from") == "calibration":
+        had = info.get("calibration") or {}
+        if calibration is None:
+            diffs.append("activation scales from calibration (requested --calib-text none)")
+        else:
+            for key in ("source", "samples", "seq_len"):
+                if had.get(key) != getattr(calibration, key):
+                    diffs.append(f"calibration {key} {had.get(key)!r} (requested {getattr(calibration, key)!r})")
+    return diffs
+
+
+def prepare_artifact(checkpoint: Path, out: Path, export_options, force: bool = False, progress: bool = False,
+                     log: Callable[[str], None] = print,
+                     calibration: CalibrationRequest | None = None) -> tuple[Path, bool]:
+    """Export `checkpoint` to `out`, or reuse `out` when its manifest matches the request and
+    every file's sha256 verifies. Returns (artifact, exported)."""
+    from export.checkpoint import Checkpoint
+    from export.onnx_export import export_artifact
+    out = Path(out)
+    if out.exists() and not force:
+        if not (out / MANIFEST).is_file():
+            raise ArtifactError(f"{out}: exists but is not a finished artifact (no {MANIFEST}); pass --force to "
+                                "replace it or choose another --out")
+        manifest = load_manifest(out, only=[])
+        diffs = artifact_differences(manifest, Checkpoint(checkpoint).config, export_options, calibration)
+        if diffs:
+            raise ArtifactError(f"{out}: an artifact from other export options is there ({'; '.join(diffs)}); "
+                                "pass --force to re-export it or choose another --out")
+        try:
+            load_manifest(out, verify_hashes=True, only=_onnx_files(manifest))
+        except ArtifactError as err:
+            raise ArtifactError(f"{err} (or pass --force to re-export)") from None
+        log(f"reusing {out}: its manifest matches the requested export options and every ONNX file's "
+            "sha256 verifies (pass --force to re-export)")
+        return out, False
+    log(f"exporting {checkpoint} -> {out} (tp {export_options.tp} x pp {export_options.pp}, "
+        f"{export_options.dtype}, {export_options.kv_cache} KV cache)")
+    tokens, source = _calibration_tokens(Checkpoint(checkpoint), export_options, calibration)
+    export_artifact(checkpoint, out, export_options, force=force, progress=progress,
+                    calibration_tokens=tokens, calibration_source=source)
+    return out, True
+
+
+def _calibration_tokens(checkpoint, export_options, calibration: CalibrationRequest | None) -> tuple[Any, str]:
+    if export_options.quant != "fp8" or calibration is None:
+        return None, ""
+    from export.calibrate import checkpoint_calibration_tokens
+    from export.rank_tensors import checkpoint_input_scales
+    if checkpoint_input_scales(checkpoint):
+        return None, ""  # a pre-quantized checkpoint carries its own input_scale tensors
+    return checkpoint_calibration_tokens(checkpoint.directory, calibration.text, calibration.samples,
+                                         calibration.seq_len)
+
+
+def _onnx_files(manifest: Manifest) -> list[str]:
+    """Files the export wrote (engines are verified separately, against their own metadata)."""
+    engines = {m.get("file") for m in (manifest.extra.get("engines") or {}).get("ranks", {}).values()}
+    return [rel for rel in manifest.files if rel not in engines]
+
+
+def build(*, checkpoint: Path | None = None, artifact: Path | None = None, out: Path | None = None,
+          export_options=None, build_overrides: dict[str, Any] | None = None, stage: str = "engine",
+          force: bool = False, progress: bool = False, log: Callable[[str], None] = print,
+          calibration: CalibrationRequest | None = None) -> BuildResult:
+    """Checkpoint or artifact -> artifact (+ engines). Raises MissingRequirement after the ONNX
+    stage when the chosen TensorRT flavour (or, for `tensorrt`, the GPU) is missing."""
+    if (checkpoint is None) == (artifact is None):
+        raise InputError("pass exactly one of --checkpoint CKPT (with --out ART) or --artifact ART")
+    if stage not in ("onnx", "engine"):
+        raise InputError(f"--stage {stage!r}: choose onnx or engine")
+    overrides = dict(build_overrides or {})
+    trt_flavour(overrides.get("flavour") or "tensorrt")  # a bad --trt is refused before any export
+    if checkpoint is not None:
+        if out is None:
+            raise InputError("--checkpoint needs --out ART (the artifact directory to create or reuse)")
+        directory, exported = prepare_artifact(Path(checkpoint), Path(out), export_options, force, progress, log,
+                                               calibration)
+    else:
+        directory, exported = Path(artifact), False
+    result = BuildResult(directory, exported=exported, reused=not exported, stage="onnx")
+    if stage == "onnx":
+        if artifact is not None:
+            _verify(directory, log)
+        return result
+    manifest = load_manifest(directory, only=[])
+    options = BuildOptions.for_artifact(manifest, **overrides)
+    missing = preflight(options.flavour, manifest.quant, manifest.tp, options.workers)
+    if missing:
+        raise MissingRequirement(missing, directory, options.flavour)
+    log(describe_flavour(options))
+    if artifact is not None:
+        _verify(directory, log)  # here, not earlier: hashing a 405B artifact reads every byte
+    result.engines = build_engines(directory, options, log=log)
+    result.stage = "engine"
+    return result
+
+
+def _verify(directory: Path, log: Callable[[str], None]) -> None:
+    load_manifest(directory, verify_hashes=True, only=_onnx_files(load_manifest(directory, only=[])))
+    log(f"using {directory}: every ONNX file's sha256 verifies")
+
+
+def describe(result: BuildResult) -> str:
+    if result.engines is None:
+        return f"ONNX artifact ready at {result.artifact} ({'exported' if result.exported else 'reused'})"
+    section = result.engines
+    ranks = section["ranks"]
+    total = sum(m["size"] for m in ranks.values())
+    title = trt_flavour(section["flavour"]).title
+    where = f"for {', '.join(section['targets'])}" if section.get("targets") else f"for {section.get('gpu', {}).get('name')}"
+    return (f"built {len(ranks)} engine(s) in {result.artifact} with {title} {section['version']} {where}: "
+            f"{total / 2**30:.2f} GiB")

@@ -1,0 +1,44 @@
+"""NVIDIA's ONNX parser (TensorRT-RTX, installed by `make setup`) as the tests' oracle of what
+TensorRT makes of a graph: parse from a file or from bytes, and the parsed network's layer counts.
+
+TensorRT-RTX is a hard requirement of the suite, never a skip: without it nothing would check
+that the graphs we ship parse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import tensorrt_rtx_bindings as trt
+
+from engines.build import EngineBuildError, make_logger, parse_rank
+from engines.inspect import layer_summary
+from export.manifest import load_manifest
+
+
+def parsed_layers(onnx_path: Path) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """(layer-type counts, key layers' output dtypes); AssertionError with the parser's message."""
+    try:
+        _builder, network, _parser = parse_rank(trt, Path(onnx_path), make_logger(trt))
+    except EngineBuildError as err:
+        raise AssertionError(str(err)) from None
+    return layer_summary(trt, network)
+
+
+def parsed_model_layers(model: onnx.ModelProto) -> dict[str, int]:
+    """Layer-type counts of an in-memory model (weights inline)."""
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse(model.SerializeToString())
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    assert ok, errors
+    return layer_summary(trt, network)[0]
+
+
+def assert_artifact_parses(artifact: Path) -> dict[int, dict[str, int]]:
+    """Every rank graph parses; returns {rank: layer counts}."""
+    manifest = load_manifest(artifact, only=[])
+    return {e.rank: parsed_layers(Path(artifact) / e.onnx_path)[0] for e in manifest.ranks}
