@@ -33,9 +33,12 @@ demo: setup
 	@echo "== 5/6 fidelity: the FP8 artifact (ONNX Runtime) vs the unquantized checkpoint (PyTorch)"
 	$(CLI) parity --artifact $(DEMO)/artifact --a ort --b torch --reference $(DEMO)/checkpoint \
 		--prompt "$(PROMPT)" --steps 8 --report $(DEMO)/fidelity.json
-	@echo "== 6/6 TensorRT engines from the same artifact (exit 3 = TensorRT/GPU not on this machine)"
-	@$(CLI) build --artifact $(DEMO)/artifact; rc=$$?; \
-	if [ $$rc -eq 3 ]; then echo "(skipped the engine stage: see the line above)"; \
+	@echo "== 6/6 TensorRT engines from the same artifact: TensorRT-RTX here (no GPU needed), TensorRT on an H100"
+	$(CLI) build --artifact $(DEMO)/artifact --trt rtx
+	$(CLI) inspect $(DEMO)/artifact
+	@echo "(these TensorRT-RTX engines target RTX / Ampere+ GPUs; an H100 engine needs --trt tensorrt on an H100)"
+	@$(CLI) build --artifact $(DEMO)/artifact --trt tensorrt; rc=$$?; \
+	if [ $$rc -eq 3 ]; then echo "(skipped the H100 engine and TRT-vs-ORT parity: no TensorRT/GPU here, see above)"; \
 	elif [ $$rc -ne 0 ]; then exit $$rc; \
 	else $(CLI) parity --artifact $(DEMO)/artifact --a trt --b ort --prompt "$(PROMPT)" --steps 8; fi
 

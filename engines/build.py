@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE
+from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, builder_host_bytes
 from engines.profiles import BuildOptions, optimization_profiles
 from export.errors import Llama405Error
 from export.manifest import Manifest, load_manifest, write_manifest
@@ -299,11 +299,11 @@ def merge_timing_caches(trt, base: bytes, parts: Sequence[bytes]) -> bytes:
 
 
 def host_memory_warning(manifest: Manifest, ranks: Sequence[int], workers: int) -> str | None:
-    """Building a rank holds ~BUILDER_HOST_BYTES_PER_WEIGHT_BYTE x its weights in host memory
-    (measured, docs/engines.md); warn when the parallel set will not fit."""
+    """Building a rank holds a fixed part plus ~BUILDER_HOST_BYTES_PER_WEIGHT_BYTE x its weights in
+    host memory (engines/plan.py, measured); warn when the parallel set will not fit."""
     import psutil
     sizes = sorted((manifest.files.get(f"rank{r}/model.onnx.data", {}).get("size", 0) for r in ranks), reverse=True)
-    needed = BUILDER_HOST_BYTES_PER_WEIGHT_BYTE * sum(sizes[:workers])
+    needed = sum(builder_host_bytes(size) for size in sizes[:workers])
     available = psutil.virtual_memory().available
     if needed > available:
         return (f"warning: {workers} parallel build(s) need ~{needed / 2**30:.1f} GiB of host memory "

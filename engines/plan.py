@@ -51,9 +51,17 @@ GiB = 1 << 30
 DEFAULT_GPU_BYTES = 80 * GiB  # H100 80 GB (SXM/PCIe)
 DEFAULT_RESERVE_BYTES = 2 * GiB
 DEFAULT_MAX_INPUT_LEN = 2048  # prefill chunk: the profile's largest tokens-per-step
-# Host memory the TensorRT builder holds while building one rank, per byte of the rank's weights
-# (TensorRT-RTX 1.7 on CPU: parsed weights, the builder's copy, the serialized plan; docs/engines.md).
+# Host memory the TensorRT builder holds while building one rank: a fixed part plus, per byte of
+# the rank's weights, the parsed weights, the builder's copy and the serialized plan. Measured
+# with TensorRT-RTX 1.7 on a 405B-width TP8 rank: 3.30 GB for 0.93 GB of fp16 weights, 2.11 GB for
+# 0.53 GB FP8, 0.54 GB for 12 MB (docs/engines.md; `make bench` --only engines re-measures it).
 BUILDER_HOST_BYTES_PER_WEIGHT_BYTE = 3.0
+BUILDER_HOST_FIXED_BYTES = 512 << 20
+
+
+def builder_host_bytes(weight_bytes: int) -> int:
+    """Host memory to build one rank's engine from `weight_bytes` of weights."""
+    return int(BUILDER_HOST_FIXED_BYTES + BUILDER_HOST_BYTES_PER_WEIGHT_BYTE * weight_bytes)
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 QUANT_MODES = ("none", "fp8")
@@ -117,6 +125,11 @@ class RankMemory:
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    @property
+    def build_host_bytes(self) -> int:
+        """Host memory TensorRT's builder needs to build this rank's engine."""
+        return builder_host_bytes(self.weights_bytes)
 
     def as_dict(self) -> dict[str, int]:
         return {"rank": self.rank, "weights_bytes": self.weights_bytes, "kv_cache_bytes": self.kv_cache_bytes,
@@ -282,13 +295,14 @@ def suggestion(result: Plan) -> dict[str, Any] | None:
 
 
 def plan_json(result: Plan) -> dict[str, Any]:
-    """The `llama405 plan --json` document: DESIGN §2's keys plus the inputs and a suggestion."""
+    """The `llama405 plan --json` document: the documented keys plus the inputs and a suggestion."""
     r = result.request
     return {
         "ranks": [m.as_dict() for m in result.ranks],
         "gpu_bytes": r.gpu_bytes,
         "fits": result.fits,
         "reserve_bytes": r.reserve_bytes,
+        "build_host_bytes": max(m.build_host_bytes for m in result.ranks),  # host memory per rank built at once
         "request": {"tp": r.tp, "pp": r.pp, "quant": r.quant, "dtype": r.dtype, "kv_cache": r.kv_cache,
                     "kv_cache_dtype": r.kv_dtype, "max_batch": r.max_batch, "max_seq_len": r.max_seq_len,
                     "max_input_len": r.input_len, "logits": r.logits, "attention": r.attention,
@@ -312,6 +326,10 @@ def format_table(result: Plan) -> str:
     verdict = "fits" if result.fits else "does NOT fit"
     lines.append(f"peak rank {peak.rank}: {peak.total_bytes / GiB:.2f} GiB + {r.reserve_bytes / GiB:.2f} GiB reserve "
                  f"-> {verdict} a {r.gpu_bytes / GiB:.2f} GiB GPU")
+    biggest = max(result.ranks, key=lambda m: m.build_host_bytes)
+    lines.append(f"engine build: ~{biggest.build_host_bytes / GiB:.1f} GiB of host memory per rank built at once "
+                 f"({BUILDER_HOST_FIXED_BYTES / GiB:.1f} GiB + {BUILDER_HOST_BYTES_PER_WEIGHT_BYTE:g}x its weights; "
+                 "--workers W needs W times that)")
     hint = suggestion(result)
     if hint:
         parts = [f"--{k.replace('_', '-')} {v}" for k, v in hint.items() if k != "note" and v is not None]

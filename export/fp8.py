@@ -1,4 +1,4 @@
-"""FP8 (E4M3) linears that compute exactly what TensorRT's fused FP8 GEMM computes (DESIGN §6).
+"""FP8 (E4M3) linears that compute exactly what TensorRT's fused FP8 GEMM computes.
 
 Graph pattern per quantized linear, which TensorRT fuses into one FP8 GEMM:
 

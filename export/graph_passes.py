@@ -8,10 +8,11 @@ all constants are folded here, with onnxscript's constant folder (the one torch.
 when it can). The graph has no weight initializers yet (they are attached from the checkpoint
 later), so only exporter-made constants can fold; the folder's size limits keep it that way.
 
-The folder turns folded values into initializers; they are small (axes, shapes, scalars) and are
-kept inline in model.onnx. Node name-scope metadata survives, so the stamper still finds the
-template layer's nodes; folded initializers are not nodes and stay shared between stamped layers
-(a folded value is the same in every layer).
+The folder turns folded values into initializers; they are turned back into `Constant` nodes, so
+every initializer of a rank graph stays a weight or a rank constant attached by the exporter
+(the loaders check that set exactly) and the stamper treats them like the exporter's own
+constants: shared between stamped layers (a folded value is the same in every layer). Node
+name-scope metadata survives, so the stamper still finds the template layer's nodes.
 """
 
 from __future__ import annotations
@@ -41,7 +42,18 @@ def fold_constant_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
         onnxscript.optimizer.fold_constants(ir_model, input_size_limit=FOLD_OUTPUT_LIMIT,
                                             output_size_limit=FOLD_OUTPUT_LIMIT)
         RemoveUnusedNodesPass()(ir_model)
-        return ir.serde.serialize_model(ir_model)
+        folded = ir.serde.serialize_model(ir_model)
     finally:
         for name, level in levels:
             logging.getLogger(name).setLevel(level)
+    return _initializers_as_constants(folded)
+
+
+def _initializers_as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    constants = [onnx.helper.make_node("Constant", [], [t.name], name=f"folded/{t.name}", value=t)
+                 for t in model.graph.initializer]
+    nodes = constants + list(model.graph.node)
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model

@@ -1,4 +1,4 @@
-"""manifest.json: what an artifact directory holds and how to check it is intact (DESIGN §3).
+"""manifest.json: what an artifact directory holds and how to check it is intact.
 
 Sizes are checked on every load (cheap: catches truncation and swapped files); sha256 on request
 (reads every byte). Written with sorted keys and no timestamps, so two exports of the same

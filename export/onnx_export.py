@@ -1,4 +1,4 @@
-"""Checkpoint -> artifact directory with one ONNX graph per rank (DESIGN §3-§5).
+"""Checkpoint -> artifact directory with one ONNX graph per rank.
 
 Per rank: build the rank module on the meta device, `torch.export` it with meta inputs, convert
 with torch.onnx (dynamo) and keep the graph with no initializers — its nodes name the HF
@@ -229,7 +229,6 @@ def attach_initializers(model: onnx.ModelProto, written: list[WrittenTensor], cf
     initializer the graph reads must be provided, and nothing else."""
     wanted = {i for node in model.graph.node for i in node.input}
     wanted -= {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
-    wanted -= {t.name for t in model.graph.initializer}  # folded constants (export/graph_passes.py)
     wanted.discard("")
     # RoPE frequencies (fp32 whatever the dtype), this rank's vocab start and hidden columns.
     constants = rank_constants(cfg, spec)

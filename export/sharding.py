@@ -1,6 +1,6 @@
 """Tensor- and pipeline-parallel layout as pure functions of (config, tp, pp, rank).
 
-Megatron split (DESIGN §5): q/k/v and gate/up are column-parallel (split the output rows of the
+Megatron split: q/k/v and gate/up are column-parallel (split the output rows of the
 HF [out, in] weight), o_proj and down_proj are row-parallel (split the input columns), the
 embedding is vocab-parallel and lm_head is split over hidden, so every partial result is
 combined with one all-reduce(sum). KV heads are partitioned when tp <= n_kv_heads and replicated

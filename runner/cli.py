@@ -1,4 +1,4 @@
-"""`llama405` command line: one entry point, one subcommand per job (DESIGN §2).
+"""`llama405` command line: one entry point, one subcommand per job.
 
 Bad input ends with one line on stderr and exit code 2; everything else a subcommand prints
 goes to stdout (JSON with --json, so scripts can read it).

@@ -1,4 +1,4 @@
-"""Parity harness: two backends, same tokens, step by step through the KV cache (DESIGN §2).
+"""Parity harness: two backends, same tokens, step by step through the KV cache.
 
 Modelled on Polygraphy's comparator (run two runners on identical inputs, compare every output
 with error statistics, judge against tolerances, report which output of which iteration broke).
@@ -65,7 +65,7 @@ class Tolerance:
 # float32  measured max_abs 2e-6, rel_l2 5e-7, KV 1.5e-6 — pure summation-order noise (TP
 #          all-reduce order, fused vs unfused kernels). The limits leave ~200x headroom for
 #          126 layers and 128k-wide logits while a single wrong weight (rel_l2 >= 1e-2) fails
-#          by orders of magnitude; DESIGN §8's oracle bar is max_abs 1e-4 vs transformers, so
+#          by orders of magnitude; the oracle bar is max_abs 1e-4 vs transformers, so
 #          two runtimes over identical numbers must not be allowed to drift to 1e-2.
 # float16  measured max_abs 9e-3, rel_l2 1.6e-3, KV 5e-3: every op rounds to 11 bits
 #          (eps 9.8e-4) and error grows with depth. rel_l2 2e-2 gives ~12x headroom; max_abs

@@ -1,4 +1,4 @@
-"""`llama405 parity`: the command-line face of runner/parity.py (DESIGN §2).
+"""`llama405 parity`: the command-line face of runner/parity.py.
 
 Wired into runner/cli.py with `add_parser(sub)` and `COMMANDS["parity"] = run`.
 Exit codes: 0 within tolerance, 1 outside, 2 bad input (a Llama405Error, one line on stderr).

@@ -240,3 +240,32 @@ def test_plan_cli_config_and_checkpoint(tmp_path, capsys, hf_checkpoint):
     checkpoint, _ = hf_checkpoint
     assert cli.run_plan(_plan_cli(["--checkpoint", str(checkpoint), "--json"])) == 0
     assert json.loads(capsys.readouterr().out)["request"]["parameters"] == tiny_config(num_hidden_layers=3).num_parameters()
+
+
+def test_build_host_memory_is_the_measured_factor_times_the_weights(capsys):
+    from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, BUILDER_HOST_FIXED_BYTES
+    request = PlanRequest(config=B405, tp=8, pp=1, quant="fp8", max_batch=1, max_seq_len=131072)
+    doc = plan_json(plan(request))
+    biggest = max(rank["weights_bytes"] for rank in doc["ranks"])
+    assert doc["build_host_bytes"] == int(BUILDER_HOST_FIXED_BYTES + BUILDER_HOST_BYTES_PER_WEIGHT_BYTE * biggest)
+    from engines.plan import format_table
+    line = [x for x in format_table(plan(request)).splitlines() if x.startswith("engine build:")]
+    assert len(line) == 1 and f"{BUILDER_HOST_BYTES_PER_WEIGHT_BYTE:g}x its weights" in line[0]
+
+
+def test_parallel_build_warning_uses_the_factor(monkeypatch):
+    import psutil
+
+    from engines.build import host_memory_warning
+    from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, builder_host_bytes
+    from export.manifest import Manifest, RankEntry
+    ranks = tuple(RankEntry(r, r, 0, (0, 1), (), (), 0) for r in range(4))
+    files = {f"rank{r}/model.onnx.data": {"size": 10 * GiB, "sha256": ""} for r in range(4)}
+    manifest = Manifest(config=tiny_config(), tp=4, pp=1, dtype="float16", quant="none", kv_cache="static",
+                        max_batch=1, max_seq_len=64, logits="all", opset=24, ranks=ranks, files=files, source={},
+                        toolchain={})
+    available = 2 * builder_host_bytes(10 * GiB) + GiB  # two parallel builds fit, three do not
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": available})())
+    assert host_memory_warning(manifest, [0, 1, 2, 3], workers=2) is None
+    warning = host_memory_warning(manifest, [0, 1, 2, 3], workers=3)
+    assert warning and "lower --workers" in warning and f"{BUILDER_HOST_BYTES_PER_WEIGHT_BYTE:g}x" in warning

@@ -7,7 +7,7 @@ import importlib
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import export.collectives as collectives
 from export.collectives import (

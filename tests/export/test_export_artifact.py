@@ -1,4 +1,4 @@
-"""Artifact directories from `export_artifact` (DESIGN §3-§5, §8): every rank graph passes the
+"""Artifact directories from `export_artifact`: every rank graph passes the
 ONNX checker and the TensorRT allowlist with the IO contract of §4, stamping one traced layer
 computes what a full multi-layer trace computes, exports are byte-identical, atomic and never
 overwrite without force, partial (--ranks) artifacts are refused clearly, the weight file holds
@@ -74,7 +74,7 @@ def dims(value: onnx.ValueInfoProto) -> list:
 
 
 def expected_io(cfg, spec: RankSpec, kv_cache: str, max_seq_len: int):
-    """(inputs, outputs) as [(name, elem_type, dims)] per DESIGN §4."""
+    """(inputs, outputs) as [(name, elem_type, dims)] per the graph IO contract (README, docs/design-notes.md)."""
     f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     kv, d = kv_heads_local(cfg, spec.tp_size), cfg.head_dim
     past_len = max_seq_len if kv_cache == "static" else "past_seq"
@@ -153,14 +153,11 @@ def test_every_rank_graph_is_valid_trt_ready_and_follows_the_io_contract(hf_chec
 def with_weights(model: onnx.ModelProto, cfg, spec: RankSpec, options: ModelOptions) -> onnx.ModelProto:
     """A copy with identical random initializers (names = the rank module's state-dict keys)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    state = build_rank_module(cfg, spec, options, device="cpu").state_dict()
-    constants = rank_constants(cfg, spec)
-    # Keep the folded shape/axes constants (export/graph_passes.py); replace weights and rank constants.
-    folded = [t for t in model.graph.initializer if t.name not in state and t.name not in constants]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(folded)
+    state = build_rank_module(cfg, spec, options, device="cpu").state_dict()
     free = ({i for n in model.graph.node for i in n.input} - {o for n in model.graph.node for o in n.output}
-            - {v.name for v in model.graph.input} - {t.name for t in folded} - {""})
+            - {v.name for v in model.graph.input} - {""})
+    constants = rank_constants(cfg, spec)
     assert free == set(state) | set(constants), sorted(free ^ (set(state) | set(constants)))
     for k, name in enumerate(sorted(state)):
         rng = np.random.default_rng(k)

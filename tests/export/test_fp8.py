@@ -1,4 +1,4 @@
-"""FP8 (E4M3) artifacts, DESIGN §6: runtimes agree, bytes on disk are what an independent
+"""FP8 (E4M3) artifacts: runtimes agree, bytes on disk are what an independent
 quantizer writes, the graph has TensorRT's Q/DQ pattern, pre-quantized checkpoints (ModelOpt /
 compressed-tensors / fbgemm layouts) match a transformers oracle, calibration is right and
 streams, and bad scales end in one line and exit code 2.

@@ -1,4 +1,4 @@
-"""Bad input on an exported artifact (DESIGN §3, §8): one stderr line naming the file or value
+"""Bad input on an exported artifact: one stderr line naming the file or value
 and the fix, exit code 2, nothing written. Every test that damages an artifact works on its own
 copy of one shared TP2 x PP2 static float32 artifact (max_seq_len 32) of conftest's checkpoint.
 """

@@ -144,3 +144,50 @@ def test_run_watched_stops_a_process_over_its_memory_limit():
 def test_a_failing_child_is_reported_not_raised_past_the_bench(tmp_path):
     with pytest.raises(bench.MeasurementError, match="load: .*CheckpointError"):
         bench.measure("load", {"checkpoint": str(tmp_path / "missing"), "tp": 8, "keep": False}, timeout=300)
+
+
+def test_engines_commands_parse_with_the_cli(tmp_path):
+    from runner import cli
+    for quant in ("none", "fp8"):
+        cmd = bench.engines_export_cmd(tmp_path / "ckpt", tmp_path / "art", quant, tmp_path / "calib.txt")
+        assert cmd[1:3] == ["-m", "runner.cli"]
+        args = cli._parser().parse_args(cmd[3:])
+        assert (args.command, args.tp, args.dtype, args.max_seq_len, args.max_batch) == ("export", 8, "float16", 4096, 1)
+        assert args.quant == quant
+    args = cli._parser().parse_args(bench.engines_build_cmd(tmp_path / "art")[3:])
+    assert (args.command, args.trt) == ("build", "rtx")
+
+
+def test_engines_geometry_and_its_calibration_text_fit_the_cut_vocabulary():
+    from export.tokenizer import Llama3Tokenizer
+    cfg = bench.engines_config(quick=False)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (16384, 53248, 1, 16384)
+    # 16 tokens for --calib-seq-len 16, every id inside the checkpoint's vocabulary.
+    ids = Llama3Tokenizer.default().encode(bench.ENGINES_CALIB_TEXT, bos=False)
+    assert len(ids) >= 16 and max(ids) < cfg.vocab_size
+
+
+@pytest.mark.slow
+def test_quick_engines_bench_rows(tmp_path):
+    import importlib.util
+    done = subprocess.run([sys.executable, "-m", "runner.bench", "--quick", "--only", "engines",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, check=False)
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    whats = {r["what"]: r["figure"] for r in payload["rows"] if r["bench"] == "engines"}
+    built = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
+    for tag in ("fp16", "fp8"):
+        what = f"{tag}, rank 0/8"
+        assert whats[f"{what}: export wall"] > 0, done.stderr[-3000:]
+        assert whats[f"{what}: rank weight bytes (rank0/model.onnx.data)"] > 0
+        if not built:  # `llama405 build --trt rtx` exits 3: reported, not failed
+            assert str(whats[f"{what}: build"]).startswith("unavailable"), whats
+            continue
+        assert whats[f"{what}: parse"] >= 0 and whats[f"{what}: build"] > 0, whats
+        assert whats[f"{what}: builder peak RSS / rank weight bytes"] > 1
+        # Sizes, not times: an engine carries its weights plus a little code and metadata.
+        assert 0.9 < whats[f"{what}: engine bytes / rank weight bytes"] < 1.5
+    assert done.returncode == 0 and payload["failures"] == [], done.stderr[-3000:]
+    if built:
+        assert whats["engine bytes, fp8 / fp16"] < 1
+    assert not (tmp_path / "scratch").exists()

@@ -1,4 +1,4 @@
-"""ONNX Runtime on exported artifacts vs the Hugging Face transformers oracle (DESIGN §8).
+"""ONNX Runtime on exported artifacts vs the Hugging Face transformers oracle.
 
 Every layout runs a batch of two prompts of different lengths through prefill and 8 decode
 steps, driven exactly like runner/generate.py (right-padded prompts, write_indices = tokens
@@ -31,7 +31,7 @@ DECODE_STEPS = 8
 FORCED = np.random.default_rng(1234).integers(3, 256, size=(len(PROMPTS), DECODE_STEPS))
 PAD_ID = 0
 
-FP32_MAX_ABS = 1e-4  # DESIGN §8
+FP32_MAX_ABS = 1e-4  # the quality bar vs transformers
 
 pytestmark = pytest.mark.slow  # 15 exported ranks (~6 s each on an idle 2-core machine)
 
