@@ -186,3 +186,28 @@ def test_fp8_engines_are_refused_for_targets_without_fp8(checkpoint, tmp_path, c
     assert engines_cli.main(["--artifact", str(artifact), "--trt", "rtx", "--target", "sm86,sm89"]) == 2
     err = capsys.readouterr().err
     assert "will not be able to run on sm86" in err and not (artifact / "rank0" / "engine.plan").exists()
+
+
+@pytest.mark.slow
+def test_a_405b_width_tp8_rank_parses_and_builds(tmp_path):
+    """The headline geometry (hidden 16384, 128/8 heads, FFN 53248) at one layer and a cut vocab:
+    TP8 rank 0, float16, ~0.93 GB of weights, through NVIDIA's parser and builder."""
+    import shutil
+
+    from export.config import preset
+    from export.synth import synthesize_checkpoint
+    cfg = preset("llama-3.1-405b").replace(num_hidden_layers=1, vocab_size=16384)
+    checkpoint = synthesize_checkpoint(cfg, tmp_path / "ckpt", progress=False, durable=False)
+    try:
+        artifact = export_artifact(checkpoint, tmp_path / "art", ExportOptions(
+            tp=8, ranks=(0,), dtype="float16", max_batch=1, max_seq_len=4096))
+    finally:
+        shutil.rmtree(checkpoint)  # 7.5 GB
+    manifest = load_manifest(artifact)
+    layers, dtypes = parsed_layers(artifact / "rank0" / "model.onnx")
+    assert layers["KV_CACHE_UPDATE"] == 2 and layers["DIST_COLLECTIVE"] == manifest.rank(0).collectives == 4
+    section = build_engines(artifact, BuildOptions.for_artifact(manifest, flavour="rtx", max_input_len=512),
+                            log=lambda line: None)
+    weights = manifest.files["rank0/model.onnx.data"]["size"]
+    assert 0.9 < section["ranks"]["0"]["size"] / weights < 1.5
+    load_manifest(artifact, verify_hashes=True)
