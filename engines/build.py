@@ -53,13 +53,16 @@ class MissingRequirement(Llama405Error):
     """The TensorRT flavour (or, for `tensorrt`, a suitable GPU) is missing; the ONNX artifact is
     finished (exit code 3)."""
 
-    def __init__(self, missing: Sequence[str], artifact: Path, flavour: str = "tensorrt"):
+    def __init__(self, missing: Sequence[str], artifact: Path, flavour: str = "tensorrt", verified: bool = True):
+        """verified: the artifact was just exported or its hashes checked (else it is not called complete)."""
         self.missing, self.artifact = list(missing), Path(artifact)
         chosen = trt_flavour(flavour)
         where = chosen.pip if chosen.builds_without_gpu else f"on a machine with an NVIDIA GPU and {chosen.pip}"
+        state = (f"The ONNX artifact is complete at {self.artifact}" if verified else
+                 f"The ONNX artifact is at {self.artifact} (not verified here: `llama405 verify {self.artifact}`)")
         super().__init__(
-            f"engine stage not run: {'; '.join(self.missing)}. The ONNX artifact is complete at "
-            f"{self.artifact} — continue {where} with `build-engine --artifact {self.artifact} --trt {flavour}`"
+            f"engine stage not run: {'; '.join(self.missing)}. {state} — continue {where} with "
+            f"`build-engine --artifact {self.artifact} --trt {flavour}`"
             + ("" if chosen.builds_without_gpu else ", or build TensorRT-RTX engines here with --trt rtx"))
 
 
@@ -116,9 +119,19 @@ def describe_flavour(options: BuildOptions) -> str:
 # -- one rank --------------------------------------------------------------------------------
 
 def make_logger(trt):
-    """A TensorRT logger printing warnings and errors to stderr, one line each. The parser's
-    "Make sure input X has Int64 binding" is dropped: llama405 binds int64 ids on purpose."""
+    """The TensorRT logger of this process for module `trt` (TensorRT registers the first logger
+    process-wide and warns about any other), printing warnings and errors to stderr, one line
+    each. The parser's "Make sure input X has Int64 binding" is dropped: llama405 binds int64 ids
+    on purpose."""
+    if trt.__name__ not in _LOGGERS:
+        _LOGGERS[trt.__name__] = _new_logger(trt)
+    return _LOGGERS[trt.__name__]
 
+
+_LOGGERS: dict[str, object] = {}
+
+
+def _new_logger(trt):
     class Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)

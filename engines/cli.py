@@ -15,9 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from export.cli_flags import add_quant_flags
+from export.cli_flags import add_quant_flags, add_verify_flag
 from export.config import PRESETS
-from export.errors import InputError, Llama405Error
+from export.cli_run import run_command
+from export.errors import InputError
 from export.trt_flavours import FLAVOURS
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
@@ -71,6 +72,7 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
                      help="strip weights from the plan (STRIP_PLAN + REFIT_IDENTICAL); refitted from the ONNX at load")
     eng.add_argument("--workers", type=_positive, default=1, help="ranks built in parallel, one GPU each")
     eng.add_argument("--timing-cache", type=Path, help="timing cache file (default ART/timing.cache)")
+    add_verify_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout; log lines go to stderr")
 
 
@@ -177,7 +179,8 @@ def run_build(args) -> int:
                        export_options=_export_options(args) if args.checkpoint is not None else None,
                        build_overrides=_build_overrides(args), stage=args.stage, force=args.force,
                        progress=sys.stderr.isatty() and not args.json, log=log,
-                       calibration=_calibration(args) if args.checkpoint is not None else None)
+                       calibration=_calibration(args) if args.checkpoint is not None else None,
+                       verify=args.verify)
     except MissingRequirement as missing:
         if args.json:
             print(json.dumps({"artifact": str(missing.artifact), "stage": "onnx", "missing": missing.missing}))
@@ -257,11 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="build-engine", description=__doc__.splitlines()[0])
     add_build_flags(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_build(args)
-    except Llama405Error as err:
-        print(f"build-engine: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("build-engine", lambda: run_build(args))
 
 
 if __name__ == "__main__":

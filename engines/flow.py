@@ -135,9 +135,10 @@ def _onnx_files(manifest: Manifest) -> list[str]:
 def build(*, checkpoint: Path | None = None, artifact: Path | None = None, out: Path | None = None,
           export_options=None, build_overrides: dict[str, Any] | None = None, stage: str = "engine",
           force: bool = False, progress: bool = False, log: Callable[[str], None] = print,
-          calibration: CalibrationRequest | None = None) -> BuildResult:
+          calibration: CalibrationRequest | None = None, verify: bool = False) -> BuildResult:
     """Checkpoint or artifact -> artifact (+ engines). Raises MissingRequirement after the ONNX
-    stage when the chosen TensorRT flavour (or, for `tensorrt`, the GPU) is missing."""
+    stage when the chosen TensorRT flavour (or, for `tensorrt`, the GPU) is missing. An --artifact is
+    hash-verified before engines are built from it, and first of all with verify=True."""
     if (checkpoint is None) == (artifact is None):
         raise InputError("pass exactly one of --checkpoint CKPT (with --out ART) or --artifact ART")
     if stage not in ("onnx", "engine"):
@@ -152,17 +153,19 @@ def build(*, checkpoint: Path | None = None, artifact: Path | None = None, out: 
     else:
         directory, exported = Path(artifact), False
     result = BuildResult(directory, exported=exported, reused=not exported, stage="onnx")
+    verified = artifact is None  # just exported, or reused after its hashes verified
+    if artifact is not None and (verify or stage == "onnx"):
+        _verify(directory, log)
+        verified = True
     if stage == "onnx":
-        if artifact is not None:
-            _verify(directory, log)
         return result
     manifest = load_manifest(directory, only=[])
     options = BuildOptions.for_artifact(manifest, **overrides)
     missing = preflight(options.flavour, manifest.quant, manifest.tp, options.workers)
     if missing:
-        raise MissingRequirement(missing, directory, options.flavour)
+        raise MissingRequirement(missing, directory, options.flavour, verified=verified)
     log(describe_flavour(options))
-    if artifact is not None:
+    if not verified:
         _verify(directory, log)  # here, not earlier: hashing a 405B artifact reads every byte
     result.engines = build_engines(directory, options, log=log)
     result.stage = "engine"

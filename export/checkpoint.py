@@ -40,6 +40,30 @@ class Checkpoint:
                 num_key_value_heads=file_config.num_key_value_heads // self.kv_dup_factor)
         except ConfigError as err:
             raise ConfigError(f"{self.directory / 'config.json'}: {err}") from None
+        self._check_tensor_names()
+
+    def _check_tensor_names(self) -> None:
+        """Every tensor in the checkpoint is one the model reads, or is refused by name: a layer
+        beyond num_hidden_layers, a bias, a tied head stored anyway would otherwise be dropped."""
+        cfg = self.config
+        used = {checkpoint_name(cfg, n) for n in rank_tensor_names(cfg, RankSpec(0, 1))}
+        linears = {n[:-len(".weight")] for n in used if ".self_attn." in n or ".mlp." in n}
+        fp8_scales = {f"{m}.{leaf}" for m in linears for leaf in ("weight_scale", "input_scale")}
+        unused = sorted(set(self.weight_map) - used - fp8_scales)
+        if not unused:
+            return
+        config = self.directory / "config.json"
+        first = unused[0]
+        if first == "lm_head.weight" and cfg.tie_word_embeddings:
+            why = "config.json says tie_word_embeddings: true (lm_head = the embedding) but the checkpoint stores one"
+        elif first.startswith("model.layers.") and first.split(".")[2].isdigit() and \
+                int(first.split(".")[2]) >= cfg.num_hidden_layers:
+            why = f"it belongs to a layer beyond num_hidden_layers={cfg.num_hidden_layers}"
+        else:
+            why = "llama405's Llama 3.1 model has no such tensor (a bias, another architecture?)"
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise CheckpointError(f"{self.directory}: tensor {first!r}{more} would be ignored: {why}; fix {config} "
+                              "or use a checkpoint of this model")
 
     # -- file layout -------------------------------------------------------------------------
 

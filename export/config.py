@@ -16,6 +16,56 @@ from typing import Any
 from export.errors import ConfigError
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta", *LLAMA3_ROPE_KEYS})
+# config.json fields that change the math, and the one value of each that export/model.py implements.
+# A checkpoint with another value is refused by name rather than exported as a different model.
+IMPLEMENTED = {"hidden_act": "silu", "hidden_activation": "silu", "attention_bias": False, "mlp_bias": False,
+               "use_qk_norm": False, "sliding_window": None, "attn_logit_softcapping": None,
+               "final_logit_softcapping": None}
+
+
+def refuse_unimplemented(raw: dict[str, Any], source: str) -> None:
+    for key, implemented in IMPLEMENTED.items():
+        if key in raw and raw[key] != implemented and not (implemented is None and raw[key] in (None, 0)):
+            raise ConfigError(f"{source}: {key}={raw[key]!r} is not implemented by llama405 (only {implemented!r}, "
+                              "as in Llama 3.1); this checkpoint would export a different model")
+
+
+class _Fields:
+    """Typed reads of one JSON object: a wrong type is refused by name, never coerced
+    (`num_hidden_layers: true` is not 1, `"4096"` is not 4096)."""
+
+    def __init__(self, raw: dict[str, Any], source: str):
+        self.raw, self.source = raw, source
+
+    def integer(self, key: str, *default: Any) -> Any:
+        value = self.raw[key] if key in self.raw or not default else default[0]
+        if value is None and default and default[0] is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.source}: {key}={value!r} must be an integer")
+        return value
+
+    def number(self, key: str, *default: Any) -> float:
+        value = self.raw[key] if key in self.raw or not default else default[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{self.source}: {key}={value!r} must be a finite number")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.source}: {key}={value!r} must be true or false")
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.raw.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.source}: {key}={value!r} must be a JSON object (or null)")
+        return dict(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +119,11 @@ class LlamaConfig:
             raise ConfigError(f"{source}: rope_theta={self.rope_theta!r} must be a positive number")
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"{source}: rms_norm_eps={self.rms_norm_eps!r} must be positive")
+        s = self.rope_scaling
+        if s is not None and not (s.factor >= 1 and 0 < s.low_freq_factor < s.high_freq_factor
+                                  and s.original_max_position_embeddings > 0):
+            raise ConfigError(f"{source}: rope_scaling {dataclasses.asdict(s)} is not a llama3 scaling: it needs "
+                              "factor >= 1, 0 < low_freq_factor < high_freq_factor and original_max_position_embeddings > 0")
 
     # -- derived sizes ------------------------------------------------------------------------
 
@@ -86,16 +141,25 @@ class LlamaConfig:
     # -- Hugging Face I/O ---------------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> LlamaConfig:
+    def from_hf_dict(cls, raw: Any, source: str = "config.json") -> LlamaConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, found {type(raw).__name__}; re-download config.json")
         arch = raw.get("model_type", "llama")
         if arch != "llama":
             raise ConfigError(f"{source}: model_type={arch!r}; llama405 converts Llama checkpoints "
                               "(model_type \"llama\") only")
-        rope_params = dict(raw.get("rope_parameters") or {})  # transformers >= 5
-        legacy = raw.get("rope_scaling")
+        field = _Fields(raw, source)
+        refuse_unimplemented(raw, source)
+        rope_params = field.mapping("rope_parameters")  # transformers >= 5
+        legacy = field.mapping("rope_scaling")
         if legacy:
             rope_params = {**rope_params, **legacy}
-        theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        unknown = sorted(set(rope_params) - ROPE_KEYS)
+        if unknown:
+            raise ConfigError(f"{source}: rope parameter(s) {', '.join(unknown)} are not implemented by llama405 "
+                              f"(it implements {', '.join(sorted(ROPE_KEYS))}); this is not a Llama 3.1 rope")
+        rope = _Fields(rope_params, f"{source} rope_scaling")
+        theta = field.number("rope_theta", rope.number("rope_theta", 10000.0))
         rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
@@ -104,37 +168,37 @@ class LlamaConfig:
                 "rope_scaling.rope_type in the file")
         scaling = None
         if rope_type == "llama3":
-            try:
-                scaling = RopeScaling(
-                    factor=float(rope_params["factor"]),
-                    low_freq_factor=float(rope_params["low_freq_factor"]),
-                    high_freq_factor=float(rope_params["high_freq_factor"]),
-                    original_max_position_embeddings=int(rope_params["original_max_position_embeddings"]),
-                )
-            except KeyError as missing:
-                raise ConfigError(f"{source}: llama3 rope scaling lacks {missing}; add it to "
-                                  "rope_scaling (Llama 3.1 uses factor 8, low 1, high 4, original 8192)") from None
-        eos = raw.get("eos_token_id", 128001)
-        eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in rope_params]
+            if missing:
+                raise ConfigError(f"{source}: llama3 rope scaling lacks {missing[0]!r}; add it to "
+                                  "rope_scaling (Llama 3.1 uses factor 8, low 1, high 4, original 8192)")
+            scaling = RopeScaling(factor=rope.number("factor"), low_freq_factor=rope.number("low_freq_factor"),
+                                  high_freq_factor=rope.number("high_freq_factor"),
+                                  original_max_position_embeddings=rope.integer("original_max_position_embeddings"))
         required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for key in required:
             if key not in raw:
                 raise ConfigError(f"{source}: required key {key!r} is missing")
+        eos = raw.get("eos_token_id", 128001)
+        eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        if not eos_ids or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in eos_ids):
+            raise ConfigError(f"{source}: eos_token_id={eos!r} must be a token id or a list of them")
+        bos = raw.get("bos_token_id", 128000)
         try:
             return cls(
-                hidden_size=raw["hidden_size"],
-                intermediate_size=raw["intermediate_size"],
-                num_hidden_layers=raw["num_hidden_layers"],
-                num_attention_heads=raw["num_attention_heads"],
-                num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
-                vocab_size=raw.get("vocab_size", 128256),
-                head_dim=raw.get("head_dim"),
-                rope_theta=float(theta),
+                hidden_size=field.integer("hidden_size"),
+                intermediate_size=field.integer("intermediate_size"),
+                num_hidden_layers=field.integer("num_hidden_layers"),
+                num_attention_heads=field.integer("num_attention_heads"),
+                num_key_value_heads=field.integer("num_key_value_heads", raw["num_attention_heads"]),
+                vocab_size=field.integer("vocab_size", 128256),
+                head_dim=field.integer("head_dim", None),
+                rope_theta=theta,
                 rope_scaling=scaling,
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-                max_position_embeddings=raw.get("max_position_embeddings", 131072),
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                bos_token_id=int(raw.get("bos_token_id", 128000) or 128000),
+                rms_norm_eps=field.number("rms_norm_eps", 1e-5),
+                max_position_embeddings=field.integer("max_position_embeddings", 131072),
+                tie_word_embeddings=field.boolean("tie_word_embeddings", False),
+                bos_token_id=128000 if bos is None else field.integer("bos_token_id"),
                 eos_token_id=eos_ids,
                 torch_dtype=str(raw.get("torch_dtype", raw.get("dtype", "bfloat16"))),
             )

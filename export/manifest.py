@@ -88,10 +88,13 @@ class Manifest:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
             raise ArtifactError(f"{source}: not valid JSON ({err}); re-export the artifact") from None
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{source}: not a manifest (a JSON {type(raw).__name__}); re-export the artifact")
         if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{source}: not a {FORMAT} v{FORMAT_VERSION} manifest "
                                 f"(format={raw.get('format')!r}, version={raw.get('format_version')!r}); "
                                 "re-export with this llama405")
+        check_schema(raw, source)
         try:
             config = LlamaConfig.from_hf_dict(raw["config"], source=source)
             ranks = tuple(
@@ -109,6 +112,59 @@ class Manifest:
                        source=raw["source"], toolchain=raw["toolchain"], extra=extra)
         except (KeyError, TypeError, ConfigError) as err:
             raise ArtifactError(f"{source}: malformed manifest ({err!r}); re-export the artifact") from None
+
+
+# Field -> (type, allowed values or None). Checked before anything reads the manifest, so an edited
+# field is one line naming it, not a failure deep inside ONNX Runtime.
+_CHOICES = {"dtype": ("float32", "float16", "bfloat16"), "quant": ("none", "fp8"), "kv_cache": ("static", "concat"),
+            "logits": ("all", "last")}
+_POSITIVE = ("tp", "pp", "max_batch", "max_seq_len", "opset")
+
+
+def check_schema(raw: dict[str, Any], source: str) -> None:
+    def bad(field: str, value: Any, want: str) -> ArtifactError:
+        return ArtifactError(f"{source}: {field}={value!r} must be {want}; the manifest was edited or damaged — "
+                             "re-export the artifact")
+    for field in _POSITIVE:
+        value = raw.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(field, value, "a positive integer")
+    for field, choices in _CHOICES.items():
+        if raw.get(field) not in choices:
+            raise bad(field, raw.get(field), f"one of {', '.join(choices)}")
+    for field in ("config", "files", "source", "toolchain"):
+        if not isinstance(raw.get(field), dict):
+            raise bad(field, raw.get(field), "a JSON object")
+    if not isinstance(raw.get("ranks"), list) or not raw["ranks"] or not all(isinstance(r, dict) for r in raw["ranks"]):
+        raise bad("ranks", raw.get("ranks"), "a non-empty list of rank entries")
+    for r in raw["ranks"]:
+        for field in ("rank", "tp_rank", "pp_rank", "collectives"):
+            if isinstance(r.get(field), bool) or not isinstance(r.get(field), int) or r[field] < 0:
+                raise bad(f"ranks[].{field}", r.get(field), "a non-negative integer")
+    for rel, entry in raw["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)
+                and not isinstance(entry.get("size"), bool) and entry["size"] >= 0) or ".." in Path(rel).parts \
+                or Path(rel).is_absolute():
+            raise bad(f"files[{rel!r}]", entry, "{sha256, size} of a file inside the artifact")
+
+
+def options_digest(manifest: Manifest) -> str:
+    """Fingerprint of everything that shaped the rank graphs besides the config: the layout, the
+    dtypes, the cache mode and length, the logits option and each rank's place and layers."""
+    shaping = {"tp": manifest.tp, "pp": manifest.pp, "dtype": manifest.dtype, "quant": manifest.quant,
+               "kv_cache": manifest.kv_cache, "max_batch": manifest.max_batch, "max_seq_len": manifest.max_seq_len,
+               "logits": manifest.logits, "opset": manifest.opset,
+               "ranks": [[e.rank, e.tp_rank, e.pp_rank, list(e.layers), e.collectives] for e in manifest.ranks]}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def is_finished_artifact(directory: Path) -> bool:
+    """Does directory hold a finished llama405 artifact (its manifest names our format)?"""
+    try:
+        raw = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == FORMAT
 
 
 def config_digest(config: LlamaConfig) -> str:
@@ -154,6 +210,10 @@ def load_manifest(directory: str | Path, verify_hashes: bool = False,
         raise ArtifactError(f"{path}: the config recorded in the manifest does not match the one the rank "
                             "graphs were exported for (the manifest was edited or comes from another "
                             "export); re-export the artifact")
+    if manifest.source.get("options_sha256") != options_digest(manifest):
+        raise ArtifactError(f"{path}: tp/pp, dtype, quant, kv-cache, max-batch, max-seq-len, logits or the rank "
+                            "list differ from what the rank graphs were exported with (the manifest was edited); "
+                            "re-export the artifact")
     for rel, entry in manifest.files.items():
         if only is not None and rel not in only:
             continue

@@ -36,14 +36,17 @@ from export.fp8 import QuantConfig
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
 from export.checkpoint import Checkpoint
 from export.config import LlamaConfig
-from export.errors import ArtifactError, CheckpointError
-from export.manifest import Manifest, RankEntry, TensorSpec, config_digest, file_entry, write_manifest
+from export.errors import ArtifactError, CheckpointError, ConfigError
+from export.manifest import (Manifest, RankEntry, TensorSpec, config_digest, file_entry, is_finished_artifact,
+                             options_digest, write_manifest)
+from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
+                               temporary_sibling)
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
                              stage_layers, tensor_slice, validate_parallelism)
 from export.graph_passes import fold_constant_arithmetic
 from export.stamp import stamp_layers, strip_metadata
-from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files
+from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, default_tokenizer_dir
 from export.weight_stream import ALIGN, BLOCK_BYTES, WrittenTensor, write_weights
 
 OPSET = 24
@@ -67,6 +70,15 @@ class ExportOptions:
     ranks: tuple[int, ...] | None = None  # None = every rank
     fp8_recipe: str = "default"
     fp8_exclude: tuple[str, ...] = ()
+
+    def validate(self, cfg: LlamaConfig) -> None:
+        for name in ("tp", "pp", "max_batch", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
+        if self.max_seq_len > cfg.max_position_embeddings:
+            raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
+                              f"({cfg.max_position_embeddings}); choose at most that")
 
     @property
     def quant_config(self) -> QuantConfig | None:
@@ -342,6 +354,10 @@ def _toolchain() -> dict[str, str]:
             "python": ".".join(map(str, sys.version_info[:3]))}
 
 
+# model.onnx and manifest.json of a rank: the graph is small but grows with the layers.
+GRAPH_BYTES_PER_LAYER = 256 << 10
+
+
 def check_disk(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed * 1.02:
@@ -396,8 +412,13 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
 def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: ExportOptions,
                     force: bool = False, progress: bool = False,
                     calibration_tokens: np.ndarray | None = None,
-                    calibration_source: str = "", stats: dict[str, float] | None = None) -> Path:
+                    calibration_source: str = "", stats: dict[str, float] | None = None,
+                    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> Path:
     """Write the artifact atomically: a temporary sibling renamed into place at the end.
+
+    `out` may be replaced (force) only when it holds a finished llama405 artifact or nothing, and
+    never when it is, contains or lies inside the checkpoint (export/output_dir.py); one export
+    at a time holds it.
 
     calibration_tokens [samples, seq] are used for FP8 activation scales when the checkpoint
     carries none (the CLI tokenizes --calib-text; export/ never imports the runner's tokenizer).
@@ -407,20 +428,36 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
     checkpoint = Checkpoint(checkpoint_dir)
     cfg = checkpoint.config
     validate_parallelism(cfg, options.tp, options.pp)
+    options.validate(cfg)
     specs = [s for s in all_ranks(options.tp, options.pp) if options.ranks is None or s.rank in options.ranks]
     for spec in specs:
         checkpoint.validate(spec)
-    if out.exists() and not force:
-        raise ArtifactError(f"{out}: already exists; pass --force to replace it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    replaceable = {"force": force, "is_ours": is_finished_artifact, "what": "a finished llama405 artifact",
+                   "protected": [checkpoint.directory]}
+    check_replaceable(out, **replaceable)
+    with exclusive_writer(out):
+        check_replaceable(out, **replaceable)  # again, now that no other export can change it
+        remove_stale_siblings(out, log)
+        _export_locked(checkpoint, specs, out, options, progress, calibration_tokens, calibration_source, stats)
+    return out
+
+
+def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, options: ExportOptions, progress: bool,
+                   calibration_tokens: np.ndarray | None, calibration_source: str,
+                   stats: dict[str, float] | None) -> None:
+    cfg = checkpoint.config
     dtype = TORCH_DTYPES[options.dtype]
+    tokenizer_source = _tokenizer_source(checkpoint.directory)
+    tokenizer_bytes = sum((Path(tokenizer_source or default_tokenizer_dir()) / name).stat().st_size
+                          for name in TOKENIZER_FILES)
+    graph_bytes = len(specs) * GRAPH_BYTES_PER_LAYER * (cfg.num_hidden_layers + 2)
     total = sum(rank_bytes(checkpoint, s, dtype) for s in specs)
-    check_disk(out.parent, total)
+    check_disk(out.parent, total + tokenizer_bytes + graph_bytes)
 
     input_scales, fp8_info = resolve_input_scales(checkpoint, options, calibration_tokens,
                                                   calibration_source, progress)
     graphs = StageGraphs(cfg, options)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temporary_sibling(out)
     try:
         entries, files = [], {}
         with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="export") as bar:
@@ -430,7 +467,6 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
                                                 input_scales, bar.update, stats)
                 entries.append(entry)
                 files.update(rank_files)
-        tokenizer_source = _tokenizer_source(checkpoint.directory)
         for path in copy_tokenizer_files(tmp, source=tokenizer_source):
             files[path.name] = file_entry(path)
         manifest = Manifest(
@@ -441,12 +477,12 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
                     "kv_dup_factor": checkpoint.kv_dup_factor,
                     "tokenizer": "checkpoint" if tokenizer_source else "bundled llama3"},
             toolchain=_toolchain(), extra={"fp8": fp8_info} if fp8_info else {})
+        manifest.source["options_sha256"] = options_digest(manifest)
         write_manifest(tmp, manifest)
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _tokenizer_source(checkpoint_dir: Path) -> Path | None:
@@ -455,13 +491,3 @@ def _tokenizer_source(checkpoint_dir: Path) -> Path | None:
     if all((checkpoint_dir / name).is_file() for name in TOKENIZER_FILES):
         return checkpoint_dir
     return None
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, out)

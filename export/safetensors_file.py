@@ -87,6 +87,13 @@ class SafetensorsFile:
                 raise self._corrupt(f"tensor {name!r} spans bytes [{begin}, {end}) of {data_size}, "
                                     f"but shape {list(shape)} x {entry['dtype']} needs {nbytes}")
             tensors[name] = TensorInfo(dtype, shape, data_start + begin, nbytes)
+        # Overlapping tensors would silently read each other's bytes (the safetensors library
+        # refuses them too).
+        spans = sorted((t.start, t.start + t.nbytes, n) for n, t in tensors.items() if t.nbytes)
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise self._corrupt(f"tensors {first!r} and {second!r} overlap (bytes {begin - data_start} to "
+                                    f"{end - data_start} of the data)")
         return tensors
 
     def info(self, name: str) -> TensorInfo:

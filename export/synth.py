@@ -22,6 +22,7 @@ import math
 import os
 import queue
 import shutil
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -30,8 +31,12 @@ from tqdm import tqdm
 
 from export.config import LlamaConfig, preset
 from export.errors import CheckpointError, ConfigError
+from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
+                               temporary_sibling)
 from export.sharding import RankSpec, expected_shape, rank_tensor_names
 from export.tokenizer_files import copy_tokenizer_files
+
+SYNTH_PRODUCER = "llama405 synth"  # in the index's metadata: what `synth --force` may replace
 
 # dtype name -> (torch dtype, safetensors dtype tag, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
@@ -297,7 +302,7 @@ def _write_metadata(tmp: Path, cfg: LlamaConfig, dtype: str, shards: list[ShardP
                                                  "eos_token_id": list(cfg.eos_token_id)})
     weight_map = {t.name: s.filename for s in shards for t in s.tensors}
     _write_json(tmp / "model.safetensors.index.json", {
-        "metadata": {"total_size": sum(s.data_bytes for s in shards)},
+        "metadata": {"total_size": sum(s.data_bytes for s in shards), "producer": SYNTH_PRODUCER},
         "weight_map": dict(sorted(weight_map.items())),
     })
 
@@ -314,13 +319,6 @@ def check_disk_space(directory: Path, needed: int) -> None:
             "free space there or choose another --out (or fewer --layers)")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -333,48 +331,53 @@ def _publish(tmp: Path, out: Path, durable: bool) -> None:
     """Rename the finished temp dir into place, replacing `out` (force) only at the end."""
     if durable:
         _fsync_dir(tmp)  # the JSON and tokenizer files' directory entries
-    if out.exists() or out.is_symlink():
-        # Directories cannot be swapped atomically: move the old one aside, and back if the
-        # second rename fails, so `out` never ends up missing.
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        _remove(old)
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)
-            raise
-        _remove(old)
-    else:
-        os.replace(tmp, out)
+    move_into_place(tmp, out)
     if durable:
         _fsync_dir(out.parent)  # the rename itself
 
 
+def is_synthesized_checkpoint(directory: Path) -> bool:
+    """Did `llama405 synth` write this checkpoint (its index says so)?"""
+    try:
+        index = json.loads((Path(directory) / "model.safetensors.index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and isinstance(index.get("metadata"), dict) and \
+        index["metadata"].get("producer") == SYNTH_PRODUCER
+
+
 def synthesize_checkpoint(cfg: LlamaConfig, out: Path, dtype: str = "bfloat16", seed: int = 0, *,
                           shard_bytes: int = 2 * 1024**3, force: bool = False,
-                          progress: bool = True, durable: bool = True) -> Path:
+                          progress: bool = True, durable: bool = True, protected: tuple[Path, ...] = (),
+                          log=lambda line: print(line, file=sys.stderr)) -> Path:
     """Write a random-weight HF Llama checkpoint for `cfg` to `out`; returns `out`.
 
     Nothing appears at `out` until every file is complete; an existing `out` is replaced only
     with force=True; on any failure the temporary directory is removed. durable=True fsyncs
     the shards and directories before and after the rename (survives an OS crash); False
     leaves writeback to the kernel, which is enough against a dying process and much faster
-    for throwaway checkpoints on a slow disk.
+    for throwaway checkpoints on a slow disk. force replaces only a checkpoint synth wrote or an
+    empty folder, never one holding a `protected` path (the --config file).
     """
     out = Path(out)
     dtype_spec(dtype)  # a bad --dtype fails before anything touches the disk
-    if (out.exists() or out.is_symlink()) and not force:
-        raise CheckpointError(f"{out}: already exists; pass --force to replace it or choose "
-                              "another --out")
+    replaceable = {"force": force, "is_ours": is_synthesized_checkpoint, "what": "a checkpoint llama405 synth wrote",
+                   "protected": protected, "error": CheckpointError}
+    check_replaceable(out, **replaceable)
+    with exclusive_writer(out):
+        check_replaceable(out, **replaceable)
+        remove_stale_siblings(out, log)
+        return _synthesize_locked(cfg, out, dtype, seed, shard_bytes, progress, durable)
+
+
+def _synthesize_locked(cfg: LlamaConfig, out: Path, dtype: str, seed: int, shard_bytes: int, progress: bool,
+                       durable: bool) -> Path:
     shards = plan_shards(checkpoint_tensors(cfg), dtype, shard_bytes)
     total = sum(s.file_bytes for s in shards)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(out.parent, math.ceil(total * (1 + DISK_SLACK)) + SMALL_FILES_RESERVE)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    _remove(tmp)  # a leftover of a dead run that had our pid
-    tmp.mkdir()
+    tmp = temporary_sibling(out)
     try:
         # Tokenizer first: it parses a 9 MB JSON (~110 MB of Python objects) and that peak
         # should not stack on top of the chunk buffers.

@@ -117,6 +117,23 @@ class DataWriter:
         return self._digest.hexdigest()
 
 
+def check_finite(name: str, block: torch.Tensor) -> None:
+    """Refuse NaN/Inf weights by name (checked on the blocks already in memory: no extra read)."""
+    if block.dtype == torch.float8_e4m3fn:
+        bad = bool(((block.view(torch.uint8) & 0x7F) == 0x7F).any())  # E4M3FN's only non-finite: NaN
+    elif block.is_floating_point():
+        bad = not bool(torch.isfinite(block).all())
+    else:
+        return
+    if not bad:
+        return
+    if block.dtype == torch.float16:
+        raise CheckpointError(f"{name}: NaN/Inf in the checkpoint, or values beyond float16's range (65504) once "
+                              "cast; check the checkpoint, or export with --dtype bfloat16 or float32")
+    raise CheckpointError(f"{name}: the checkpoint holds NaN or Inf values; this checkpoint is damaged — "
+                          "re-download or re-convert it")
+
+
 def _flatten(tensors: Iterable[tuple[str, Iterable[torch.Tensor]]]) -> Iterator[tuple[str, torch.Tensor, bool]]:
     for name, blocks in tensors:
         first = True
@@ -151,9 +168,7 @@ def write_weights(tensors: Iterable[tuple[str, Iterable[torch.Tensor]]], path: P
                     raise ValueError(f"{name}: row blocks disagree ({block.dtype} {list(block.shape)} after "
                                      f"{current['dtype']} {current['shape']})")
                 current["shape"][0] += block.shape[0]
-            if block.dtype == torch.float16 and not torch.isfinite(block).all():
-                raise CheckpointError(f"{name} has values beyond float16's range (65504) once cast; "
-                                      "export with --dtype bfloat16 or float32")
+            check_finite(name, block)
             # reshape(-1): a 0-d scale cannot be viewed as bytes directly
             writer.put(memoryview(block.reshape(-1).view(torch.uint8).numpy()))
             on_bytes(block.nbytes)

@@ -15,7 +15,9 @@ import numpy as np
 
 from export.cli_flags import add_quant_flags
 from export.config import PRESETS
-from export.errors import InputError, Llama405Error
+from export.cli_run import run_command
+from export.cli_flags import add_verify_flag, verify_artifact
+from export.errors import InputError
 from engines import cli as engines_cli
 from runner import parity_cli
 
@@ -32,6 +34,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (torch backend)")
     p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
     p.add_argument("--max-seq-len", type=int, default=2048)
+    add_verify_flag(p)
 
 
 def _add_export_flags(p: argparse.ArgumentParser) -> None:
@@ -87,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="a .npy file")
 
     parity_cli.add_parser(sub)
+
+    p = sub.add_parser("verify", help="check every file of an artifact (engines too) against the manifest's sha256")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--json", action="store_true")
     engines_cli.add_parsers(sub)  # build, plan, inspect
 
     p = sub.add_parser("tokenize", help="print the token ids of a text as JSON")
@@ -100,7 +107,7 @@ def cmd_synth(args) -> int:
     from export.synth import synth_config, synthesize_checkpoint
     cfg = synth_config(args.preset, args.config, args.layers, args.vocab)
     out = synthesize_checkpoint(cfg, args.out, dtype=args.dtype, seed=args.seed, force=args.force,
-                                progress=sys.stderr.isatty())
+                                progress=sys.stderr.isatty(), protected=(args.config,) if args.config else ())
     print(f"wrote {out} ({cfg.num_parameters() / 1e9:.3f} B parameters, {args.dtype})")
     return 0
 
@@ -154,10 +161,15 @@ def cmd_export(args) -> int:
 def open_backend(args):
     """The model behind --checkpoint/--artifact as a Backend (runner/backends/base.py)."""
     from export.model import ModelOptions
+    if args.artifact is not None and args.verify:
+        verify_artifact(args.artifact)
     if args.checkpoint is not None:
         if args.backend != "torch":
             raise InputError(f"--backend {args.backend} runs an exported artifact; pass --artifact ART "
                              "(make one with `llama405 export`) or use --backend torch")
+        for flag in ("tp", "pp", "max_seq_len"):
+            if getattr(args, flag) < 1:
+                raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
         from export.checkpoint import Checkpoint
         from runner.backends.torch import TorchBackend
         options = ModelOptions(kv_cache=args.kv_cache, max_seq_len=args.max_seq_len)
@@ -226,18 +238,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def parse_token_list(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise InputError(f"--tokens {text!r}: expected comma-separated integers like 128000,9906") from None
-    if not ids:
-        raise InputError("--tokens is empty")
-    return ids
-
-
 def cmd_logits(args) -> int:
-    ids = np.array([parse_token_list(args.tokens)], dtype=np.int64)
+    ids = np.array([parity_cli.parse_token_ids([args.tokens])], dtype=np.int64)
     backend = open_backend(args)
     from runner.backends.base import make_feed
     backend.start(1)
@@ -246,8 +248,20 @@ def cmd_logits(args) -> int:
     if not _is_primary(backend):
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, logits.astype(np.float32))
+    with open(args.out, "wb") as f:  # a file handle: np.save would append .npy to a name without it
+        np.save(f, logits.astype(np.float32))
     print(f"wrote {args.out} {list(logits.shape)} float32")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    manifest = verify_artifact(args.artifact)
+    size = sum(f["size"] for f in manifest.files.values())
+    if args.json:
+        print(json.dumps({"artifact": str(args.artifact), "files": len(manifest.files), "bytes": size, "ok": True}))
+    else:
+        print(f"{args.artifact}: {len(manifest.files)} files, {size / 1e9:.2f} GB — every size and sha256 matches "
+              "the manifest")
     return 0
 
 
@@ -258,17 +272,13 @@ def cmd_tokenize(args) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "export": cmd_export, "generate": cmd_generate, "logits": cmd_logits, "parity": parity_cli.run,
-            "tokenize": cmd_tokenize, "plan": engines_cli.run_plan, "inspect": engines_cli.run_inspect,
+            "tokenize": cmd_tokenize, "verify": cmd_verify, "plan": engines_cli.run_plan, "inspect": engines_cli.run_inspect,
             "build": engines_cli.run_build}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except Llama405Error as err:
-        print(f"llama405 {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(f"llama405 {args.command}", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the concat cache masks it out with attention_mask. The same loop drives every ba
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterable
 
@@ -27,9 +28,9 @@ class SamplingOptions:
     def __post_init__(self):
         if self.max_new_tokens < 0:
             raise InputError(f"--max-new-tokens {self.max_new_tokens} must be >= 0")
-        if self.temperature < 0:
-            raise InputError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise InputError(f"--temperature {self.temperature} must be a finite number >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:  # also refuses nan
             raise InputError(f"--top-p {self.top_p} must be in (0, 1]")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.cli_flags import add_verify_flag, verify_artifact
 from export.errors import ArtifactError, InputError
 from runner.parity import (BACKEND_KINDS, DEFAULT_TOLERANCES, ParityReport, StepRow, check_backend_available,
                            check_capacity, check_tokens, default_preset, open_parity_backend, run_parity)
@@ -31,6 +32,9 @@ What is compared:
          whose weights were altered still passes. Add --reference CKPT to load backend B
          from the original checkpoint instead; that comparison catches altered weights.
   trt    TensorRT engines (rank{r}/engine.plan)
+
+--verify checks every artifact file's sha256 first: the default comparison does not see
+altered weights, the hashes do.
 
 Exit status: 0 within tolerance, 1 outside (each failing step and output is named),
 2 bad input."""
@@ -54,6 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn of the chat format")
     p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill (default: 8)")
     p.add_argument("--report", type=Path, metavar="F.json", help="also write the JSON report here")
+    add_verify_flag(p)
     p.add_argument("--tolerance-preset", choices=sorted(DEFAULT_TOLERANCES),
                    help="tolerance set (default: the artifact's dtype)")
     p.add_argument("--max-abs", type=float, help="override: largest |a-b| of a step's logits")
@@ -66,12 +71,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def parse_token_ids(values: list[str]) -> list[int]:
+    """--tokens values ('128000,9906' or '128000 9906', repeatable) -> ids; the one parser of token lists."""
     try:
         ids = [int(t) for value in values for t in value.replace(",", " ").split()]
     except ValueError:
         raise InputError(f"--tokens {' '.join(values)!r}: expected integers like 128000,9906,1917") from None
     if not ids:
         raise InputError("--tokens is empty; pass at least one token id")
+    huge = [i for i in ids if abs(i) >= 1 << 31]  # would overflow int64 arrays; the vocabulary check names the rest
+    if huge:
+        raise InputError(f"--tokens: {huge[0]} is not a token id (ids are 0 .. vocab size - 1)")
     return ids
 
 
@@ -119,7 +128,7 @@ def _validate(args) -> None:
 def run(args) -> int:
     from export.manifest import load_manifest
     _validate(args)
-    manifest = load_manifest(args.artifact)
+    manifest = verify_artifact(args.artifact) if args.verify else load_manifest(args.artifact)
     preset = args.tolerance_preset or default_preset(manifest.dtype, manifest.quant,
                                                      reference=args.reference is not None)
     tolerance = DEFAULT_TOLERANCES[preset].replace(
