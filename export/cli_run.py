@@ -30,6 +30,7 @@ _FIXES = {
     errno.EDQUOT: "the disk quota is exhausted: free space or choose another path",
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
     errno.EISDIR: "the path is a folder: name a file",
+    errno.EEXIST: "a file stands where a folder must be made: choose another path",
     errno.ENOENT: "check the path",
     errno.EBUSY: "the path is in use: choose another path",
 }

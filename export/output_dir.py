@@ -105,11 +105,9 @@ def exclusive_writer(out: Path) -> Iterator[None]:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)
+        yield
     finally:
+        lock_path.unlink(missing_ok=True)  # while still holding the lock
         os.close(fd)
 
 

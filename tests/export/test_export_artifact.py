@@ -307,8 +307,7 @@ def test_force_replaces_an_artifact_with_a_byte_identical_export(hf_checkpoint, 
     checkpoint, _ = hf_checkpoint
     original = shared_artifact(tmp_path_factory, checkpoint)  # tp1, static, float32
     out = Path(shutil.copytree(original, tmp_path / "art"))
-    (out / "stray.bin").write_bytes(b"left over")
-    (out / "manifest.json").write_text("{}")
+    (out / "stray.bin").write_bytes(b"left over")  # a finished artifact (its manifest says so) with a stray file
     args = ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--tp", "1", "--dtype", "float32",
             "--kv-cache", "static", "--max-seq-len", str(MAX_SEQ_LEN), "--json"]
 
