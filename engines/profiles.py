@@ -103,7 +103,8 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]
 def _points(kv_cache: str, options: BuildOptions, max_seq_len: int) -> list[tuple[dict, dict, dict]]:
     """(min, opt, max) values of the symbolic dims, one triple per optimization profile.
 
-    static: one profile; past is fixed at max_seq_len, only batch and seq vary.
+    static: one profile; the cache buffers are fixed at max_seq_len; batch, seq and total_seq
+    (the attention mask's length: slots in use after the step, at most max_seq_len) vary.
     concat: each profile point must be self-consistent (attention_mask = past + seq), so a
     context profile (seq up to max_input_len, past up to max_seq_len - max_input_len) and a
     decode profile (seq 1, past up to max_seq_len - 1) cover every step of a generation.
@@ -111,7 +112,8 @@ def _points(kv_cache: str, options: BuildOptions, max_seq_len: int) -> list[tupl
     b_max, b_opt = options.max_batch, options.batch_opt
     s_max, s_opt = options.max_input_len, options.opt_input_len
     if kv_cache == "static":
-        return [({"batch": 1, "seq": 1}, {"batch": b_opt, "seq": s_opt}, {"batch": b_max, "seq": s_max})]
+        return [({"batch": 1, "seq": 1, "total_seq": 1}, {"batch": b_opt, "seq": s_opt, "total_seq": max_seq_len // 2},
+                 {"batch": b_max, "seq": s_max, "total_seq": max_seq_len})]
     L = max_seq_len
     ctx_past_max = L - s_max
     ctx_past_opt = min(ctx_past_max, L // 2)
@@ -137,7 +139,7 @@ def _dim_value(dim: Any, values: dict[str, int], tensor: str) -> int:
             total += values[term]
         else:
             raise ArtifactError(f"input {tensor!r} has a dimension {dim!r} that llama405 does not know how to "
-                                "bound (expected batch, seq, past_seq or sums of them); re-export the artifact")
+                                "bound (expected batch, seq, past_seq, total_seq or sums of them); re-export the artifact")
     return total
 
 

@@ -114,6 +114,7 @@ class Attention(nn.Module):
         self.o_proj = linear(prefix + "o_proj", self.n_heads * d, cfg.hidden_size)
 
     def forward(self, x, cos, sin, mask, past_k, past_v, write_indices, kv_cache: str):
+        """write_indices: static mode's write slot per sequence [batch]; mask [batch, 1, 1, seq, total]."""
         batch, seq, _ = x.shape
         d, n_kv, n_rep = self.head_dim, self.n_kv, self.n_heads // self.n_kv
         q = self.q_proj(x).view(batch, seq, self.n_heads, d).transpose(1, 2)  # [batch, heads, seq, head_dim]
@@ -121,11 +122,16 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache == "static":
-            k_all = kv_cache_write(past_k, k, write_indices)  # [batch, kv_heads, max_seq_len, head_dim]
-            v_all = kv_cache_write(past_v, v, write_indices)
+            present_k = kv_cache_write(past_k, k, write_indices)  # [batch, kv_heads, max_seq_len, head_dim]
+            present_v = kv_cache_write(past_v, v, write_indices)
+            # Attend only the live prefix: slots past the mask's length hold nothing yet, and
+            # reading all max_seq_len of them every step would cost more than the weights.
+            total = mask.shape[-1]
+            k_all, v_all = present_k[:, :, :total], present_v[:, :, :total]  # [batch, kv_heads, total, head_dim]
         else:
             k_all = torch.cat((past_k, k), dim=2)  # [batch, kv_heads, past + seq, head_dim]
             v_all = torch.cat((past_v, v), dim=2)
+            present_k, present_v = k_all, v_all
         # Grouped-query attention without repeating KV heads: a KV head's n_rep query heads are
         # folded into the row axis, so one plain matmul per KV head serves them all.
         qg = q.reshape(batch, n_kv, n_rep * seq, d)  # [batch, kv_heads, n_rep * seq, head_dim]
@@ -134,7 +140,7 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(x.dtype)
         out = probs.reshape(batch, n_kv, n_rep * seq, -1) @ v_all  # [batch, kv_heads, n_rep * seq, head_dim]
         out = out.reshape(batch, self.n_heads, seq, d).transpose(1, 2).reshape(batch, seq, self.n_heads * d)
-        return self.reduce(self.o_proj(out)), k_all, v_all  # [batch, seq, hidden]
+        return self.reduce(self.o_proj(out)), present_k, present_v  # [batch, seq, hidden]
 
 
 class MLP(nn.Module):
@@ -204,34 +210,37 @@ class Body(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def additive_mask(kv_cache: str, position_ids, cache_arg, cache_len: int, seq: int):
-    """Additive attention mask [batch, 1, 1, seq, keys] in fp32."""
-    if kv_cache == "static":
-        # Causal in slot space: query i of sequence b sits in slot write_indices[b] + i and
-        # sees every slot up to it (earlier slots hold that sequence's earlier tokens).
-        slots = torch.arange(cache_len, device=position_ids.device)  # [keys]
-        query_slots = cache_arg[:, None] + torch.arange(seq, device=position_ids.device)  # [batch, seq]
-        allowed = slots[None, None, :] <= query_slots[:, :, None]  # [batch, seq, keys]
-    else:
-        slots = torch.arange(cache_len + seq, device=position_ids.device)  # [keys]
-        query_slots = cache_len + torch.arange(seq, device=position_ids.device)  # [seq]
-        causal = slots[None, :] <= query_slots[:, None]  # [seq, keys]
-        allowed = causal[None] & (cache_arg[:, None, :] != 0)  # [batch, seq, keys]
+def additive_mask(attention_mask: torch.Tensor, seq: int):
+    """Additive attention mask [batch, 1, 1, seq, total] in fp32 from attention_mask [batch, total]
+    (1 = a real token in that cache slot). The step's queries sit in the last `seq` slots; each
+    sees every real slot up to its own (both cache modes: slots are positions in the cache, and
+    padding slots of shorter sequences stay masked for good)."""
+    total = attention_mask.shape[1]
+    slots = torch.arange(total, device=attention_mask.device)  # [total]
+    query_slots = (total - seq) + torch.arange(seq, device=attention_mask.device)  # [seq]
+    causal = slots[None, :] <= query_slots[:, None]  # [seq, total]
+    allowed = causal[None] & (attention_mask[:, None, :] != 0)  # [batch, seq, total]
     # finfo.min rather than -inf: a fully padded query row must give zeros, not NaN.
     neg = torch.finfo(torch.float32).min
-    return torch.where(allowed, 0.0, neg)[:, None, None]  # [batch, 1, 1, seq, keys]
+    return torch.where(allowed, 0.0, neg)[:, None, None]  # [batch, 1, 1, seq, total]
+
+
+def write_slots(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """Static cache: the slot of the step's first token, the same for every sequence [batch]."""
+    return torch.zeros_like(attention_mask[:, 0]) + (attention_mask.shape[1] - seq)  # [batch]
 
 
 class LlamaRank(nn.Module):
     """One rank's share of Llama 3.1.
 
-    forward(first, position_ids, cache_arg, *past) -> (logits or hidden_states, *presents)
-      first         input_ids int64 [batch, seq] on the first stage, else hidden_states
-                    [batch, seq, hidden] from the previous stage
-      position_ids  int64 [batch, seq]
-      cache_arg     static: write_indices int64 [batch] (cache slot of each sequence's first
-                    new token = how many tokens it already cached); concat: attention_mask int64 [batch, past + seq]
-      past          key, value per local layer: [batch, kv_heads_local, cache_len, head_dim]
+    forward(first, position_ids, attention_mask, *past) -> (logits or hidden_states, *presents)
+      first           input_ids int64 [batch, seq] on the first stage, else hidden_states
+                      [batch, seq, hidden] from the previous stage
+      position_ids    int64 [batch, seq]
+      attention_mask  int64 [batch, total]: 1 for a real token in each cache slot so far, this
+                      step's included (total = past + seq). Static mode writes the step at slots
+                      total - seq .. total - 1 of every sequence and attends slots [0, total).
+      past            key, value per local layer: [batch, kv_heads_local, cache_len, head_dim]
     """
 
     def __init__(self, cfg: LlamaConfig, spec: RankSpec, options: ModelOptions = ModelOptions(),
@@ -252,16 +261,17 @@ class LlamaRank(nn.Module):
     def layer_ids(self) -> list[int]:
         return self.model.layer_ids
 
-    def forward(self, first, position_ids, cache_arg, *past):
+    def forward(self, first, position_ids, attention_mask, *past):
         spec = self.spec
         h = self.model.embed_tokens(first) if spec.is_first_stage else first  # [batch, seq, hidden]
         seq = position_ids.shape[1]
         cos, sin = rotary_cos_sin(self.inv_freq, position_ids, h.dtype)
-        mask = additive_mask(self.options.kv_cache, position_ids, cache_arg, past[0].shape[2], seq)
+        mask = additive_mask(attention_mask, seq)
+        slots = write_slots(attention_mask, seq) if self.options.kv_cache == "static" else None
         presents = []
         for n, layer_id in enumerate(self.layer_ids):
             h, k, v = self.model.layers[str(layer_id)](
-                h, cos, sin, mask, past[2 * n], past[2 * n + 1], cache_arg, self.options.kv_cache)
+                h, cos, sin, mask, past[2 * n], past[2 * n + 1], slots, self.options.kv_cache)
             presents += [k, v]
         if not spec.is_last_stage:
             return (h, *presents)

@@ -44,12 +44,15 @@ from export.output_dir import (check_replaceable, exclusive_writer, move_into_pl
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
                              stage_layers, tensor_slice, validate_parallelism)
+from export.genai_config import NOT_SUPPORTED as GENAI_NOT_SUPPORTED
+from export.genai_config import genai_supported, write_genai_config
 from export.graph_passes import fold_constant_arithmetic
 from export.stamp import stamp_layers, strip_metadata
 from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, default_tokenizer_dir
 from export.weight_stream import ALIGN, BLOCK_BYTES, WrittenTensor, write_weights
 
 OPSET = 24
+MIN_MAX_SEQ_LEN = 16  # the trace's example step (3 new tokens after 5 cached) must fit, with room to spare
 DATA_FILE = "model.onnx.data"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
@@ -76,6 +79,9 @@ class ExportOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
+        if self.max_seq_len < MIN_MAX_SEQ_LEN:
+            raise ConfigError(f"--max-seq-len {self.max_seq_len} is below {MIN_MAX_SEQ_LEN}, the shortest cache the "
+                              "exporter traces with")
         if self.max_seq_len > cfg.max_position_embeddings:
             raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
                               f"({cfg.max_position_embeddings}); choose at most that")
@@ -94,8 +100,7 @@ class ExportOptions:
 
 def io_names(cfg: LlamaConfig, spec: RankSpec, kv_cache: str) -> tuple[list[str], list[str]]:
     layers = stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank)
-    inputs = ["input_ids" if spec.is_first_stage else "hidden_states", "position_ids",
-              "write_indices" if kv_cache == "static" else "attention_mask"]
+    inputs = ["input_ids" if spec.is_first_stage else "hidden_states", "position_ids", "attention_mask"]
     inputs += [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
     outputs = ["logits" if spec.is_last_stage else "hidden_states"]
     outputs += [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
@@ -110,19 +115,15 @@ def _example_inputs(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dty
              else torch.empty(batch, seq, cfg.hidden_size, dtype=dtype, device=meta))
     positions = torch.empty(batch, seq, dtype=torch.int64, device=meta)
     cache_len = options.max_seq_len if options.kv_cache == "static" else past
-    cache_arg = (torch.empty(batch, dtype=torch.int64, device=meta) if options.kv_cache == "static"
-                 else torch.empty(batch, past + seq, dtype=torch.int64, device=meta))
+    attention_mask = torch.empty(batch, past + seq, dtype=torch.int64, device=meta)  # [batch, total]
     n_layers = len(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
     kv = kv_heads_local(cfg, spec.tp_size)
     past_kv = tuple(torch.empty(batch, kv, cache_len, cfg.head_dim, dtype=dtype, device=meta)
                     for _ in range(2 * n_layers))
     auto = Dim.AUTO
     cache_dims = {0: auto} if options.kv_cache == "static" else {0: auto, 2: auto}
-    dynamic = ({0: auto, 1: auto} if spec.is_first_stage else {0: auto, 1: auto},
-               {0: auto, 1: auto},
-               {0: auto} if options.kv_cache == "static" else {0: auto, 1: auto},
-               tuple(cache_dims for _ in past_kv))
-    return (first, positions, cache_arg, *past_kv), dynamic
+    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, tuple(cache_dims for _ in past_kv))
+    return (first, positions, attention_mask, *past_kv), dynamic
 
 
 def rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: torch.dtype,
@@ -206,13 +207,16 @@ class _quiet_exporter:
 
 
 def _name_symbolic_dims(model: onnx.ModelProto, spec: RankSpec, kv_cache: str) -> None:
-    """Replace the exporter's s17-style symbols by batch / seq / past_seq everywhere."""
+    """Replace the exporter's s17-style symbols by batch / seq / past_seq (concat) / total_seq
+    (static: the attention mask's length, slots in use after the step) everywhere."""
     graph = model.graph
     first = graph.input[0].type.tensor_type.shape.dim
     names = {first[0].dim_param: "batch", first[1].dim_param: "seq"}
     if kv_cache == "concat":
         past = graph.input[3].type.tensor_type.shape.dim[2].dim_param
         names[past] = "past_seq"
+    else:
+        names[graph.input[2].type.tensor_type.shape.dim[1].dim_param] = "total_seq"
     pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in names if k) + r")\b")
 
     def rename(value_info):
@@ -469,6 +473,13 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
                 files.update(rank_files)
         for path in copy_tokenizer_files(tmp, source=tokenizer_source):
             files[path.name] = file_entry(path)
+        extra = {"fp8": fp8_info} if fp8_info else {}
+        if genai_supported(options.tp, options.pp):
+            path = write_genai_config(tmp, cfg, options.kv_cache, options.max_seq_len, checkpoint.directory)
+            files[path.name] = file_entry(path)
+            extra["genai"] = {"config": path.name}
+        else:
+            extra["genai"] = {"config": None, "why": GENAI_NOT_SUPPORTED}
         manifest = Manifest(
             config=cfg, tp=options.tp, pp=options.pp, dtype=options.dtype, quant=options.quant,
             kv_cache=options.kv_cache, max_batch=options.max_batch, max_seq_len=options.max_seq_len,
@@ -476,7 +487,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
             source={"config_sha256": config_digest(cfg),
                     "kv_dup_factor": checkpoint.kv_dup_factor,
                     "tokenizer": "checkpoint" if tokenizer_source else "bundled llama3"},
-            toolchain=_toolchain(), extra={"fp8": fp8_info} if fp8_info else {})
+            toolchain=_toolchain(), extra=extra)
         manifest.source["options_sha256"] = options_digest(manifest)
         write_manifest(tmp, manifest)
         move_into_place(tmp, out)

@@ -9,7 +9,7 @@ layer's nodes for each layer of the stage, renaming:
   cache IO     past_key_values.{t}.*    -> past_key_values.{i}.*,  present.{t}.* -> present.{i}.*
   residual     the layer's input stream -> the previous layer's output stream
   everything else the layer computes gets a per-layer name; values it reads from outside
-  (rotary cos/sin, the attention mask, write_indices) stay shared.
+  (rotary cos/sin, the attention mask, the static cache's write slots) stay shared.
 
 The PyTorch module stays the single source of the graph: nothing here creates an op, it only
 repeats what the exporter emitted. tests/export/test_stamp.py checks a stamped graph computes
@@ -120,7 +120,7 @@ def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[in
                 return f"present.{i}." + name[len(present_prefix):]
             if name in produced_in_layer:
                 return f"layers.{i}/{name}"
-            return name  # shared: rotary tables, mask, write_indices
+            return name  # shared: rotary tables, mask, write slots
         for node in layer_nodes:
             copy = _copy(node)
             copy.name = f"layers.{i}/{node.name}"

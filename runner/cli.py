@@ -244,7 +244,7 @@ def cmd_logits(args) -> int:
     from runner.backends.base import make_feed
     backend.start(1)
     positions = np.arange(ids.shape[1])[None]
-    logits = backend.infer(make_feed(ids, positions, np.zeros(1), np.ones_like(ids)))["logits"]
+    logits = backend.infer(make_feed(ids, positions, np.ones_like(ids)))["logits"]
     if not _is_primary(backend):
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)

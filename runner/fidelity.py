@@ -51,7 +51,7 @@ def _teacher_forced(backend: Backend, ids: np.ndarray, window: int) -> Iterator[
     for start in range(0, last, window):
         stop = min(start + window, last)
         chunk = ids[start:stop]
-        feed = make_feed(chunk[None], np.arange(start, stop)[None], np.array([start]), np.ones((1, stop)))
+        feed = make_feed(chunk[None], np.arange(start, stop)[None], np.ones((1, stop)))
         logits = backend.infer(feed)["logits"][0]  # [chunk, vocab]
         if logits.shape[0] != chunk.size:
             raise InputError(f"{backend.name} returned logits for {logits.shape[0]} of {chunk.size} positions; "

@@ -1,8 +1,9 @@
 """Prefill + decode through a backend's KV cache: greedy or temperature/top-p sampling.
 
-A batch of prompts of different lengths is right-padded: each sequence keeps its own positions
-and cache slots (write_indices), so the static cache overwrites the padding as decoding goes and
-the concat cache masks it out with attention_mask. The same loop drives every backend.
+A batch of prompts of different lengths is right-padded: each sequence keeps its own positions,
+every step occupies the same cache slot in every sequence (the attention mask's length), and the
+padding slots of shorter prompts stay masked out by attention_mask — in both cache modes. The
+same loop drives every backend.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def generate(backend: Backend, prompts: list[list[int]], options: SamplingOption
 
     backend.start(batch)
     started = time.perf_counter()
-    logits = backend.infer(make_feed(ids, positions, np.zeros(batch), mask))["logits"]
+    logits = backend.infer(make_feed(ids, positions, mask))["logits"]
     if logits.shape[1] == 1 and width > 1 and (lengths != width).any():
         raise InputError("this artifact returns last-position logits only, which cannot serve a batch "
                          "of prompts of different lengths; re-export with --logits all")
@@ -107,7 +108,7 @@ def generate(backend: Backend, prompts: list[list[int]], options: SamplingOption
             break
         nxt = np.where(done, pad_id, nxt)
         mask = np.concatenate([mask, (~done).astype(np.int64)[:, None]], axis=1)
-        feed = make_feed(nxt[:, None], (lengths + step)[:, None], lengths + step, mask)
+        feed = make_feed(nxt[:, None], (lengths + step)[:, None], mask)  # slot: mask's length - 1
         last = backend.infer(feed)["logits"][:, -1]
         steps += 1
     return Generation(prompts, tokens, reasons, prefill_seconds, time.perf_counter() - started, steps)

@@ -415,7 +415,7 @@ def run_parity(backend_a: Backend, backend_b: Backend, tokens: Sequence[int], st
         backend.start(1)
     n = len(tokens)
     ids = np.array([tokens], dtype=np.int64)
-    feed = make_feed(ids, np.arange(n)[None], np.zeros(1), np.ones((1, n)))
+    feed = make_feed(ids, np.arange(n)[None], np.ones((1, n)))
     fed, filled, kind = tokens, n, "prefill"
     for step in range(steps + 1):
         logits_a, seconds_a = _timed(backend_a, feed)
@@ -432,7 +432,7 @@ def run_parity(backend_a: Backend, backend_b: Backend, tokens: Sequence[int], st
         on_step(row)
         # Next input: the reference's greedy token at the next position, cache slot, mask column.
         fed, kind = [row.next_b], "decode"
-        feed = make_feed(np.array([fed]), np.array([[filled]]), np.array([filled]), np.ones((1, filled + 1)))
+        feed = make_feed(np.array([fed]), np.array([[filled]]), np.ones((1, filled + 1)))
         filled += 1
     report.summarize()
     return report

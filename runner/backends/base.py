@@ -5,8 +5,8 @@ cache, `infer(feed)` runs one forward step and keeps the cache, `cache()` return
 the model's logical layout so two backends can be compared tensor by tensor.
 
 feed:    input_ids int64 [batch, seq]; position_ids int64 [batch, seq];
-         write_indices int64 [batch] (cache slot of each sequence's first new token; static);
-         attention_mask int64 [batch, past + seq] (1 = real token; concat)
+         attention_mask int64 [batch, past + seq] (1 = real token in that cache slot), both cache
+         modes: the step occupies the last `seq` slots of every sequence
 outputs: logits float32 [batch, seq, vocab] ([batch, 1, vocab] for a logits="last" artifact)
 """
 
@@ -53,15 +53,12 @@ def check_feed(feed: dict[str, np.ndarray], vocab_size: int, max_seq_len: int, k
 
 def past_len(feed: dict[str, np.ndarray]) -> int:
     """Cache slots in use once this step has run."""
-    if "write_indices" in feed:
-        return int(np.max(feed["write_indices"])) + feed["input_ids"].shape[1]
     return feed["attention_mask"].shape[1]
 
 
-def make_feed(input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
-              attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+def make_feed(input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
     return {"input_ids": input_ids.astype(np.int64), "position_ids": position_ids.astype(np.int64),
-            "write_indices": write_indices.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+            "attention_mask": attention_mask.astype(np.int64)}
 
 
 def logical_kv(per_rank: list[np.ndarray], cfg: LlamaConfig, tp: int) -> np.ndarray:

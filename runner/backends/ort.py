@@ -157,11 +157,8 @@ class OrtBackend:
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(feed, self.config.vocab_size, self.max_seq_len, self.kv_cache)
-        inputs = {"position_ids": feed["position_ids"].astype(np.int64)}
-        if self.kv_cache == "static":
-            inputs["write_indices"] = feed["write_indices"].astype(np.int64)
-        else:
-            inputs["attention_mask"] = feed["attention_mask"].astype(np.int64)
+        inputs = {"position_ids": feed["position_ids"].astype(np.int64),
+                  "attention_mask": feed["attention_mask"].astype(np.int64)}
         x = feed["input_ids"].astype(np.int64)
         if self.world is None:
             for stage in range(self.pp):

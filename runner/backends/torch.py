@@ -61,15 +61,12 @@ class TorchBackend:
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(feed, self.config.vocab_size, self.max_seq_len, self.kv_cache)
         positions = torch.from_numpy(np.ascontiguousarray(feed["position_ids"], dtype=np.int64))
-        if self.kv_cache == "static":
-            cache_arg = torch.from_numpy(np.ascontiguousarray(feed["write_indices"], dtype=np.int64))
-        else:
-            cache_arg = torch.from_numpy(np.ascontiguousarray(feed["attention_mask"], dtype=np.int64))
+        mask = torch.from_numpy(np.ascontiguousarray(feed["attention_mask"], dtype=np.int64))
         x = torch.from_numpy(np.ascontiguousarray(feed["input_ids"], dtype=np.int64))
         for stage in range(self.pp):
             ranks = [s.rank for s in self.specs if s.pp_rank == stage]
             outs = run_in_lockstep(
-                [lambda r=r, x=x: self.modules[r](x, positions, cache_arg, *self._cache[r]) for r in ranks],
+                [lambda r=r, x=x: self.modules[r](x, positions, mask, *self._cache[r]) for r in ranks],
                 self.groups[stage])
             for r, out in zip(ranks, outs):
                 self._cache[r] = list(out[1:])

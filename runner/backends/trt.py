@@ -391,26 +391,21 @@ class TrtBackend:
         if seq <= self.max_input_len:
             yield feed
             return
-        past = feed["attention_mask"].shape[1] - seq if self.kv_cache == "concat" else 0
+        past = feed["attention_mask"].shape[1] - seq
         start = 0
         while start < seq:
             size = self.max_input_len
             if self.kv_cache == "concat" and past + start > self.max_seq_len - self.max_input_len:
                 size = 1  # beyond the context profile's past range: the decode profile takes it
             end = min(seq, start + size)
-            piece = {"input_ids": feed["input_ids"][:, start:end], "position_ids": feed["position_ids"][:, start:end]}
-            if "write_indices" in feed:
-                piece["write_indices"] = feed["write_indices"] + start
-            if "attention_mask" in feed:
-                piece["attention_mask"] = feed["attention_mask"][:, :past + end]
+            piece = {"input_ids": feed["input_ids"][:, start:end], "position_ids": feed["position_ids"][:, start:end],
+                     "attention_mask": feed["attention_mask"][:, :past + end]}
             yield piece
             start = end
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(feed, self.config.vocab_size, self.max_seq_len, self.kv_cache)
-        wanted = ("write_indices",) if self.kv_cache == "static" else ("attention_mask",)
-        feed = {"input_ids": feed["input_ids"].astype(np.int64), "position_ids": feed["position_ids"].astype(np.int64),
-                **{k: feed[k].astype(np.int64) for k in wanted}}
+        feed = {k: feed[k].astype(np.int64) for k in ("input_ids", "position_ids", "attention_mask")}
         pieces = [self._step(piece) for piece in self._chunks(feed)]
         logits = pieces[0] if len(pieces) == 1 else (
             np.concatenate(pieces, axis=1) if self.manifest.logits == "all" else pieces[-1])

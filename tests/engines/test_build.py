@@ -37,8 +37,7 @@ def _entry(kv_cache: str, first: str = "input_ids", hidden: int = 64) -> RankEnt
     inputs = [TensorSpec(first, "int64" if first == "input_ids" else "float16",
                          ("batch", "seq") if first == "input_ids" else ("batch", "seq", hidden)),
               TensorSpec("position_ids", "int64", ("batch", "seq")),
-              TensorSpec("write_indices", "int64", ("batch",)) if kv_cache == "static"
-              else TensorSpec("attention_mask", "int64", ("batch", "past_seq + seq"))]
+              TensorSpec("attention_mask", "int64", ("batch", "total_seq" if kv_cache == "static" else "past_seq + seq"))]
     for i in range(2):
         for kv in ("key", "value"):
             inputs.append(TensorSpec(f"past_key_values.{i}.{kv}", "float16", ("batch", 1, past, 8)))
@@ -52,7 +51,7 @@ def test_static_profile_shapes():
     shapes = profile_shapes(_entry("static"), "static", MAX_SEQ, OPTIONS)
     assert shapes["input_ids"] == ((1, 1), (2, 1), (4, 16))
     assert shapes["position_ids"] == shapes["input_ids"]
-    assert shapes["write_indices"] == ((1,), (2,), (4,))
+    assert shapes["attention_mask"] == ((1, 1), (2, MAX_SEQ // 2), (4, MAX_SEQ))  # slots in use after the step
     # the static cache is fixed at max_seq_len: only its batch varies
     assert shapes["past_key_values.1.value"] == ((1, 1, MAX_SEQ, 8), (2, 1, MAX_SEQ, 8), (4, 1, MAX_SEQ, 8))
     assert len(optimization_profiles(_entry("static"), "static", MAX_SEQ, OPTIONS)) == 1
@@ -279,13 +278,13 @@ def test_tp1_engine_matches_onnxruntime(tiny, tmp_path):
     prompt = rng.integers(3, 256, size=(1, 24))  # longer than --max-input-len 16: chunked prefill
     for backend in (trt_backend, ort_backend):
         backend.start(1)
-    feed = make_feed(prompt, np.arange(24)[None], np.zeros(1), np.ones_like(prompt))
+    feed = make_feed(prompt, np.arange(24)[None], np.ones_like(prompt))
     a, b = trt_backend.infer(feed)["logits"], ort_backend.infer(feed)["logits"]
     np.testing.assert_allclose(a, b, atol=2e-2, rtol=2e-2)
     token = a[:, -1].argmax(-1)
     for step in range(4):
         mask = np.ones((1, 25 + step), dtype=np.int64)
-        feed = make_feed(token[:, None], np.array([[24 + step]]), np.array([24 + step]), mask)
+        feed = make_feed(token[:, None], np.array([[24 + step]]), mask)
         a, b = trt_backend.infer(feed)["logits"], ort_backend.infer(feed)["logits"]
         np.testing.assert_allclose(a, b, atol=2e-2, rtol=2e-2)
         token = b[:, -1].argmax(-1)

@@ -82,8 +82,7 @@ def expected_io(cfg, spec: RankSpec, kv_cache: str, max_seq_len: int):
     inputs = [("input_ids", i64, ["batch", "seq"]) if spec.is_first_stage
               else ("hidden_states", f32, ["batch", "seq", cfg.hidden_size]),
               ("position_ids", i64, ["batch", "seq"]),
-              ("write_indices", i64, ["batch"]) if kv_cache == "static"
-              else ("attention_mask", i64, ["batch", "past_seq + seq"])]
+              ("attention_mask", i64, ["batch", "total_seq" if kv_cache == "static" else "past_seq + seq"])]
     outputs = [("logits", f32, ["batch", "seq", cfg.vocab_size]) if spec.is_last_stage
                else ("hidden_states", f32, ["batch", "seq", cfg.hidden_size])]
     for i in stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank):  # global layer index
@@ -145,7 +144,7 @@ def test_every_rank_graph_is_valid_trt_ready_and_follows_the_io_contract(hf_chec
                 if d.dim_param:
                     # Expressions of the named dims are fine (GQA folds query heads: "4*seq").
                     names = set(re.findall(r"[A-Za-z_]\w*", d.dim_param))
-                    assert names <= {"batch", "seq", "past_seq"}, (value.name, d)
+                    assert names <= {"batch", "seq", "past_seq", "total_seq"}, (value.name, d)
 
 
 # -- stamping: one traced layer copied per layer == a direct multi-layer trace --------------
@@ -197,8 +196,6 @@ def run_graph(model: onnx.ModelProto, cfg) -> dict[str, np.ndarray]:
             feed[value.name] = rng.integers(0, cfg.vocab_size, (batch, seq))
         elif value.name == "position_ids":
             feed[value.name] = np.array([[4, 5, 6], [2, 3, 4]])
-        elif value.name == "write_indices":
-            feed[value.name] = np.array([4, 2])
         elif value.name == "attention_mask":
             feed[value.name] = np.array([[1] * (past + seq), [1, 1, 0, 0] + [1] * seq])
         elif value.name == "hidden_states":

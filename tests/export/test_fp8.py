@@ -112,10 +112,10 @@ def teacher_forced(backend, ids: np.ndarray, prefill: int):
     """Logits [len(ids), vocab] from a prefill of ids[:prefill] then one decode step per further
     id, and the cache's filled slots afterwards."""
     backend.start(1)
-    feed = make_feed(ids[None, :prefill], np.arange(prefill)[None], np.zeros(1), np.ones((1, prefill)))
+    feed = make_feed(ids[None, :prefill], np.arange(prefill)[None], np.ones((1, prefill)))
     out = [backend.infer(feed)["logits"][0]]
     for pos in range(prefill, len(ids)):
-        feed = make_feed(ids[None, pos:pos + 1], np.array([[pos]]), np.array([pos]), np.ones((1, pos + 1)))
+        feed = make_feed(ids[None, pos:pos + 1], np.array([[pos]]), np.ones((1, pos + 1)))
         out.append(backend.infer(feed)["logits"][0])
     cache = [(k[:, :, :len(ids)], v[:, :, :len(ids)]) for k, v in backend.cache()]
     return np.concatenate(out), cache
@@ -233,7 +233,7 @@ def torch_fp8_codes(art: Path, ids: np.ndarray) -> dict[str, torch.Tensor]:
                 name, torch.ops.llama405.fp8_quantize(args[0], mod.input_scale).view(torch.uint8).clone()))
     backend.start(1)
     n = len(ids)
-    backend.infer(make_feed(ids[None], np.arange(n)[None], np.zeros(1), np.ones((1, n))))
+    backend.infer(make_feed(ids[None], np.arange(n)[None], np.ones((1, n))))
     return codes
 
 
@@ -287,7 +287,7 @@ def ort_prefill(art: Path, ids: np.ndarray) -> np.ndarray:
     backend = OrtBackend(art)
     backend.start(1)
     n = len(ids)
-    return backend.infer(make_feed(ids[None], np.arange(n)[None], np.zeros(1), np.ones((1, n))))["logits"][0]
+    return backend.infer(make_feed(ids[None], np.arange(n)[None], np.ones((1, n))))["logits"][0]
 
 
 def quantized_modules(art: Path) -> set[str]:

@@ -17,7 +17,7 @@ def run_ours(path, ids, positions, tp=1, pp=1, kv_cache="static", dtype="float32
     backend = TorchBackend(Checkpoint(path), tp=tp, pp=pp, dtype=dtype,
                            options=ModelOptions(kv_cache=kv_cache, max_seq_len=64))
     backend.start(ids.shape[0])
-    feed = make_feed(ids, positions, np.zeros(ids.shape[0]), np.ones_like(ids))
+    feed = make_feed(ids, positions, np.ones_like(ids))
     return backend.infer(feed)["logits"]
 
 

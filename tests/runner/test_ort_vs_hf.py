@@ -1,8 +1,8 @@
 """ONNX Runtime on exported artifacts vs the Hugging Face transformers oracle.
 
 Every layout runs a batch of two prompts of different lengths through prefill and 8 decode
-steps, driven exactly like runner/generate.py (right-padded prompts, write_indices = tokens
-already cached per sequence, attention_mask one column longer per step), but teacher-forced:
+steps, driven exactly like runner/generate.py (right-padded prompts, the padding slots masked,
+attention_mask one column longer per step), but teacher-forced:
 the decode tokens are fixed in advance, so the oracle is one unpadded full-sequence forward of
 `LlamaForCausalLM` per prompt (prompt + forced tokens) and every real position of every
 sequence is compared: all prompt positions at prefill, then one position per decode step.
@@ -67,11 +67,11 @@ def teacher_forced(backend) -> tuple[np.ndarray, list[np.ndarray]]:
         ids[b, :len(prompt)], mask[b, :len(prompt)] = prompt, 1
     positions = np.tile(np.arange(width), (batch, 1))
     backend.start(batch)
-    prefill = backend.infer(make_feed(ids, positions, np.zeros(batch), mask))["logits"]
+    prefill = backend.infer(make_feed(ids, positions, mask))["logits"]
     steps = []
     for step in range(DECODE_STEPS):
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        feed = make_feed(FORCED[:, step:step + 1], (lengths + step)[:, None], lengths + step, mask)
+        feed = make_feed(FORCED[:, step:step + 1], (lengths + step)[:, None], mask)
         logits = backend.infer(feed)["logits"]
         assert logits.shape == (batch, 1, backend.config.vocab_size)
         steps.append(logits[:, -1])
