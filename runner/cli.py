@@ -34,6 +34,9 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (torch backend)")
     p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
     p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--ort-threads", type=int, help="ort backend: intra-op threads per session (default: the cores, <= 8)")
+    p.add_argument("--ort-spinning", choices=("auto", "on", "off"), default="auto",
+                   help="ort backend: spin the thread pool between steps (auto: when the rank graph is one session)")
     add_verify_flag(p)
 
 
@@ -176,13 +179,14 @@ def open_backend(args):
         return TorchBackend(Checkpoint(args.checkpoint), tp=args.tp, pp=args.pp, dtype=args.dtype,
                             options=options)
     if args.backend == "ort":
-        from runner.backends.ort import OrtBackend
+        from runner.backends.ort import OrtBackend, OrtThreads
         from runner.dist import ProcessWorld, launched_by_torchrun
+        threads = OrtThreads(args.ort_threads, args.ort_spinning)
         if launched_by_torchrun():
             from export.manifest import load_manifest
             manifest = load_manifest(args.artifact)
-            return OrtBackend(args.artifact, world=ProcessWorld(manifest.tp, manifest.pp))
-        return OrtBackend(args.artifact)
+            return OrtBackend(args.artifact, world=ProcessWorld(manifest.tp, manifest.pp), threads=threads)
+        return OrtBackend(args.artifact, threads=threads)
     if args.backend == "torch":
         from runner.backends.torch_artifact import torch_backend_from_artifact
         return torch_backend_from_artifact(args.artifact)
