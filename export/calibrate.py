@@ -101,7 +101,7 @@ def calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str = "", batc
                 hb, pb = h[start:start + batch], positions[start:start + batch]
                 cos, sin = rotary_cos_sin(inv_freq, pb, torch.float32)
                 ones = torch.ones(pb.shape, dtype=torch.int64)
-                mask = additive_mask("concat", pb, ones, 0, seq)
+                mask = additive_mask(ones, seq)
                 empty = torch.zeros(hb.shape[0], layer.self_attn.n_kv, 0, cfg.head_dim)
                 out, _, _ = layer(hb, cos, sin, mask, empty, empty, None, "concat")
                 outputs.append(out)

@@ -128,33 +128,36 @@ def _example_inputs(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dty
 
 def rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: torch.dtype,
                workdir: Path) -> onnx.ModelProto:
-    """The rank's graph, no initializers: one traced layer stamped for every layer of the stage."""
+    """The rank's graph, no initializers: one traced layer per distinct layer pattern (which
+    linears are FP8), stamped for every layer of the stage."""
     layers = list(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
-    if not _layers_alike(cfg, spec, options, layers):
-        # Per-layer FP8 exclusions (e.g. Meta's recipe: first/last layer unquantized) make
-        # layers differ, so one template cannot stand for all: trace the stage as it is.
-        model = trace_rank_graph(cfg, spec, options, dtype, workdir)
-    else:
-        # With num_hidden_layers = pp every stage holds exactly one layer: layer number pp_rank.
-        template_cfg = cfg.replace(num_hidden_layers=spec.pp_size)
-        model = trace_rank_graph(template_cfg, spec, options, dtype, workdir)
-        model = stamp_layers(model, template_layer=spec.pp_rank, layer_ids=layers)
+    patterns = {i: layer_pattern(options.quant, i, cfg.num_hidden_layers) for i in layers}
+    # With num_hidden_layers = pp every stage holds exactly one layer: layer number pp_rank.
+    template_cfg = cfg.replace(num_hidden_layers=spec.pp_size)
+    traces: dict[tuple[bool, ...], onnx.ModelProto] = {}
+    for pattern in dict.fromkeys(patterns.values()):  # first-seen order: deterministic
+        template_options = dataclasses.replace(options, quant=_pattern_quant(pattern, spec.pp_rank))
+        traces[pattern] = trace_rank_graph(template_cfg, spec, template_options, dtype, workdir)
+    base = traces[patterns[layers[0]]]
+    others = {i: traces[p] for i, p in patterns.items() if traces[p] is not base}
+    model = stamp_layers(base, template_layer=spec.pp_rank, layer_ids=layers, other_patterns=others)
     strip_metadata(model)
     return model
 
 
-def _layers_alike(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, layers: list[int]) -> bool:
-    """True when every layer of the stage quantizes the same linears as the one-layer template
-    (layer pp_rank of a pp-layer config), so stamping reproduces the stage exactly."""
-    quant = options.quant
+def layer_pattern(quant: QuantConfig | None, layer: int, num_layers: int) -> tuple[bool, ...]:
+    """Which of a layer's linears are FP8 (all False without quantization)."""
     if quant is None:
-        return True
+        return (False,) * len(fp8.QUANTIZABLE)
+    return tuple(quant.is_quantized(f"model.layers.{layer}.{leaf}", num_layers) for leaf in fp8.QUANTIZABLE)
 
-    def signature(layer: int, num_layers: int) -> tuple[bool, ...]:
-        return tuple(quant.is_quantized(f"model.layers.{layer}.{leaf}", num_layers) for leaf in fp8.QUANTIZABLE)
 
-    template = signature(spec.pp_rank, spec.pp_size)
-    return all(signature(i, cfg.num_hidden_layers) == template for i in layers)
+def _pattern_quant(pattern: tuple[bool, ...], template_layer: int) -> QuantConfig | None:
+    """A quant config under which the one-layer template quantizes exactly `pattern`."""
+    if not any(pattern):
+        return None
+    keep = tuple(f"model.layers.{template_layer}.{leaf}" for leaf, q in zip(fp8.QUANTIZABLE, pattern) if not q)
+    return QuantConfig("default", keep)
 
 
 def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: torch.dtype,

@@ -19,6 +19,7 @@ exactly what a full multi-layer trace computes.
 from __future__ import annotations
 
 import ast
+import dataclasses
 
 import onnx
 
@@ -51,41 +52,75 @@ def strip_metadata(model: onnx.ModelProto) -> None:
     del model.metadata_props[:]
 
 
-def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[int]) -> onnx.ModelProto:
-    """Expand a one-layer rank graph into one with `layer_ids` layers (in order)."""
+@dataclasses.dataclass
+class _Template:
+    """One traced decoder layer: its nodes and the names it reads and writes."""
+
+    nodes: list[onnx.NodeProto]
+    produced: dict[str, None]  # in node order: output bytes must not depend on PYTHONHASHSEED
+    h_in: str
+    h_out: str
+    constants: list[onnx.NodeProto]  # shared Constant nodes outside the layer that it reads
+
+
+def _layer_template(model: onnx.ModelProto, scope: str) -> tuple[_Template, list[bool]]:
     graph = model.graph
     # One list of node objects, used throughout: protobuf may hand out a fresh wrapper on every
     # access to graph.node, so membership is tracked by position, never by id().
     all_nodes = list(graph.node)
-    scope = f"model.layers.{template_layer}"
     # Constants have no inputs and the exporter shares them across scopes: they stay shared.
     in_layer = [_layer_of(n) == scope and n.op_type != "Constant" for n in all_nodes]
     layer_nodes = [n for n, inside in zip(all_nodes, in_layer) if inside]
     if not layer_nodes:
         raise ArtifactError(f"traced graph has no nodes scoped {scope!r}; the exporter's name-scope "
                             "metadata changed — this is a llama405 bug, please report it")
-    # A dict, not a set: iteration order is node order, so output bytes do not depend on
-    # PYTHONHASHSEED (exports must be byte-identical across processes).
-    produced_in_layer = dict.fromkeys(o for n in layer_nodes for o in n.output if o)
+    produced = dict.fromkeys(o for n in layer_nodes for o in n.output if o)
     external_in = []
     for node in layer_nodes:
         for name in node.input:
-            if name and name not in produced_in_layer and name not in external_in:
+            if name and name not in produced and name not in external_in:
                 external_in.append(name)
     graph_outputs = {o.name for o in graph.output}
     consumed_outside = {i for n, inside in zip(all_nodes, in_layer) if not inside for i in n.input}
-    leaving = [v for v in produced_in_layer if v in consumed_outside and v not in graph_outputs]
+    leaving = [v for v in produced if v in consumed_outside and v not in graph_outputs]
     if not leaving:  # a stage that is not the last: the stream leaves as the hidden_states output
-        leaving = [v for v in produced_in_layer if v in graph_outputs and not v.startswith("present.")]
+        leaving = [v for v in produced if v in graph_outputs and not v.startswith("present.")]
     if len(leaving) != 1:
         raise ArtifactError(f"expected one residual stream leaving {scope}, found {sorted(leaving)}; "
                             "this is a llama405 bug, please report it")
     h_out = leaving[0]
     h_in = _residual_input(layer_nodes, h_out, set(external_in))
+    read = set(external_in)
+    constants = [n for n in all_nodes if n.op_type == "Constant" and any(o in read for o in n.output)]
+    return _Template(layer_nodes, produced, h_in, h_out, constants), in_layer
+
+
+def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[int],
+                 other_patterns: dict[int, onnx.ModelProto] | None = None) -> onnx.ModelProto:
+    """Expand a one-layer rank graph into one with `layer_ids` layers (in order).
+
+    other_patterns: layer id -> a one-layer trace of the same stage whose template layer differs
+    from `model`'s (e.g. left unquantized by an FP8 recipe); those layers are stamped from it.
+    Everything outside the layer (embedding, norm, head, rotary tables, mask) comes from `model`.
+    """
+    graph = model.graph
+    all_nodes = list(graph.node)
+    scope = f"model.layers.{template_layer}"
+    base, in_layer = _layer_template(model, scope)
+    templates = {i: base for i in layer_ids}
+    extra_constants: list[onnx.NodeProto] = []
+    for k, alternative in enumerate(_distinct(other_patterns or {})):
+        template, _ = _layer_template(alternative, scope)
+        template = _rebase(template, f"pattern{k + 1}/", model)
+        extra_constants += template.constants
+        for layer, source in (other_patterns or {}).items():
+            if source is alternative:
+                templates[layer] = template
+    graph_outputs = {o.name for o in graph.output}
     past_prefix, present_prefix = f"past_key_values.{template_layer}.", f"present.{template_layer}."
     weight_prefix = scope + "."
 
-    after = _downstream(all_nodes, h_out)
+    after = _downstream(all_nodes, base.h_out)
     prologue = [n for k, n in enumerate(all_nodes) if not in_layer[k] and not after[k]]
     epilogue = [n for k, n in enumerate(all_nodes) if after[k]]
 
@@ -99,18 +134,20 @@ def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[in
             node.input[:] = [first_past + x[len(past_prefix):] if x.startswith(past_prefix) else x
                              for x in node.input]
         nodes.append(node)
+    nodes += extra_constants
     value_infos = {v.name: v for v in graph.value_info}
-    new_value_infos = [v for v in graph.value_info if v.name not in produced_in_layer]
-    stream = h_in
+    new_value_infos = [v for v in graph.value_info if v.name not in base.produced]
+    stream = base.h_in
     for i in layer_ids:
+        t = templates[i]
         last = i == layer_ids[-1]
 
-        def rename(name: str, i=i, stream=stream, last=last) -> str:
+        def rename(name: str, i=i, t=t, stream=stream, last=last) -> str:
             if not name:
                 return name
-            if name == h_in:
+            if name == t.h_in:
                 return stream
-            if name == h_out and name in graph_outputs:
+            if name == t.h_out and name in graph_outputs:
                 return name if last else f"layers.{i}/{name}"
             if name.startswith(weight_prefix):
                 return f"model.layers.{i}." + name[len(weight_prefix):]
@@ -118,25 +155,26 @@ def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[in
                 return f"past_key_values.{i}." + name[len(past_prefix):]
             if name.startswith(present_prefix):
                 return f"present.{i}." + name[len(present_prefix):]
-            if name in produced_in_layer:
+            if name in t.produced:
                 return f"layers.{i}/{name}"
             return name  # shared: rotary tables, mask, write slots
-        for node in layer_nodes:
+        for node in t.nodes:
             copy = _copy(node)
             copy.name = f"layers.{i}/{node.name}"
             copy.input[:] = [rename(x) for x in node.input]
             copy.output[:] = [rename(x) for x in node.output]
             nodes.append(copy)
-        for name in produced_in_layer:
-            if name in value_infos and name not in graph_outputs:
-                info = onnx.ValueInfoProto()
-                info.CopyFrom(value_infos[name])
-                info.name = rename(name)
-                new_value_infos.append(info)
-        stream = rename(h_out)
+        if t is base:
+            for name in base.produced:
+                if name in value_infos and name not in graph_outputs:
+                    info = onnx.ValueInfoProto()
+                    info.CopyFrom(value_infos[name])
+                    info.name = rename(name)
+                    new_value_infos.append(info)
+        stream = rename(t.h_out)
     for node in epilogue:
         copy = _copy(node)
-        copy.input[:] = [stream if x == h_out else x for x in node.input]
+        copy.input[:] = [stream if x == base.h_out else x for x in node.input]
         nodes.append(copy)
 
     out = onnx.ModelProto()
@@ -148,6 +186,40 @@ def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[in
     _expand_io(out.graph.input, past_prefix, "past_key_values", layer_ids)
     _expand_io(out.graph.output, present_prefix, "present", layer_ids)
     return out
+
+
+def _distinct(models: dict[int, onnx.ModelProto]) -> list[onnx.ModelProto]:
+    seen: list[onnx.ModelProto] = []
+    for model in models.values():
+        if not any(model is m for m in seen):
+            seen.append(model)
+    return seen
+
+
+def _rebase(template: _Template, prefix: str, base: onnx.ModelProto) -> _Template:
+    """A template from another trace, made to fit `base`: its shared constants renamed with
+    `prefix` (another trace may give a name to another value), and every other name it reads
+    from outside the layer checked to exist in `base` (the rotary tables, the mask: the traces
+    differ only inside the layer)."""
+    renamed = {o: prefix + o for c in template.constants for o in c.output}
+    known = {i.name for i in base.graph.input} | {o for n in base.graph.node for o in n.output}
+    constants = []
+    for node in template.constants:
+        copy = _copy(node)
+        copy.name = prefix + (node.name or node.output[0])
+        copy.output[:] = [renamed[o] for o in node.output]
+        constants.append(copy)
+    nodes = []
+    for node in template.nodes:
+        copy = _copy(node)
+        copy.input[:] = [renamed.get(x, x) for x in node.input]
+        for name in copy.input:
+            if name and name not in template.produced and name not in renamed.values() and name != template.h_in \
+                    and not name.startswith(("model.layers.", "past_key_values.")) and name not in known:
+                raise ArtifactError(f"a layer pattern's trace reads {name!r}, which the stage's graph does not "
+                                    "define; this is a llama405 bug, please report it")
+        nodes.append(copy)
+    return _Template(nodes, template.produced, template.h_in, template.h_out, constants)
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

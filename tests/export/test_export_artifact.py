@@ -33,6 +33,7 @@ from export.errors import ArtifactError
 from export.manifest import load_manifest
 from export.model import ModelOptions, build_rank_module, rank_constants
 from export.onnx_export import ExportOptions, export_artifact, trace_rank_graph
+from export.stamp import strip_metadata
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shape, kv_heads_local,
                              rank_tensor_names, stage_layers, tensor_slice)
 from export.trt_support import silent_trt_problems
@@ -523,3 +524,51 @@ def test_export_anonymous_memory_is_bounded_and_flat(export_memory):
     growth = {n: r["peak_anon"] - r["baseline_anon"] for n, r in ((1, one), (4, four))}
     assert growth[4] < 3 * export_memory["slice"] + OVERHEAD, growth
     assert abs(growth[4] - growth[1]) < 100 * MB, growth
+
+
+def test_meta_recipe_traces_one_template_per_layer_pattern(tmp_path, monkeypatch):
+    """Meta's FP8 recipe leaves the first and last layer unquantized: per stage, one trace per
+    distinct layer pattern (2), not a whole-stage trace — and the stamped graph computes exactly
+    what a whole-stage trace of the same stage computes."""
+    from runner.backends.base import make_feed
+    from runner.backends.ort import OrtBackend
+    from tests.conftest import hf_model, save_hf
+    checkpoint = save_hf(hf_model(tiny_config(num_hidden_layers=8)), tmp_path / "ckpt")
+    options = ExportOptions(pp=2, dtype="float32", quant="fp8", fp8_recipe="meta", max_seq_len=MAX_SEQ_LEN)
+    tokens = np.random.default_rng(0).integers(0, 256, size=(2, 16))
+    traced = []
+    real_trace, real_rank_graph = onnx_export.trace_rank_graph, onnx_export.rank_graph
+
+    def counting(cfg, spec, opts, *args):
+        traced.append((spec.pp_rank, onnx_export.layer_pattern(opts.quant, spec.pp_rank, cfg.num_hidden_layers)))
+        return real_trace(cfg, spec, opts, *args)
+
+    monkeypatch.setattr(onnx_export, "trace_rank_graph", counting)
+    stamped = export_artifact(checkpoint, tmp_path / "stamped", options, calibration_tokens=tokens,
+                              calibration_source="seeded ids")
+    mlp_only = (False, False, False, False, True, True, True)
+    assert traced == [(0, (False,) * 7), (0, mlp_only), (1, mlp_only), (1, (False,) * 7)]
+    weights = {i.name: i.data_type for r in range(2)
+               for i in onnx.load(str(stamped / f"rank{r}" / "model.onnx"), load_external_data=False).graph.initializer}
+    fp8 = onnx.TensorProto.FLOAT8E4M3FN
+    assert [weights[f"model.layers.{i}.mlp.up_proj.weight"] == fp8 for i in range(8)] == [False] + [True] * 6 + [False]
+    assert not any(weights[f"model.layers.{i}.self_attn.q_proj.weight"] == fp8 for i in range(8))
+
+    def whole_stage(cfg, spec, opts, dtype, workdir):
+        model = real_trace(cfg, spec, opts, dtype, workdir)
+        strip_metadata(model)
+        return model
+
+    monkeypatch.setattr(onnx_export, "rank_graph", whole_stage)
+    traced_whole = export_artifact(checkpoint, tmp_path / "whole", options, calibration_tokens=tokens,
+                                   calibration_source="seeded ids")
+    monkeypatch.setattr(onnx_export, "rank_graph", real_rank_graph)
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # a shorter second prompt
+    outputs = []
+    for artifact in (stamped, traced_whole):
+        backend = OrtBackend(artifact)
+        backend.start(2)
+        outputs.append(backend.infer(make_feed(ids, np.tile(np.arange(9), (2, 1)), mask))["logits"])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
