@@ -15,24 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-from export.cli_flags import add_quant_flags, add_verify_flag
+from export.cli_flags import DTYPE_CHOICES, add_export_flags, add_verify_flag, export_options_from, positive_int
 from export.config import PRESETS
 from export.cli_run import run_command
 from export.errors import InputError
 from export.trt_flavours import FLAVOURS
 
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 EXIT_MISSING = 3
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def add_build_flags(p: argparse.ArgumentParser) -> None:
@@ -41,15 +30,7 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory (exported to --out first)")
     src.add_argument("--artifact", type=Path, help="an exported artifact directory to build engines for")
     p.add_argument("--out", type=Path, help="artifact directory to create, or to reuse when its manifest matches")
-    p.add_argument("--tp", type=_positive, default=1, help="tensor-parallel ranks")
-    p.add_argument("--pp", type=_positive, default=1, help="pipeline stages")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16", help="compute dtype")
-    add_quant_flags(p)
-    p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
-    p.add_argument("--max-batch", type=_positive, help="largest batch (default 8, or the artifact's)")
-    p.add_argument("--max-seq-len", type=_positive, help="KV-cache length (default 4096, or the artifact's)")
-    p.add_argument("--logits", choices=("all", "last"), default="all")
-    p.add_argument("--ranks", help="export/build only these ranks, e.g. 0-7 (one node of a multi-node run)")
+    add_export_flags(p)
     p.add_argument("--force", action="store_true", help="re-export even when --out holds a matching artifact")
     eng = p.add_argument_group("engine")
     eng.add_argument("--stage", choices=("onnx", "engine"), default="engine",
@@ -59,10 +40,10 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
                           "rtx: TensorRT-RTX, ahead of time for --target GPUs, on any machine (no GPU needed)")
     eng.add_argument("--target", help="rtx: compute capabilities, e.g. sm89,sm120 (default sm80,sm86,sm89,sm120; "
                                       "FP8 artifacts: sm89,sm120,sm121)")
-    eng.add_argument("--max-input-len", type=_positive,
+    eng.add_argument("--max-input-len", type=positive_int,
                      help="largest tokens per step, i.e. the prefill chunk (default min(2048, max-seq-len))")
-    eng.add_argument("--opt-batch", type=_positive, help="batch TensorRT tunes kernels for (default max-batch)")
-    eng.add_argument("--opt-input-len", type=_positive, default=1,
+    eng.add_argument("--opt-batch", type=positive_int, help="batch TensorRT tunes kernels for (default max-batch)")
+    eng.add_argument("--opt-input-len", type=positive_int, default=1,
                      help="tokens per step TensorRT tunes for (default 1: decode)")
     eng.add_argument("--builder-opt-level", type=int, default=3, choices=range(6), metavar="0-5",
                      help="TensorRT builder optimization level (default 3)")
@@ -70,7 +51,7 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--weight-streaming", action="store_true", help="build for weight streaming (weights in host memory)")
     eng.add_argument("--strip-plan", action="store_true",
                      help="strip weights from the plan (STRIP_PLAN + REFIT_IDENTICAL); refitted from the ONNX at load")
-    eng.add_argument("--workers", type=_positive, default=1, help="ranks built in parallel, one GPU each")
+    eng.add_argument("--workers", type=positive_int, default=1, help="ranks built in parallel, one GPU each")
     eng.add_argument("--timing-cache", type=Path, help="timing cache file (default ART/timing.cache)")
     add_verify_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout; log lines go to stderr")
@@ -82,8 +63,8 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", type=Path, help="a Hugging Face checkpoint directory (its config.json)")
     src.add_argument("--config", type=Path, help="a config.json file")
     src.add_argument("--artifact", type=Path, help="an exported artifact (its manifest's geometry and options)")
-    p.add_argument("--tp", type=_positive, help="tensor-parallel ranks (default 1, or the artifact's)")
-    p.add_argument("--pp", type=_positive, help="pipeline stages (default 1, or the artifact's)")
+    p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks (default 1, or the artifact's)")
+    p.add_argument("--pp", type=positive_int, help="pipeline stages (default 1, or the artifact's)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default float16, or the artifact's)")
     p.add_argument("--quant", choices=("none", "fp8"), help="weight quantization (default none, or the artifact's)")
     p.add_argument("--fp8-recipe", choices=("default", "meta"), help="which linears stay unquantized (as export)")
@@ -91,9 +72,9 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=("static", "concat"), help="KV-cache mode (default static)")
     p.add_argument("--kv-cache-dtype", choices=("float32", "float16", "bfloat16", "fp8"),
                    help="KV-cache element type (default: the compute dtype)")
-    p.add_argument("--max-batch", type=_positive, help="default 8, or the artifact's")
-    p.add_argument("--max-seq-len", type=_positive, help="context length (default 4096, or the artifact's)")
-    p.add_argument("--max-input-len", type=_positive, help="tokens per step (default min(2048, max-seq-len))")
+    p.add_argument("--max-batch", type=positive_int, help="default 8, or the artifact's")
+    p.add_argument("--max-seq-len", type=positive_int, help="context length (default 4096, or the artifact's)")
+    p.add_argument("--max-input-len", type=positive_int, help="tokens per step (default min(2048, max-seq-len))")
     p.add_argument("--logits", choices=("all", "last"), help="logits for every position (default) or the last")
     p.add_argument("--attention", choices=("unfused", "fused"), default="unfused",
                    help="unfused (default, conservative): count the [batch, heads, tokens, context] scores; "
@@ -122,16 +103,6 @@ def _command_name(args) -> str:
 
 
 # -- build -----------------------------------------------------------------------------------
-
-def _export_options(args):
-    from export.onnx_export import ExportOptions
-    from export.sharding import parse_rank_list
-    ranks = tuple(parse_rank_list(args.ranks, args.tp * args.pp)) if args.ranks else None
-    return ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
-                         max_batch=args.max_batch or 8, max_seq_len=args.max_seq_len or 4096,
-                         logits=args.logits, ranks=ranks, fp8_recipe=args.fp8_recipe,
-                         fp8_exclude=tuple(args.fp8_exclude))
-
 
 def _calibration(args):
     """What --calib-text/--calib-samples/--calib-seq-len ask for (None: no calibration)."""
@@ -176,7 +147,7 @@ def run_build(args) -> int:
 
     try:
         result = build(checkpoint=args.checkpoint, artifact=args.artifact, out=args.out,
-                       export_options=_export_options(args) if args.checkpoint is not None else None,
+                       export_options=export_options_from(args) if args.checkpoint is not None else None,
                        build_overrides=_build_overrides(args), stage=args.stage, force=args.force,
                        progress=sys.stderr.isatty() and not args.json, log=log,
                        calibration=_calibration(args) if args.checkpoint is not None else None,

@@ -9,6 +9,52 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (refused with argparse's one-line usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def add_export_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of `llama405 export` and of `build` / `build-engine` with --checkpoint: one set of
+    names, types and defaults. --max-batch / --max-seq-len default to None, which means the
+    export's defaults (ExportOptions) or, for `build --artifact`, the artifact's. Sizes are
+    checked by ExportOptions.validate (one line naming the flag), not by argparse."""
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16",
+                   help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)")
+    add_quant_flags(p)
+    p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
+    p.add_argument("--max-batch", type=int, help="largest batch (default 8)")
+    p.add_argument("--max-seq-len", type=int, help="KV-cache length (default 4096)")
+    p.add_argument("--logits", choices=("all", "last"), default="all",
+                   help="return logits for every position or only the last one")
+    p.add_argument("--ranks", help="only these ranks, e.g. 0-7 (one node of a multi-node run)")
+
+
+def export_options_from(args: argparse.Namespace):
+    """The ExportOptions the export flags ask for (its dataclass defaults where a flag is unset)."""
+    from export.errors import InputError
+    from export.onnx_export import ExportOptions
+    from export.sharding import parse_rank_list
+    for flag in ("tp", "pp"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} {getattr(args, flag)} must be >= 1")
+    ranks = tuple(parse_rank_list(args.ranks, args.tp * args.pp)) if args.ranks else None
+    sizes = {k: getattr(args, k) for k in ("max_batch", "max_seq_len") if getattr(args, k) is not None}
+    return ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
+                         logits=args.logits, ranks=ranks, fp8_recipe=args.fp8_recipe,
+                         fp8_exclude=tuple(args.fp8_exclude), **sizes)
+
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=("none", "fp8"), default="none",

@@ -13,15 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from export.cli_flags import add_quant_flags
 from export.config import PRESETS
 from export.cli_run import run_command
-from export.cli_flags import add_verify_flag, verify_artifact
+from export.cli_flags import DTYPE_CHOICES, add_export_flags, add_verify_flag, export_options_from, verify_artifact
 from export.errors import InputError
 from engines import cli as engines_cli
 from runner import parity_cli
 
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -43,18 +41,8 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 def _add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16",
-                   help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)")
-    add_quant_flags(p)
-    p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--logits", choices=("all", "last"), default="all",
-                   help="return logits for every position or only the last one")
-    p.add_argument("--ranks", help="export only these ranks, e.g. 0-7 (one node of a multi-node run)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_export_flags(p)
+    p.add_argument("--force", action="store_true", help="replace a finished artifact (or an empty folder) at --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
 
 
@@ -115,18 +103,6 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def export_options(args):
-    from export.onnx_export import ExportOptions
-    from export.sharding import parse_rank_list
-    for flag in ("tp", "pp", "max_batch", "max_seq_len"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
-    ranks = tuple(parse_rank_list(args.ranks, args.tp * args.pp)) if args.ranks else None
-    return ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
-                         max_batch=args.max_batch, max_seq_len=args.max_seq_len, logits=args.logits,
-                         ranks=ranks, fp8_recipe=args.fp8_recipe, fp8_exclude=tuple(args.fp8_exclude))
-
-
 def calibration_input(args):
     """(tokens [samples, seq] or None, source) for an FP8 export."""
     if args.quant != "fp8" or args.calib_text == "none":
@@ -140,7 +116,7 @@ def cmd_export(args) -> int:
     import time
     from export.manifest import load_manifest
     from export.onnx_export import export_artifact
-    options = export_options(args)
+    options = export_options_from(args)
     started = time.perf_counter()
     tokens, source = calibration_input(args)
     out = export_artifact(args.checkpoint, args.out, options, force=args.force,

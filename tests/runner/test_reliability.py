@@ -305,8 +305,9 @@ def test_sigterm_mid_export_leaves_nothing_behind(tmp_path):
     ckpt = tmp_path / "ck"
     assert llama405(["synth", "--preset", "llama-3.1-tiny", "--layers", "6", "--dtype", "float32",
                      "--out", str(ckpt)]) == 0
-    traces_before = set(Path("/tmp").glob("llama405-trace-*"))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    private_tmp = tmp_path / "tmp"  # the export's own TMPDIR: its trace folder lands here
+    private_tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TMPDIR": str(private_tmp)}
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "export", "--checkpoint", str(ckpt), "--out",
                              str(tmp_path / "art"), "--dtype", "float32", "--max-seq-len", "64"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -318,8 +319,8 @@ def test_sigterm_mid_export_leaves_nothing_behind(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert one_line(err).endswith("terminated; nothing half-written was left behind")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
-    assert set(Path("/tmp").glob("llama405-trace-*")) <= traces_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "tmp"]
+    assert list(private_tmp.iterdir()) == []  # the trace folder too
 
 
 # -- everything else a user can get wrong: one line, never a traceback -----------------------
