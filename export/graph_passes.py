@@ -46,7 +46,21 @@ def fold_constant_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
     finally:
         for name, level in levels:
             logging.getLogger(name).setLevel(level)
-    return _initializers_as_constants(folded)
+    return _trim_unused_outputs(_initializers_as_constants(folded))
+
+
+def _trim_unused_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop trailing optional outputs nothing reads (Attention's present/qk outputs): TensorRT
+    accepts an Attention node only with its one output Y."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        outputs = list(node.output)
+        while len(outputs) > 1 and outputs[-1] not in used:
+            outputs.pop()
+        if len(outputs) != len(node.output):
+            del node.output[:]
+            node.output.extend(outputs)
+    return model
 
 
 def _initializers_as_constants(model: onnx.ModelProto) -> onnx.ModelProto:

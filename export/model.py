@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.attention_op import gqa_attention
 from export.cache_ops import kv_cache_write
 from export.config import LlamaConfig
 from export.fp8 import Fp8Linear, QuantConfig
@@ -114,9 +115,9 @@ class Attention(nn.Module):
         self.o_proj = linear(prefix + "o_proj", self.n_heads * d, cfg.hidden_size)
 
     def forward(self, x, cos, sin, mask, past_k, past_v, write_indices, kv_cache: str):
-        """write_indices: static mode's write slot per sequence [batch]; mask [batch, 1, 1, seq, total]."""
+        """write_indices: static mode's write slot per sequence [batch]; mask [batch, 1, seq, total]."""
         batch, seq, _ = x.shape
-        d, n_kv, n_rep = self.head_dim, self.n_kv, self.n_heads // self.n_kv
+        d, n_kv = self.head_dim, self.n_kv
         q = self.q_proj(x).view(batch, seq, self.n_heads, d).transpose(1, 2)  # [batch, heads, seq, head_dim]
         k = self.k_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         v = self.v_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
@@ -132,13 +133,8 @@ class Attention(nn.Module):
             k_all = torch.cat((past_k, k), dim=2)  # [batch, kv_heads, past + seq, head_dim]
             v_all = torch.cat((past_v, v), dim=2)
             present_k, present_v = k_all, v_all
-        # Grouped-query attention without repeating KV heads: a KV head's n_rep query heads are
-        # folded into the row axis, so one plain matmul per KV head serves them all.
-        qg = q.reshape(batch, n_kv, n_rep * seq, d)  # [batch, kv_heads, n_rep * seq, head_dim]
-        scores = (qg @ k_all.transpose(-1, -2)).reshape(batch, n_kv, n_rep, seq, -1)  # [.., seq, keys]
-        scores = scores.float() * (1.0 / math.sqrt(d)) + mask  # mask [batch, 1, 1, seq, keys]
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        out = probs.reshape(batch, n_kv, n_rep * seq, -1) @ v_all  # [batch, kv_heads, n_rep * seq, head_dim]
+        # Grouped-query attention without repeated KV heads, one op (export/attention_op.py).
+        out = gqa_attention(q, k_all, v_all, mask)  # [batch, heads, seq, head_dim]
         out = out.reshape(batch, self.n_heads, seq, d).transpose(1, 2).reshape(batch, seq, self.n_heads * d)
         return self.reduce(self.o_proj(out)), present_k, present_v  # [batch, seq, hidden]
 
@@ -211,7 +207,7 @@ class Body(nn.Module):
 
 
 def additive_mask(attention_mask: torch.Tensor, seq: int):
-    """Additive attention mask [batch, 1, 1, seq, total] in fp32 from attention_mask [batch, total]
+    """Additive attention mask [batch, 1, seq, total] in fp32 from attention_mask [batch, total]
     (1 = a real token in that cache slot). The step's queries sit in the last `seq` slots; each
     sees every real slot up to its own (both cache modes: slots are positions in the cache, and
     padding slots of shorter sequences stay masked for good)."""
@@ -222,7 +218,7 @@ def additive_mask(attention_mask: torch.Tensor, seq: int):
     allowed = causal[None] & (attention_mask[:, None, :] != 0)  # [batch, seq, total]
     # finfo.min rather than -inf: a fully padded query row must give zeros, not NaN.
     neg = torch.finfo(torch.float32).min
-    return torch.where(allowed, 0.0, neg)[:, None, None]  # [batch, 1, 1, seq, total]
+    return torch.where(allowed, 0.0, neg)[:, None]  # [batch, 1, seq, total]
 
 
 def write_slots(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:

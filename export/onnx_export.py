@@ -30,7 +30,7 @@ from onnx import TensorProto, numpy_helper
 from torch.export import Dim
 from tqdm import tqdm
 
-from export import cache_ops, collectives, fp8
+from export import attention_op, cache_ops, collectives, fp8
 from export.calibrate import Calibration, calibrate
 from export.fp8 import QuantConfig
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
@@ -172,7 +172,7 @@ def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dt
     args, dynamic = _example_inputs(cfg, spec, options, dtype)
     input_names, output_names = io_names(cfg, spec, options.kv_cache)
     table = {**collectives.custom_translation_table(), **cache_ops.custom_translation_table(),
-             **fp8.custom_translation_table()}
+             **fp8.custom_translation_table(), **attention_op.custom_translation_table()}
     with _quiet_exporter():
         program = torch.export.export(module, args, dynamic_shapes=dynamic)
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=OPSET, optimize=False,

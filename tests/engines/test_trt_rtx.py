@@ -69,6 +69,9 @@ def test_every_rank_of_every_variant_parses_and_builds(checkpoint, tmp_path, var
         static = manifest.kv_cache == "static"
         assert layers.get("KV_CACHE_UPDATE", 0) == (2 * n_layers if static else 0), (entry.rank, layers)
         assert layers.get("DIST_COLLECTIVE", 0) == entry.collectives, (entry.rank, layers)
+        # One fused attention per decoder layer (ONNX Attention -> IAttention), none decomposed by us.
+        assert layers.get("ATTENTION_INPUT", 0) == layers.get("ATTENTION_OUTPUT", 0) == n_layers, layers
+        assert "SOFTMAX" not in layers
         compute = {"float16": "HALF", "bfloat16": "BF16", "float32": "FLOAT"}[manifest.dtype]
         assert set(dtypes["MATRIX_MULTIPLY"]) == {compute}, dtypes
         if manifest.quant == "fp8":

@@ -668,10 +668,11 @@ def test_fbgemm_checkpoint_needs_calibration(base, tmp_path, capsys):
 # -- exclusions ---------------------------------------------------------------------------------
 
 def test_exclusion_flags_reach_the_export_options():
-    from runner.cli import _parser, export_options
+    from export.cli_flags import export_options_from
+    from runner.cli import _parser
     args = _parser().parse_args(["export", "--checkpoint", "c", "--out", "o", "--quant", "fp8", "--fp8-recipe",
                                  "meta", "--fp8-exclude", "model.layers.1.mlp.*", "--fp8-exclude", "*.o_proj"])
-    options = export_options(args)
+    options = export_options_from(args)
     assert options.quant_config == QuantConfig("meta", ("model.layers.1.mlp.*", "*.o_proj"))
     q = options.quant_config
     assert q.is_quantized("model.layers.2.mlp.up_proj", 4)
