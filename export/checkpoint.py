@@ -75,6 +75,11 @@ class Checkpoint:
                 raw = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index}: not a safetensors index ({err!r}); re-download it") from None
+            if not isinstance(raw, dict) or not all(isinstance(f, str) and f for f in raw.values()):
+                bad = next(iter(raw.items())) if not isinstance(raw, dict) else \
+                    next((k, v) for k, v in raw.items() if not (isinstance(v, str) and v))
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names "
+                                      f"(found {bad!r}); re-download it")
             files = {name: self.directory / fname for name, fname in raw.items()}
             for path in sorted(set(files.values())):
                 if not path.is_file():

@@ -372,3 +372,25 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, artifact, tmp_path, capsys
     values = {"art": str(artifact), "ckpt": str(checkpoint), "tmp": str(tmp_path)}
     code, _, err = run(capsys, *[a.format(**values) for a in argv])
     assert code == 2 and message in one_line(err), err
+
+
+def test_an_index_whose_weight_map_is_not_file_names_is_one_line(checkpoint, tmp_path, capsys):
+    copy = _checkpoint_with(checkpoint, tmp_path)
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = 3
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = run(capsys, *export_argv(copy, tmp_path / "art"))
+    assert code == 2 and "weight_map must map tensor names to shard file names" in one_line(err)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(checkpoint, tmp_path, capsys, monkeypatch):
+    import export.onnx_export as onnx_export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "write_weights", interrupted)
+    code, _, err = run(capsys, *export_argv(checkpoint, tmp_path / "art"))
+    assert code == 130 and one_line(err).endswith("interrupted; nothing half-written was left behind")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
