@@ -182,7 +182,7 @@ class OrtBackend:
         else:
             x = self._infer_distributed(inputs, x)
         self._past_len = past_len(feed)
-        return {"logits": x.astype(np.float32)}
+        return {"logits": x.astype(np.float32, copy=False)}  # no second copy of [batch, seq, vocab] fp32 logits
 
     def _infer_distributed(self, inputs: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
         """This process's stage; hidden states travel down the pipeline, logits back to all."""

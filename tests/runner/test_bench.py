@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,4 +191,177 @@ def test_quick_engines_bench_rows(tmp_path):
     assert done.returncode == 0 and payload["failures"] == [], done.stderr[-3000:]
     if built:
         assert whats["engine bytes, fp8 / fp16"] < 1
+    assert not (tmp_path / "scratch").exists()
+
+
+# -- genai suite -------------------------------------------------------------------------------
+
+
+def test_genai_models_are_the_ones_the_suite_promises():
+    models = bench.genai_models(quick=False)
+    (label_a, a), (_, b) = models["A"], models["B"]
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads,
+            a.intermediate_size, a.vocab_size) == (768, 12, 12, 4, 2048, 32000)
+    assert 120e6 < a.num_parameters() < 130e6 and 265e6 < b.num_parameters() < 280e6
+    assert b == a.replace(vocab_size=128256)
+    assert label_a == "decode-100m"  # the decode suite's cached checkpoint, shared
+    plan = bench.genai_plan(quick=False)
+    assert (plan.prompt_len, plan.new_tokens, plan.prefill_len, plan.ratio_lens) == (32, 64, 512, (128, 4096))
+    assert plan.max_seq_len >= plan.prefill_len + 1 and plan.repeats >= 3
+    assert plan.prompt_len + plan.new_tokens <= min(plan.ratio_lens)
+    quick = bench.genai_plan(quick=True)
+    assert quick.max_seq_len >= quick.prefill_len + 1 and quick.max_seq_len not in quick.ratio_lens
+
+
+def test_genai_config_copy_sets_threads_and_drops_out_of_vocab_ids(tmp_path):
+    src = tmp_path / "art"
+    (src / "rank0").mkdir(parents=True)
+    (src / "rank0" / "model.onnx").write_bytes(b"graph")
+    original = {"model": {"vocab_size": 32000, "eos_token_id": [128001, 2], "pad_token_id": 128004,
+                          "decoder": {"filename": "rank0/model.onnx", "session_options": {"log_id": "x"}}},
+                "search": {"max_length": 131072}}
+    (src / "genai_config.json").write_text(json.dumps(original))
+    changed = bench.genai_config_copy(src, tmp_path / "copy", threads=2, max_length=640)
+    cfg = json.loads((tmp_path / "copy" / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["session_options"] == {"log_id": "x", "intra_op_num_threads": 2}
+    assert (cfg["model"]["eos_token_id"], cfg["model"]["pad_token_id"], cfg["search"]["max_length"]) == (2, 2, 640)
+    assert changed["eos_dropped"] == [128001]
+    assert (tmp_path / "copy" / "rank0" / "model.onnx").read_bytes() == b"graph"  # the graph is linked, not copied
+    assert (tmp_path / "copy" / "rank0").is_symlink()
+    assert json.loads((src / "genai_config.json").read_text()) == original  # the artifact is left alone
+    # Ids inside the vocabulary stay as they are.
+    within = tmp_path / "art2"
+    within.mkdir()
+    (within / "genai_config.json").write_text(json.dumps({**original, "model": {
+        **original["model"], "vocab_size": 128256}}))
+    assert bench.genai_config_copy(within, tmp_path / "copy2", 2, 640)["eos_dropped"] == []
+    assert json.loads((tmp_path / "copy2" / "genai_config.json").read_text())["model"]["eos_token_id"] == [128001, 2]
+
+
+def _fake_speed_result(with_own: bool) -> dict:
+    tokens = list(range(64))
+
+    def variant(tps, prefill=None):
+        prefill = prefill or []
+        return {"decode_tps": tps, "prefill_s": prefill, "tokens": tokens,
+                "decode_others": [0.0] * len(tps), "prefill_others": [0.0] * len(prefill)}
+
+    # ours_static's 4th decode ran while another process held a core: left out of the median.
+    variants = {"ours_static": {**variant([10.0, 12.0, 11.0, 3.0], [1.0, 1.2, 1.1]),
+                                "decode_others": [0.0, 0.1, 0.0, 1.0]},
+                "genai_static": variant([8.0, 9.0, 10.0], [2.0, 2.2, 2.4]),
+                "ours_concat": variant([9.0, 9.0, 9.0], [1.0, 1.0, 1.0]),
+                "genai_concat": {**variant([10.0, 10.0, 10.0], [1.0, 1.0, 1.0]), "tokens": tokens[:5] + [7] * 59},
+                "ours_static_128": variant([12.0, 12.0, 12.0]), "ours_static_4096": variant([11.0, 11.0, 11.0])}
+    if with_own:
+        variants["genai_own"] = variant([20.0, 20.0, 20.0], [0.5, 0.5, 0.5])
+    return {"variants": variants, "gate": {"cores": 0.25, "waited_s": 0.0, "wait_budget_s": 150, "rounds": 4}}
+
+
+def test_genai_rows_are_medians_and_ratios_ours_over_genai(tmp_path):
+    ctx = bench.Context(workdir=tmp_path, quick=False, created=[])
+    _, cfg = bench.genai_models(quick=False)["A"]
+    plan = bench.genai_plan(quick=False)
+    bench.genai_rows(ctx, "A", cfg, plan, _fake_speed_result(with_own=True), {})
+    prefix = "model A (125 M, vocab 32000)"
+    assert all(r.what.startswith(prefix) for r in ctx.rows)
+    rows = {r.what[len(prefix):].lstrip(":, "): r for r in ctx.rows}
+    assert rows["ours (OrtBackend), static graph: decode"].figure == 11.0
+    assert rows["ours (OrtBackend), static graph: decode"].unit == "tokens/s"
+    assert rows["ours (OrtBackend), static graph: decode"].against.startswith("median, 3 clean of 4 (10.0-12.0)")
+    assert rows["ours (OrtBackend), static graph: 512-token prefill"].figure == 1.1
+    assert rows["decode, ours / genai on our static graph"].figure == 11.0 / 9.0
+    assert rows["512-token prefill seconds, ours / genai on our static graph"].figure == 1.1 / 2.2
+    assert rows["decode, ours / genai on our concat graph"].figure == 0.9
+    assert rows["decode, ours static / genai on its own graph"].figure == 11.0 / 20.0
+    assert rows["static decode, max_seq_len 4096 / 128 (ours)"].figure == 11.0 / 12.0
+    assert "within 10%" in rows["static decode, max_seq_len 4096 / 128 (ours)"].against
+    assert rows["greedy tokens equal to ours static (prefix)"].figure == (
+        "genai own 64/64, genai static 64/64, genai concat 5/64, ours concat 64/64")
+    assert all(r.bench == "genai" for r in ctx.rows)
+
+
+def test_genai_rows_say_why_genai_own_graph_was_not_measured(tmp_path):
+    ctx = bench.Context(workdir=tmp_path, quick=False, created=[])
+    _, cfg = bench.genai_models(quick=False)["B"]
+    bench.genai_rows(ctx, "B", cfg, bench.genai_plan(quick=False), _fake_speed_result(with_own=False),
+                     {"genai_own": "model builder: exit code 1: boom"})
+    own = next(r for r in ctx.rows if "its own graph (model builder" in r.what and r.what.endswith("decode"))
+    assert own.figure == "not measured: model builder: exit code 1: boom"
+    ratio_row = next(r for r in ctx.rows if r.what.endswith("decode, ours static / genai on its own graph"))
+    assert ratio_row.figure is None and "boom" in ratio_row.against
+    assert bench.fmt(ratio_row.figure) == "n/a"
+
+
+def test_genai_variants_alternate_over_fresh_children_and_redo_the_noisy_ones(tmp_path):
+    ctx = bench.Context(workdir=tmp_path, quick=True, created=[])
+    calls = []
+
+    def fake_measure(bench_name, label, task, args, timeout=0):
+        (v,) = args["variants"]
+        calls.append(label)
+        busy = 1.0 if v["key"] == "b" and "pass" in label else 0.0  # b's passes ran on a busy machine
+        n = args["repeats"]
+        return {"result": {"variants": {v["key"]: {
+            "decode_tps": [10.0] * n, "decode_others": [busy] * n, "tokens": [1, 2],
+            "prefill_s": [1.0] * n if v["prefill"] else [], "prefill_others": [busy] * n if v["prefill"] else []}},
+            "gate": {"waited_s": 1.0}}}
+
+    ctx.measure = fake_measure
+    variants = [{"key": k, "kind": "ours", "path": "x", "max_len": 96, "prefill": k != "c"} for k in "abc"]
+    waited = [0.0]
+    plan = bench.genai_plan(quick=True)
+    result = bench.measure_genai_variants(ctx, "A", variants, {"idle_cores": 0.25}, plan, waited)
+    assert calls == ["A a pass 1", "A b pass 1", "A c pass 1", "A c pass 2", "A b pass 2", "A a pass 2", "A b extra"]
+    assert len(result["variants"]["a"]["decode_tps"]) == plan.passes * plan.per_pass
+    assert result["variants"]["b"]["decode_others"] == [1.0] * 4 + [0.0] * 2
+    assert result["variants"]["c"]["prefill_s"] == []
+    assert result["gate"]["children"] == 7 and waited == [7.0]
+
+
+def test_cpu_watch_counts_other_processes_not_this_one():
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    try:
+        time.sleep(0.3)  # past the interpreter's start
+        watch = bench.CpuWatch().start()
+        time.sleep(0.8)
+        others = watch.stop()
+    finally:
+        busy.wait()
+    assert others > 0.3  # the spinning child, a core's worth when it gets one
+
+
+def test_idle_gate_measures_and_counts_clean_measurements():
+    gate = bench.IdleGate(cores=0.5, budget_s=0.0, window=0.05)
+    value, others = gate.measure(lambda: 42)
+    assert value == 42 and others >= 0 and gate.waited == 0
+    assert gate.clean([0.0, 0.49, 0.5, 2.0]) == 2
+
+
+def test_clean_values_keep_the_quiet_measurements_or_flag_them_all():
+    assert bench.clean_values([10.0, 3.0, 11.0], [0.0, 1.0, 0.1], 0.25) == ([10.0, 11.0], "2 clean of 3")
+    values, note = bench.clean_values([3.0, 4.0], [1.0, 1.0], 0.25)
+    assert values == [3.0, 4.0] and note.startswith("none of 2 clean")
+
+
+@pytest.mark.slow
+def test_quick_genai_bench_rows(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "runner.bench", "--quick", "--only", "genai",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=1500, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["failures"] == [] and payload["benches"] == ["genai"]
+    whats = {r["what"]: r["figure"] for r in payload["rows"] if r["bench"] == "genai"}
+    for name in ("A", "B"):
+        model = next(w for w in whats if w.startswith(f"model {name} (") and ":" not in w)
+        for title in ("ours (OrtBackend), static graph", "ours (OrtBackend), concat graph",
+                      "onnxruntime-genai, our static graph", "onnxruntime-genai, our concat graph"):
+            assert whats[f"{model}, {title}: decode"] > 0, whats
+            assert whats[f"{model}, {title}: 64-token prefill"] > 0, whats
+        assert whats[f"{model}: decode, ours / genai on our static graph"] > 0
+        agreed = whats[f"{model}: greedy tokens equal to ours static (prefix)"]
+        assert "genai static 8/8" in agreed and "ours concat 8/8" in agreed, agreed
+    model_a = next(w for w in whats if w.startswith("model A (") and ":" not in w)
+    assert whats[f"{model_a}: static decode, max_seq_len 4096 / 128 (ours)"] > 0
     assert not (tmp_path / "scratch").exists()
