@@ -46,11 +46,11 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m runner.bench
+	$(PY) -m bench
 
 lint: setup
 	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check export engines runner tests
+	$(VENV)/bin/ruff check export engines runner bench tests
 
 clean:
 	rm -rf $(DEMO) bench-out

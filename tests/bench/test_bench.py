@@ -1,4 +1,4 @@
-"""`make bench` (runner/bench.py): the table and JSON it produces, never the times in them."""
+"""`make bench` (bench/): the table and JSON it produces, never the times in them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import bench
+from bench import harness, models, report
+from bench.suites import engines as engines_suite
+from bench.suites import genai as genai_suite
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +27,7 @@ def table_rows(text: str) -> list[list[str]]:
 def quick_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bench")
     done = subprocess.run(
-        [sys.executable, "-m", "runner.bench", "--quick", "--only", "load,export,decode",
+        [sys.executable, "-m", "bench", "--quick", "--only", "load,export,decode",
          "--workdir", str(workdir)],
         cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     return done, workdir
@@ -50,7 +52,7 @@ def test_quick_bench_prints_one_table_and_matching_json(quick_run):
     for row, cells in zip(payload["rows"], rows, strict=True):
         assert set(row) == {"bench", "what", "figure", "unit", "against"}
         assert cells[0] == f"{row['bench']}: {row['what']}"
-        assert cells[1] == bench.fmt(row["figure"])
+        assert cells[1] == report.fmt(row["figure"])
 
     whats = {f"{r['bench']}: {r['what']}": r for r in payload["rows"]}
     expected = [
@@ -91,7 +93,7 @@ def test_quick_bench_prints_one_table_and_matching_json(quick_run):
 
 
 def test_unknown_benchmark_is_refused(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "runner.bench", "--only", "load,nope",
+    done = subprocess.run([sys.executable, "-m", "bench", "--only", "load,nope",
                            "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 2
@@ -99,37 +101,37 @@ def test_unknown_benchmark_is_refused(tmp_path):
 
 
 def test_checkpoint_cache_key_follows_geometry():
-    a = bench.wide_config(2, quick=True)
-    assert bench.geometry_key("x", a, "bfloat16", 0) == bench.geometry_key("x", a, "bfloat16", 0)
-    assert bench.geometry_key("x", a, "bfloat16", 0) != bench.geometry_key("x", a, "float16", 0)
-    assert bench.geometry_key("x", a, "bfloat16", 0) != bench.geometry_key("x", a, "bfloat16", 1)
-    b = bench.wide_config(1, quick=True)
-    assert bench.geometry_key("x", a, "bfloat16", 0) != bench.geometry_key("x", b, "bfloat16", 0)
+    a = models.wide_config(2, quick=True)
+    assert models.geometry_key("x", a, "bfloat16", 0) == models.geometry_key("x", a, "bfloat16", 0)
+    assert models.geometry_key("x", a, "bfloat16", 0) != models.geometry_key("x", a, "float16", 0)
+    assert models.geometry_key("x", a, "bfloat16", 0) != models.geometry_key("x", a, "bfloat16", 1)
+    b = models.wide_config(1, quick=True)
+    assert models.geometry_key("x", a, "bfloat16", 0) != models.geometry_key("x", b, "bfloat16", 0)
 
 
 def test_full_geometries_are_the_ones_the_benchmarks_promise():
-    wide = bench.wide_config(2, quick=False)
+    wide = models.wide_config(2, quick=False)
     assert (wide.hidden_size, wide.intermediate_size, wide.num_attention_heads,
             wide.num_key_value_heads, wide.vocab_size) == (16384, 53248, 128, 8, 128256)
-    peers = bench.peers_config(8, quick=False)
+    peers = models.peers_config(8, quick=False)
     assert 0.9e9 < peers.num_parameters() < 1.2e9 and peers.hidden_size == 2048
-    decode = bench.decode_config(quick=False)
+    decode = models.decode_config(quick=False)
     assert 80e6 < decode.num_parameters() < 150e6
 
 
 def test_markdown_table_and_number_format():
-    rows = [bench.Row("load", "wall", 12.345, "s", "a | b"), bench.Row("peers", "x", "unavailable: no pip")]
-    text = bench.markdown_table(rows)
+    rows = [report.Row("load", "wall", 12.345, "s", "a | b"), report.Row("peers", "x", "unavailable: no pip")]
+    text = report.markdown_table(rows)
     cells = table_rows(text)
     assert cells[0] == ["load: wall", "12.3", "s", "a / b"]
     assert cells[1][1] == "unavailable: no pip"
-    assert [bench.fmt(v) for v in (1234.5, 3.14159, 0.012345, 7, None)] == ["1,234", "3.14", "0.0123", "7", "n/a"]
+    assert [report.fmt(v) for v in (1234.5, 3.14159, 0.012345, 7, None)] == ["1,234", "3.14", "0.0123", "7", "n/a"]
 
 
 def test_run_watched_reports_the_child_peak_rss():
     # A child that holds ~200 MB: ru_maxrss (as /usr/bin/time -v) and the polled tree RSS see it.
     code = "import time; b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5)"
-    result = bench.run_watched([sys.executable, "-c", code], timeout=60)
+    result = harness.run_watched([sys.executable, "-c", code], timeout=60)
     assert result.returncode == 0
     assert result.maxrss >= 200 * 1024 * 1024
     assert result.tree_peak >= 150 * 1024 * 1024
@@ -137,41 +139,41 @@ def test_run_watched_reports_the_child_peak_rss():
 
 def test_run_watched_stops_a_process_over_its_memory_limit():
     code = "import time; b = bytearray(300 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); time.sleep(30)"
-    result = bench.run_watched([sys.executable, "-c", code], timeout=60, rss_limit=100 * 1024 * 1024)
+    result = harness.run_watched([sys.executable, "-c", code], timeout=60, rss_limit=100 * 1024 * 1024)
     assert result.over_limit and not result.timed_out
-    assert bench.describe_exit(result.returncode).startswith("killed by SIGKILL")
+    assert harness.describe_exit(result.returncode).startswith("killed by SIGKILL")
 
 
 def test_a_failing_child_is_reported_not_raised_past_the_bench(tmp_path):
-    with pytest.raises(bench.MeasurementError, match="load: .*CheckpointError"):
-        bench.measure("load", {"checkpoint": str(tmp_path / "missing"), "tp": 8, "keep": False}, timeout=300)
+    with pytest.raises(harness.MeasurementError, match="load: .*CheckpointError"):
+        harness.measure("load", {"checkpoint": str(tmp_path / "missing"), "tp": 8, "keep": False}, timeout=300)
 
 
 def test_engines_commands_parse_with_the_cli(tmp_path):
     from runner import cli
     for quant in ("none", "fp8"):
-        cmd = bench.engines_export_cmd(tmp_path / "ckpt", tmp_path / "art", quant, tmp_path / "calib.txt")
+        cmd = engines_suite.engines_export_cmd(tmp_path / "ckpt", tmp_path / "art", quant, tmp_path / "calib.txt")
         assert cmd[1:3] == ["-m", "runner.cli"]
         args = cli._parser().parse_args(cmd[3:])
         assert (args.command, args.tp, args.dtype, args.max_seq_len, args.max_batch) == ("export", 8, "float16", 4096, 1)
         assert args.quant == quant
-    args = cli._parser().parse_args(bench.engines_build_cmd(tmp_path / "art")[3:])
+    args = cli._parser().parse_args(engines_suite.engines_build_cmd(tmp_path / "art")[3:])
     assert (args.command, args.trt) == ("build", "rtx")
 
 
 def test_engines_geometry_and_its_calibration_text_fit_the_cut_vocabulary():
     from export.tokenizer import Llama3Tokenizer
-    cfg = bench.engines_config(quick=False)
+    cfg = engines_suite.engines_config(quick=False)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (16384, 53248, 1, 16384)
     # 16 tokens for --calib-seq-len 16, every id inside the checkpoint's vocabulary.
-    ids = Llama3Tokenizer.default().encode(bench.ENGINES_CALIB_TEXT, bos=False)
+    ids = Llama3Tokenizer.default().encode(engines_suite.ENGINES_CALIB_TEXT, bos=False)
     assert len(ids) >= 16 and max(ids) < cfg.vocab_size
 
 
 @pytest.mark.slow
 def test_quick_engines_bench_rows(tmp_path):
     import importlib.util
-    done = subprocess.run([sys.executable, "-m", "runner.bench", "--quick", "--only", "engines",
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "engines",
                            "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=900, check=False)
     payload = json.loads((tmp_path / "bench.json").read_text())
@@ -198,18 +200,18 @@ def test_quick_engines_bench_rows(tmp_path):
 
 
 def test_genai_models_are_the_ones_the_suite_promises():
-    models = bench.genai_models(quick=False)
+    models = genai_suite.genai_models(quick=False)
     (label_a, a), (_, b) = models["A"], models["B"]
     assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads,
             a.intermediate_size, a.vocab_size) == (768, 12, 12, 4, 2048, 32000)
     assert 120e6 < a.num_parameters() < 130e6 and 265e6 < b.num_parameters() < 280e6
     assert b == a.replace(vocab_size=128256)
     assert label_a == "decode-100m"  # the decode suite's cached checkpoint, shared
-    plan = bench.genai_plan(quick=False)
+    plan = genai_suite.genai_plan(quick=False)
     assert (plan.prompt_len, plan.new_tokens, plan.prefill_len, plan.ratio_lens) == (32, 64, 512, (128, 4096))
     assert plan.max_seq_len >= plan.prefill_len + 1 and plan.repeats >= 3
     assert plan.prompt_len + plan.new_tokens <= min(plan.ratio_lens)
-    quick = bench.genai_plan(quick=True)
+    quick = genai_suite.genai_plan(quick=True)
     assert quick.max_seq_len >= quick.prefill_len + 1 and quick.max_seq_len not in quick.ratio_lens
 
 
@@ -221,7 +223,7 @@ def test_genai_config_copy_sets_threads_and_drops_out_of_vocab_ids(tmp_path):
                           "decoder": {"filename": "rank0/model.onnx", "session_options": {"log_id": "x"}}},
                 "search": {"max_length": 131072}}
     (src / "genai_config.json").write_text(json.dumps(original))
-    changed = bench.genai_config_copy(src, tmp_path / "copy", threads=2, max_length=640)
+    changed = genai_suite.genai_config_copy(src, tmp_path / "copy", threads=2, max_length=640)
     cfg = json.loads((tmp_path / "copy" / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["session_options"] == {"log_id": "x", "intra_op_num_threads": 2}
     assert (cfg["model"]["eos_token_id"], cfg["model"]["pad_token_id"], cfg["search"]["max_length"]) == (2, 2, 640)
@@ -234,7 +236,7 @@ def test_genai_config_copy_sets_threads_and_drops_out_of_vocab_ids(tmp_path):
     within.mkdir()
     (within / "genai_config.json").write_text(json.dumps({**original, "model": {
         **original["model"], "vocab_size": 128256}}))
-    assert bench.genai_config_copy(within, tmp_path / "copy2", 2, 640)["eos_dropped"] == []
+    assert genai_suite.genai_config_copy(within, tmp_path / "copy2", 2, 640)["eos_dropped"] == []
     assert json.loads((tmp_path / "copy2" / "genai_config.json").read_text())["model"]["eos_token_id"] == [128001, 2]
 
 
@@ -259,10 +261,10 @@ def _fake_speed_result(with_own: bool) -> dict:
 
 
 def test_genai_rows_are_medians_and_ratios_ours_over_genai(tmp_path):
-    ctx = bench.Context(workdir=tmp_path, quick=False, created=[])
-    _, cfg = bench.genai_models(quick=False)["A"]
-    plan = bench.genai_plan(quick=False)
-    bench.genai_rows(ctx, "A", cfg, plan, _fake_speed_result(with_own=True), {})
+    ctx = harness.Context(workdir=tmp_path, quick=False, created=[])
+    _, cfg = genai_suite.genai_models(quick=False)["A"]
+    plan = genai_suite.genai_plan(quick=False)
+    genai_suite.genai_rows(ctx, "A", cfg, plan, _fake_speed_result(with_own=True), {})
     prefix = "model A (125 M, vocab 32000)"
     assert all(r.what.startswith(prefix) for r in ctx.rows)
     rows = {r.what[len(prefix):].lstrip(":, "): r for r in ctx.rows}
@@ -282,19 +284,19 @@ def test_genai_rows_are_medians_and_ratios_ours_over_genai(tmp_path):
 
 
 def test_genai_rows_say_why_genai_own_graph_was_not_measured(tmp_path):
-    ctx = bench.Context(workdir=tmp_path, quick=False, created=[])
-    _, cfg = bench.genai_models(quick=False)["B"]
-    bench.genai_rows(ctx, "B", cfg, bench.genai_plan(quick=False), _fake_speed_result(with_own=False),
+    ctx = harness.Context(workdir=tmp_path, quick=False, created=[])
+    _, cfg = genai_suite.genai_models(quick=False)["B"]
+    genai_suite.genai_rows(ctx, "B", cfg, genai_suite.genai_plan(quick=False), _fake_speed_result(with_own=False),
                      {"genai_own": "model builder: exit code 1: boom"})
     own = next(r for r in ctx.rows if "its own graph (model builder" in r.what and r.what.endswith("decode"))
     assert own.figure == "not measured: model builder: exit code 1: boom"
     ratio_row = next(r for r in ctx.rows if r.what.endswith("decode, ours static / genai on its own graph"))
     assert ratio_row.figure is None and "boom" in ratio_row.against
-    assert bench.fmt(ratio_row.figure) == "n/a"
+    assert report.fmt(ratio_row.figure) == "n/a"
 
 
 def test_genai_variants_alternate_over_fresh_children_and_redo_the_noisy_ones(tmp_path):
-    ctx = bench.Context(workdir=tmp_path, quick=True, created=[])
+    ctx = harness.Context(workdir=tmp_path, quick=True, created=[])
     calls = []
 
     def fake_measure(bench_name, label, task, args, timeout=0):
@@ -310,8 +312,8 @@ def test_genai_variants_alternate_over_fresh_children_and_redo_the_noisy_ones(tm
     ctx.measure = fake_measure
     variants = [{"key": k, "kind": "ours", "path": "x", "max_len": 96, "prefill": k != "c"} for k in "abc"]
     waited = [0.0]
-    plan = bench.genai_plan(quick=True)
-    result = bench.measure_genai_variants(ctx, "A", variants, {"idle_cores": 0.25}, plan, waited)
+    plan = genai_suite.genai_plan(quick=True)
+    result = genai_suite.measure_genai_variants(ctx, "A", variants, {"idle_cores": 0.25}, plan, waited)
     assert calls == ["A a pass 1", "A b pass 1", "A c pass 1", "A c pass 2", "A b pass 2", "A a pass 2", "A b extra"]
     assert len(result["variants"]["a"]["decode_tps"]) == plan.passes * plan.per_pass
     assert result["variants"]["b"]["decode_others"] == [1.0] * 4 + [0.0] * 2
@@ -323,7 +325,7 @@ def test_cpu_watch_counts_other_processes_not_this_one():
     busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
     try:
         time.sleep(0.3)  # past the interpreter's start
-        watch = bench.CpuWatch().start()
+        watch = harness.CpuWatch().start()
         time.sleep(0.8)
         others = watch.stop()
     finally:
@@ -332,21 +334,21 @@ def test_cpu_watch_counts_other_processes_not_this_one():
 
 
 def test_idle_gate_measures_and_counts_clean_measurements():
-    gate = bench.IdleGate(cores=0.5, budget_s=0.0, window=0.05)
+    gate = harness.IdleGate(cores=0.5, budget_s=0.0, window=0.05)
     value, others = gate.measure(lambda: 42)
     assert value == 42 and others >= 0 and gate.waited == 0
     assert gate.clean([0.0, 0.49, 0.5, 2.0]) == 2
 
 
 def test_clean_values_keep_the_quiet_measurements_or_flag_them_all():
-    assert bench.clean_values([10.0, 3.0, 11.0], [0.0, 1.0, 0.1], 0.25) == ([10.0, 11.0], "2 clean of 3")
-    values, note = bench.clean_values([3.0, 4.0], [1.0, 1.0], 0.25)
+    assert genai_suite.clean_values([10.0, 3.0, 11.0], [0.0, 1.0, 0.1], 0.25) == ([10.0, 11.0], "2 clean of 3")
+    values, note = genai_suite.clean_values([3.0, 4.0], [1.0, 1.0], 0.25)
     assert values == [3.0, 4.0] and note.startswith("none of 2 clean")
 
 
 @pytest.mark.slow
 def test_quick_genai_bench_rows(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "runner.bench", "--quick", "--only", "genai",
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "genai",
                            "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=1500, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

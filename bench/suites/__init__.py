@@ -1,0 +1,18 @@
+"""The benchmark suites of `python -m bench`, in the order they run; `--only` picks among them.
+
+Each suite is a module with run(ctx: bench.harness.Context): it measures through ctx (every
+measurement in a fresh child, see bench/tasks.py) and adds its rows to ctx.rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bench.harness import Context
+from bench.suites import decode, engines, export, fp8, genai, load, peers, plan
+
+SUITES: dict[str, Callable[[Context], None]] = {
+    "plan": plan.run, "load": load.run, "export": export.run, "fp8": fp8.run,
+    "peers": peers.run, "decode": decode.run, "engines": engines.run, "genai": genai.run,
+}
+BENCHES = tuple(SUITES)

@@ -1,0 +1,280 @@
+"""The child tasks of `python -m bench`: what runs inside each fresh interpreter, and their registry.
+
+A task is (prepare, run): prepare() imports what the work needs before the baseline is read,
+run(args) does the measured work and returns a JSON-able dict. The parent starts one with
+bench.harness.measure (`python -m bench --child TASK --child-args JSON --child-out PATH`);
+child_main is that command's body.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.harness import dir_bytes, evict_from_page_cache, run_child
+from bench.report import GB
+from bench.suites.genai_speed import prep_genai_speed, task_genai_speed
+
+
+def _prep_torch():
+    import torch  # noqa: F401
+
+    import export.checkpoint  # noqa: F401
+
+
+def task_load(args: dict) -> dict:
+    """Read one rank's slices into memory (keeping them or not): what loading a rank costs.
+
+    safetensors hands out zero-copy views of its memory map, so iterating the slices reads
+    nothing by itself; each slice is cloned, which reads its bytes from the file into memory
+    the way a load onto a device would.
+    """
+    from export.checkpoint import Checkpoint
+    from export.sharding import RankSpec
+    kept, count, nbytes = [], 0, 0
+    started = time.perf_counter()
+    ckpt = Checkpoint(args["checkpoint"])
+    for _, view in ckpt.iter_rank_tensors(RankSpec(0, args["tp"])):
+        tensor = view.clone()
+        del view
+        count += 1
+        nbytes += tensor.numel() * tensor.element_size()
+        if args["keep"]:
+            kept.append(tensor)
+        del tensor
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "tensors": count, "rank_bytes": nbytes}
+
+
+def task_disk(args: dict) -> dict:
+    """This disk's yardsticks, in the workdir: sequential write (64 MB os.write + fsync), cold
+    sequential read, and a copy of the cold file (read and write at once, fsync) — what a
+    purely I/O-bound exporter, which must read what it writes, can reach at best."""
+    path, total, chunk = Path(args["path"]), args["bytes"], 64 * 1024 * 1024
+    block = os.urandom(1024 * 1024) * (chunk // (1024 * 1024))  # incompressible
+    view = memoryview(block)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        started = time.perf_counter()
+        written = 0
+        while written < total:
+            n = os.write(fd, view[: min(chunk, total - written)])
+            written += n
+        os.fsync(fd)
+        write_s = time.perf_counter() - started
+    finally:
+        os.close(fd)
+    evict_from_page_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.perf_counter()
+        read = 0
+        while True:
+            data = os.read(fd, chunk)
+            if not data:
+                break
+            read += len(data)
+        read_s = time.perf_counter() - started
+    finally:
+        os.close(fd)
+    evict_from_page_cache(path)
+    copy = path.with_suffix(".copy")
+    src, dst = os.open(path, os.O_RDONLY), os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        started = time.perf_counter()
+        while data := os.read(src, chunk):
+            os.write(dst, data)
+        os.fsync(dst)
+        copy_s = time.perf_counter() - started
+    finally:
+        os.close(src)
+        os.close(dst)
+    path.unlink()
+    copy.unlink()
+    return {"bytes": written, "write_s": write_s, "write_gbps": written / write_s / GB,
+            "read_gbps": read / read_s / GB, "copy_gbps": written / copy_s / GB}
+
+
+def _prep_export():
+    _prep_torch()
+    import export.onnx_export  # noqa: F401 (torch.onnx, onnxscript)
+
+
+def task_export(args: dict) -> dict:
+    """export_artifact for the given options; tracing and weight streaming timed apart."""
+    import export.onnx_export as ox
+    out = Path(args["out"])
+    options = ox.ExportOptions(**{k: tuple(v) if k == "ranks" and v is not None else v
+                                  for k, v in args["options"].items()})
+    started = time.perf_counter()
+    tokens = None
+    if args.get("calibrate"):
+        import numpy as np
+        from export.checkpoint import Checkpoint
+        vocab = Checkpoint(args["checkpoint"]).config.vocab_size
+        tokens = np.random.default_rng(0).integers(0, vocab, (4, 128))
+    stats: dict[str, float] = {}
+    ox.export_artifact(args["checkpoint"], out, options, force=True, calibration_tokens=tokens,
+                       calibration_source="random tokens", stats=stats)
+    wall = time.perf_counter() - started
+    # The exporter leaves writeback to the kernel; time getting the bytes onto the disk too.
+    started = time.perf_counter()
+    for path in out.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    flush = time.perf_counter() - started
+    return {"wall_s": wall, "flush_s": flush, "trace_s": stats.get("trace_s", 0.0),
+            "weights_s": stats.get("weights_s", 0.0),
+            "bytes": dir_bytes(out), "data_bytes": dir_bytes(out, ".onnx.data")}
+
+
+def task_membw(args: dict) -> dict:
+    """Memory read bandwidth: numpy sum over a ~1 GB array, best of 3; 1 thread and all cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    n = args["bytes"] // 4
+    array = np.ones(n, dtype=np.float32)  # pages committed, not lazily zero
+    threads = os.cpu_count() or 1
+    parts = np.array_split(array, threads)
+    best = {"1": float("inf"), "all": float("inf")}
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(3):
+            started = time.perf_counter()
+            array.sum()
+            best["1"] = min(best["1"], time.perf_counter() - started)
+            started = time.perf_counter()
+            list(pool.map(np.sum, parts))  # numpy releases the GIL in the reduction loop
+            best["all"] = min(best["all"], time.perf_counter() - started)
+    return {"gbps_1thread": array.nbytes / best["1"] / GB,
+            "gbps_all": array.nbytes / best["all"] / GB, "threads": threads}
+
+
+def _time_generate(backend, prompt: list[int], new_tokens: int) -> tuple[dict, list[int]]:
+    from runner.generate import SamplingOptions, generate
+    options = SamplingOptions(max_new_tokens=new_tokens + 1)  # +1: the prefill's token
+    generate(backend, [prompt], SamplingOptions(max_new_tokens=4))  # warm-up
+    result = generate(backend, [prompt], options)
+    return ({"tokens_per_s": result.decode_tokens_per_second, "decode_steps": result.decode_steps,
+             "prefill_s": result.prefill_seconds, "decode_s": result.decode_seconds},
+            result.tokens[0])
+
+
+def _prep_ort():
+    _prep_torch()
+    import onnxruntime  # noqa: F401
+
+    import runner.backends.ort
+    import runner.generate  # noqa: F401
+
+
+def task_decode_ort(args: dict) -> dict:
+    from runner.backends.ort import OrtBackend
+    started = time.perf_counter()
+    backend = OrtBackend(args["artifact"])
+    load = time.perf_counter() - started
+    stats, tokens = _time_generate(backend, args["prompt"], args["new_tokens"])
+    return {**stats, "load_s": load, "tokens": tokens}
+
+
+def _prep_torch_backend():
+    _prep_torch()
+    import runner.backends.torch
+    import runner.generate  # noqa: F401
+
+
+def task_decode_torch(args: dict) -> dict:
+    from export.checkpoint import Checkpoint
+    from export.model import ModelOptions
+    from runner.backends.torch import TorchBackend
+    backend = TorchBackend(Checkpoint(args["checkpoint"]), tp=1, dtype="float32",
+                           options=ModelOptions(kv_cache="static", max_seq_len=args["max_seq_len"]))
+    stats, tokens = _time_generate(backend, args["prompt"], args["new_tokens"])
+    return {**stats, "tokens": tokens}
+
+
+def _prep_hf():
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
+def task_decode_hf(args: dict) -> dict:
+    """transformers LlamaForCausalLM greedy generate; decode time = t(1 + N tokens) - t(1 token)."""
+    import torch
+    import transformers
+    model = transformers.LlamaForCausalLM.from_pretrained(args["checkpoint"], dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # exactly N new tokens, nothing suppressed
+    model.generation_config.pad_token_id = 0
+    ids = torch.tensor([args["prompt"]], dtype=torch.int64)
+    n = args["new_tokens"]
+
+    def run(new: int):
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False)
+        return time.perf_counter() - started, out[0, ids.shape[1]:].tolist()
+
+    run(4)  # warm-up
+    prefill_s, _ = min(run(1) for _ in range(2))
+    total_s, tokens = run(n + 1)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    return {"tokens_per_s": n / decode_s, "prefill_s": prefill_s, "decode_s": decode_s,
+            "tokens": tokens, "transformers": transformers.__version__}
+
+
+def task_calibrate(args: dict) -> dict:
+    """Calibrate a checkpoint (layer by layer) for FP8; the measurement is its time and RSS."""
+    import numpy as np
+    from export.calibrate import calibrate
+    from export.checkpoint import Checkpoint
+    tokens = np.random.default_rng(0).integers(0, args["vocab"], (args["samples"], args["seq_len"]))
+    started = time.perf_counter()
+    result = calibrate(Checkpoint(args["checkpoint"]), tokens)
+    return {"seconds": time.perf_counter() - started, "linears": len(result.amax)}
+
+
+def task_fidelity(args: dict) -> dict:
+    """Top-1 agreement and perplexity of an artifact against the checkpoint's fp32 model."""
+    import numpy as np
+    from export.checkpoint import Checkpoint
+    from export.model import ModelOptions
+    from runner.backends.ort import OrtBackend
+    from runner.backends.torch import TorchBackend
+    from runner.fidelity import fidelity_report
+    text = np.random.default_rng(1).integers(0, args["vocab"], args["tokens"]).tolist()
+    reference = TorchBackend(Checkpoint(args["checkpoint"]), dtype="float32",
+                             options=ModelOptions(max_seq_len=args["max_seq_len"]))
+    report = fidelity_report(OrtBackend(args["artifact"]), reference, text, window=len(text))
+    return {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+
+
+def _prep_none():
+    pass
+
+
+TASKS: dict[str, tuple[Callable[[], None], Callable[[dict], dict]]] = {
+    "load": (_prep_torch, task_load),
+    "disk": (_prep_none, task_disk),
+    "export": (_prep_export, task_export),
+    "membw": (_prep_none, task_membw),
+    "decode_ort": (_prep_ort, task_decode_ort),
+    "decode_torch": (_prep_torch_backend, task_decode_torch),
+    "decode_hf": (_prep_hf, task_decode_hf),
+    "calibrate": (_prep_export, task_calibrate),
+    "fidelity": (_prep_ort, task_fidelity),
+    "genai_speed": (prep_genai_speed, task_genai_speed),
+}
+UNSAMPLED_TASKS = {"genai_speed"}
+
+
+def child_main(task: str, args_json: str, out_path: str) -> int:
+    """Entry point of a measurement subprocess: result JSON into out_path."""
+    prepare, run = TASKS[task]
+    return run_child(prepare, run, args_json, out_path, sampled=task not in UNSAMPLED_TASKS)
