@@ -70,6 +70,10 @@ class Segment:
     collective_output: str | None = None
     collective_node: str | None = None
     graph_outputs: list[str] = field(default_factory=list)
+    # The rank file itself when this segment is the whole graph (a rank without collectives):
+    # onnxruntime then loads it by path, which decodes ~3% faster on CPU than the same graph
+    # handed over as bytes (measured on a 125M fp32 model, 2 threads, docs/genai.md).
+    source: Path | None = None
 
 
 @dataclass
@@ -357,7 +361,13 @@ def split_at_collectives(model_path: Path) -> list[Segment]:
         raise ArtifactError(f"{path}: rank graph not found; re-export the artifact") from error
     except (OSError, DecodeError) as error:
         raise ArtifactError(f"{path}: cannot read the rank graph ({error}); re-export the artifact") from error
-    return _Splitter(model, path).split()
+    segments = _Splitter(model, path).split()
+    if len(segments) == 1:
+        whole = segments[0]
+        whole.source = path
+        whole.inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        whole.outputs = [o.name for o in model.graph.output]
+    return segments
 
 
 def make_session(
@@ -374,8 +384,9 @@ def make_session(
     """
     options = session_options or ort.SessionOptions()
     options.add_session_config_entry(EXTERNAL_DATA_FOLDER_KEY, str(Path(rank_dir).resolve()))
+    model = str(segment.source) if segment.source is not None else segment.model.SerializeToString()
     try:
-        return ort.InferenceSession(segment.model.SerializeToString(), options, providers=list(providers))
+        return ort.InferenceSession(model, options, providers=list(providers))
     except ort_errors.NotImplemented as error:
         raise InputError(
             f"{rank_dir}: onnxruntime ({', '.join(map(str, providers))}) has no kernel for an op or dtype "

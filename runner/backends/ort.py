@@ -66,53 +66,97 @@ class OrtThreads:
 
 
 class RankRunner:
-    """One rank's segments and sessions, with its cache bound in place (static mode)."""
+    """One rank's segments and sessions, each with one IO binding kept for the whole run.
+
+    Tensors stay OrtValues between segments and between steps: a segment's outputs are bound
+    straight into the next segment (no numpy round trip), a concat cache's presents become the
+    next step's pasts as they are, and a static cache is bound once per `start` as both the
+    `past_key_values.*` input and the `present.*` output of its segment (TensorScatter writes in
+    place). Only what leaves the rank -- the tensor an all-reduce sums, the last output -- is
+    read back into numpy.
+    """
 
     def __init__(self, manifest: Manifest, directory: Path, rank: int, providers: Sequence, threads: OrtThreads):
         self.entry = manifest.rank(rank)
         self.kv_cache = manifest.kv_cache
-        rank_dir = directory / f"rank{rank}"
-        self.segments: list[Segment] = split_at_collectives(rank_dir / "model.onnx")
+        onnx_path = directory / self.entry.onnx_path
+        self.segments: list[Segment] = split_at_collectives(onnx_path)
         options = threads.session_options(len(self.segments))
+        rank_dir = onnx_path.parent
         self.sessions = [make_session(s, rank_dir, providers, options) for s in self.segments]
+        self.bindings = [session.io_binding() for session in self.sessions]
         self.cache_names = [t.name for t in self.entry.inputs if t.name.startswith("past_key_values.")]
-        self.cache: dict[str, np.ndarray] = {}
-        self._bound: dict[str, ort.OrtValue] = {}
+        self.cache: dict[str, ort.OrtValue] = {}  # past_key_values.* -> [batch, kv_local, len, head_dim]
+        self.fresh: list[list[str]] = []  # per segment: the outputs bound anew each step
+        self.output_order: list[list[str]] = []  # per segment: get_outputs()'s order (binding order)
+        # The rank's own outputs (logits / hidden_states): shapes follow from the step's feed, so
+        # they are written into numpy arrays made here, not read back from onnxruntime's.
+        self.rank_outputs = {t.name: t for t in self.entry.outputs if _past_name(t.name) is None}
 
     def start(self, batch: int, kv_heads: int, cache_len: int, head_dim: int, dtype) -> None:
-        self.cache = {name: np.zeros((batch, kv_heads, cache_len, head_dim), dtype=dtype)
+        self.cache = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, kv_heads, cache_len, head_dim), dtype=dtype))
                       for name in self.cache_names}
-        # OrtValues over the numpy buffers: writes through the binding land in self.cache.
-        self._bound = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.cache.items()}
+        static = self.kv_cache == "static"
+        self.fresh, self.output_order = [], []
+        for segment, binding in zip(self.segments, self.bindings):
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            aliased = [name for name in segment.outputs if static and _past_name(name) in self.cache]
+            for name in aliased:  # bound once: every step reads and writes the same buffers
+                binding.bind_ortvalue_input(_past_name(name), self.cache[_past_name(name)])
+                binding.bind_ortvalue_output(name, self.cache[_past_name(name)])
+            self.fresh.append([name for name in segment.outputs if name not in aliased])
+            self.output_order.append(aliased + self.fresh[-1])  # a rebound name keeps its place
 
-    def run_segment(self, k: int, env: dict[str, np.ndarray]) -> None:
-        segment, session = self.segments[k], self.sessions[k]
-        binding = session.io_binding()
+    def run_segment(self, k: int, env: dict[str, np.ndarray | ort.OrtValue]) -> None:
+        """Run segment k on env's tensors; its fresh outputs land in env as OrtValues."""
+        segment, session, binding = self.segments[k], self.sessions[k], self.bindings[k]
+        static = self.kv_cache == "static"
         for name in segment.inputs:
-            if self.kv_cache == "static" and name in self._bound:
-                binding.bind_ortvalue_input(name, self._bound[name])
-            elif name in self.cache:
-                binding.bind_cpu_input(name, self.cache[name])
+            if name in self.cache:
+                if not static:
+                    binding.bind_ortvalue_input(name, self.cache[name])
+                continue  # static: bound in start()
+            value = env[name]
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
             else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(env[name]))
-        fresh = []
-        for name in segment.outputs:
-            past = "past_key_values." + name[len("present."):] if name.startswith("present.") else None
-            if self.kv_cache == "static" and past in self._bound:
-                binding.bind_ortvalue_output(name, self._bound[past])  # present aliases past
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        allocated = {}
+        for name in self.fresh[k]:
+            if name in self.rank_outputs:
+                allocated[name] = self._output_array(self.rank_outputs[name], env["position_ids"].shape)
+                binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(allocated[name]))
             else:
                 binding.bind_output(name, "cpu")
-                fresh.append(name)
         session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        by_name = dict(zip(segment.outputs, values))
-        for name in fresh:
-            env[name] = by_name[name].numpy()
+        env.update(allocated)
+        if len(allocated) < len(self.fresh[k]):
+            env.update((name, value) for name, value in zip(self.output_order[k], binding.get_outputs())
+                       if name not in allocated)
 
-    def absorb_presents(self, env: dict[str, np.ndarray]) -> None:
+    @staticmethod
+    def _output_array(spec, batch_seq: tuple[int, int]) -> np.ndarray:
+        """An empty array for a rank output of shape e.g. [batch, seq, vocab] or [batch, 1, vocab]."""
+        dims = {"batch": batch_seq[0], "seq": batch_seq[1]}
+        return np.empty([dims[d] if isinstance(d, str) else d for d in spec.shape], dtype=np.dtype(spec.dtype))
+
+    def absorb_presents(self, env: dict[str, np.ndarray | ort.OrtValue]) -> None:
         if self.kv_cache == "concat":
             for name in self.cache_names:
                 self.cache[name] = env["present." + name[len("past_key_values."):]]
+
+    def read_cache(self, name: str) -> np.ndarray:
+        return self.cache[name].numpy().astype(np.float32)
+
+
+def _past_name(output: str) -> str | None:
+    """present.{i}.key -> past_key_values.{i}.key, the input a present output replaces."""
+    return "past_key_values." + output[len("present."):] if output.startswith("present.") else None
+
+
+def _as_numpy(value: np.ndarray | ort.OrtValue) -> np.ndarray:
+    return value.numpy() if isinstance(value, ort.OrtValue) else value
 
 
 class OrtBackend:
@@ -163,13 +207,13 @@ class OrtBackend:
                 self.runners[r].run_segment(k, envs[r])
             segment = self.runners[ranks[0]].segments[k]
             if segment.collective_input is not None:
-                total = self._reduce([envs[r][segment.collective_input] for r in ranks], stage)
+                total = self._reduce([_as_numpy(envs[r][segment.collective_input]) for r in ranks], stage)
                 for r in ranks:
                     envs[r][segment.collective_output] = total
         for r in ranks:
             self.runners[r].absorb_presents(envs[r])
         out_name = "logits" if stage == self.pp - 1 else "hidden_states"
-        return envs[ranks[0]][out_name]
+        return _as_numpy(envs[ranks[0]][out_name])
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(feed, self.config.vocab_size, self.max_seq_len, self.kv_cache)
@@ -198,5 +242,5 @@ class OrtBackend:
         return world.broadcast(out, (batch, rows, cfg.vocab_size), self.dtype, src=(self.pp - 1) * self.tp)
 
     def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        return gather_cache(self.config, self.tp, self.pp, lambda rank, name: self.runners[rank].cache[name].astype(np.float32),
+        return gather_cache(self.config, self.tp, self.pp, lambda rank, name: self.runners[rank].read_cache(name),
                             multi_process=self.world is not None)
