@@ -166,7 +166,7 @@ def weights_bytes(cfg: LlamaConfig, spec: RankSpec, quant: str = "none", dtype: 
     """Bytes of the tensors rank `spec` holds (its real, sharded shapes)."""
     c = DTYPE_BYTES[dtype]
     quantized = _fp8_selector(cfg, quant, fp8_recipe, fp8_exclude)
-    total = (cfg.head_dim // 2) * 4  # rotary inv_freq, fp32 whatever the dtype
+    total = rope_table_bytes(cfg, dtype)
     for name in rank_tensor_names(cfg, spec):
         shape = _local_shape(cfg, spec, name)  # HF layout [out, in]
         elements = math.prod(shape)
@@ -176,6 +176,11 @@ def weights_bytes(cfg: LlamaConfig, spec: RankSpec, quant: str = "none", dtype: 
         else:
             total += elements * c
     return total
+
+
+def rope_table_bytes(cfg: LlamaConfig, dtype: str) -> int:
+    """The RoPE cos and sin tables every rank holds: [max_position_embeddings, head_dim / 2] each."""
+    return 2 * cfg.max_position_embeddings * (cfg.head_dim // 2) * DTYPE_BYTES[dtype]
 
 
 def _fp8_selector(cfg: LlamaConfig, quant: str, recipe: str, exclude: tuple[str, ...]) -> Callable[[str], bool]:

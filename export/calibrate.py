@@ -23,7 +23,7 @@ from tqdm import tqdm
 from export.checkpoint import Checkpoint
 from export.errors import CheckpointError, InputError
 from export.fp8 import FP8_MAX
-from export.model import DecoderLayer, additive_mask, load_rank_weights, rope_inv_freq, rotary_cos_sin
+from export.model import DecoderLayer, additive_mask, load_rank_weights, rope_at, rope_tables
 from export.rank_tensors import rank_module_tensors
 from export.sharding import RankSpec, TensorSlice
 
@@ -83,7 +83,7 @@ def calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str = "", batc
     samples, seq = tokens.shape
     h = _embed(checkpoint, tokens)  # [samples, seq, hidden] fp32
     positions = torch.arange(seq)[None].expand(samples, seq)
-    inv_freq = rope_inv_freq(cfg)
+    tables = rope_tables(cfg, torch.float32)  # [max_position_embeddings, head_dim / 2] each
     amax: dict[str, float] = {}
     max_activation = float(h.abs().max())
     for layer_id in tqdm(range(cfg.num_hidden_layers), desc="calibrate", disable=not progress):
@@ -99,11 +99,10 @@ def calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str = "", batc
         with torch.inference_mode():
             for start in range(0, samples, batch):
                 hb, pb = h[start:start + batch], positions[start:start + batch]
-                cos, sin = rotary_cos_sin(inv_freq, pb, torch.float32)
                 ones = torch.ones(pb.shape, dtype=torch.int64)
                 mask = additive_mask(ones, seq)
                 empty = torch.zeros(hb.shape[0], layer.self_attn.n_kv, 0, cfg.head_dim)
-                out, _, _ = layer(hb, cos, sin, mask, empty, empty, None, "concat")
+                out, _, _ = layer(hb, rope_at(*tables, pb), mask, empty, empty, None, "concat")
                 outputs.append(out)
         for hook in hooks:
             hook.remove()

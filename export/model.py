@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.attention_op import gqa_attention
+from export.rotary_op import rotary_embedding
 from export.cache_ops import kv_cache_write
 from export.config import LlamaConfig
 from export.fp8 import Fp8Linear, QuantConfig
@@ -65,18 +66,19 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)  # [head_dim / 2]
 
 
-def rotary_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+def rope_tables(cfg: LlamaConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position x inverse frequency for every position the checkpoint supports
+    (0..max_position_embeddings-1), the values RotaryEmbedding rotates by (export/rotary_op.py)."""
     # Angles in fp32: positions reach 131072, far past what fp16 can multiply exactly.
-    angles = position_ids[..., None].float() * inv_freq  # [batch, seq, head_dim / 2]
-    angles = torch.cat((angles, angles), dim=-1)  # [batch, seq, head_dim]
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]  # [batch, 1, seq, head_dim]
+    positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+    angles = positions[:, None] * rope_inv_freq(cfg)  # [positions, head_dim / 2]
+    return angles.cos().to(dtype), angles.sin().to(dtype)  # [positions, head_dim / 2] each
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Hugging Face's half-split layout (checkpoints' q/k rows are permuted for it).
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [batch, heads, seq, head_dim]
-    return x * cos + rotated * sin
+def rope_at(cos_table: torch.Tensor, sin_table: torch.Tensor, position_ids: torch.Tensor):
+    """The tables' rows for this step's positions, gathered once per rank (not once per layer:
+    the ONNX backend's per-all-reduce segments would each hold a copy of the tables)."""
+    return F.embedding(position_ids, cos_table), F.embedding(position_ids, sin_table)  # [batch, seq, head_dim / 2]
 
 
 def linear_factory(cfg: LlamaConfig, quant: QuantConfig | None) -> LinearFactory:
@@ -114,14 +116,15 @@ class Attention(nn.Module):
         self.v_proj = linear(prefix + "v_proj", cfg.hidden_size, self.n_kv * d)
         self.o_proj = linear(prefix + "o_proj", self.n_heads * d, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v, write_indices, kv_cache: str):
-        """write_indices: static mode's write slot per sequence [batch]; mask [batch, 1, seq, total]."""
+    def forward(self, x, rope, mask, past_k, past_v, write_indices, kv_cache: str):
+        """rope: (cos, sin) [batch, seq, head_dim / 2] (rope_at); write_indices: static mode's
+        write slot per sequence [batch]; mask [batch, 1, seq, total]."""
         batch, seq, _ = x.shape
         d, n_kv = self.head_dim, self.n_kv
         q = self.q_proj(x).view(batch, seq, self.n_heads, d).transpose(1, 2)  # [batch, heads, seq, head_dim]
         k = self.k_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         v = self.v_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary_embedding(q, *rope), rotary_embedding(k, *rope)  # one RotaryEmbedding node each
         if kv_cache == "static":
             present_k = kv_cache_write(past_k, k, write_indices)  # [batch, kv_heads, max_seq_len, head_dim]
             present_v = kv_cache_write(past_v, v, write_indices)
@@ -163,9 +166,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, spec, reduce, linear, prefix + "mlp.")
 
-    def forward(self, h, cos, sin, mask, past_k, past_v, write_indices, kv_cache: str):
-        attn, k, v = self.self_attn(self.input_layernorm(h), cos, sin, mask, past_k, past_v,
-                                    write_indices, kv_cache)
+    def forward(self, h, rope, mask, past_k, past_v, write_indices, kv_cache: str):
+        attn, k, v = self.self_attn(self.input_layernorm(h), rope, mask, past_k, past_v, write_indices, kv_cache)
         h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h)), k, v  # [batch, seq, hidden]
 
@@ -249,7 +251,7 @@ class LlamaRank(nn.Module):
         if spec.is_last_stage:
             self.lm_head = nn.Linear(cfg.hidden_size // spec.tp_size, cfg.vocab_size, bias=False)
         self.reduce = reduce
-        for name, value in rank_constants(cfg, spec).items():
+        for name, value in rank_constants(cfg, spec, torch.float32).items():
             if "." not in name:
                 self.register_buffer(name, value, persistent=False)
 
@@ -261,13 +263,13 @@ class LlamaRank(nn.Module):
         spec = self.spec
         h = self.model.embed_tokens(first) if spec.is_first_stage else first  # [batch, seq, hidden]
         seq = position_ids.shape[1]
-        cos, sin = rotary_cos_sin(self.inv_freq, position_ids, h.dtype)
+        rope = rope_at(self.rope_cos, self.rope_sin, position_ids)
         mask = additive_mask(attention_mask, seq)
         slots = write_slots(attention_mask, seq) if self.options.kv_cache == "static" else None
         presents = []
         for n, layer_id in enumerate(self.layer_ids):
             h, k, v = self.model.layers[str(layer_id)](
-                h, cos, sin, mask, past[2 * n], past[2 * n + 1], slots, self.options.kv_cache)
+                h, rope, mask, past[2 * n], past[2 * n + 1], slots, self.options.kv_cache)
             presents += [k, v]
         if not spec.is_last_stage:
             return (h, *presents)
@@ -287,18 +289,19 @@ def build_rank_module(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions = 
     with torch.device(device):
         module = LlamaRank(cfg, spec, options, reduce)
     module.to(dtype)
-    # Computed from the config, never loaded: real values even on a meta module, and fp32
-    # whatever the compute dtype.
-    for name, value in rank_constants(cfg, spec).items():
+    # Computed from the config, never loaded: real values even on a meta module.
+    for name, value in rank_constants(cfg, spec, dtype).items():
         owner, leaf = _owner(module, name)
         setattr(owner, leaf, value)
     return module.eval().requires_grad_(False)
 
 
-def rank_constants(cfg: LlamaConfig, spec: RankSpec) -> dict[str, torch.Tensor]:
+def rank_constants(cfg: LlamaConfig, spec: RankSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Buffers derived from the config and the rank, not the checkpoint (the exporter writes
-    them as initializers, so all TP ranks of a stage share one traced graph)."""
-    constants = {"inv_freq": rope_inv_freq(cfg)}  # [head_dim / 2] fp32
+    them as initializers, so all TP ranks of a stage share one traced graph). The RoPE tables
+    are in the compute dtype, as RotaryEmbedding wants them."""
+    cos, sin = rope_tables(cfg, dtype)
+    constants = {"rope_cos": cos, "rope_sin": sin}  # [max_position_embeddings, head_dim / 2]
     if spec.tp_size > 1 and spec.is_first_stage:
         constants["model.embed_tokens.vocab_start"] = torch.tensor(spec.tp_rank * (cfg.vocab_size // spec.tp_size))
     if spec.tp_size > 1 and spec.is_last_stage:

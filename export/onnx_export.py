@@ -26,11 +26,11 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 from torch.export import Dim
 from tqdm import tqdm
 
-from export import attention_op, cache_ops, collectives, fp8
+from export import attention_op, cache_ops, collectives, fp8, rotary_op
 from export.calibrate import Calibration, calibrate
 from export.fp8 import QuantConfig
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
@@ -165,14 +165,15 @@ def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dt
     """The rank's graph as torch.onnx emits it, no initializers (weights named by state-dict key)."""
     reduce = collectives.all_reduce if spec.tp_size > 1 else no_reduce
     module = build_rank_module(cfg, spec, options, reduce=reduce, dtype=dtype, device="meta")
-    for name in rank_constants(cfg, spec):  # graph inputs the exporter fills in per rank
+    for name in rank_constants(cfg, spec, dtype):  # initializers the exporter adds per rank
         owner, _, leaf = name.rpartition(".")
         target = module.get_submodule(owner)
         setattr(target, leaf, getattr(target, leaf).to("meta"))
     args, dynamic = _example_inputs(cfg, spec, options, dtype)
     input_names, output_names = io_names(cfg, spec, options.kv_cache)
     table = {**collectives.custom_translation_table(), **cache_ops.custom_translation_table(),
-             **fp8.custom_translation_table(), **attention_op.custom_translation_table()}
+             **fp8.custom_translation_table(), **attention_op.custom_translation_table(),
+             **rotary_op.custom_translation_table()}
     with _quiet_exporter():
         program = torch.export.export(module, args, dynamic_shapes=dynamic)
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=OPSET, optimize=False,
@@ -243,14 +244,14 @@ def _external_initializer(tensor: WrittenTensor) -> TensorProto:
 
 
 def attach_initializers(model: onnx.ModelProto, written: list[WrittenTensor], cfg: LlamaConfig,
-                        spec: RankSpec) -> None:
+                        spec: RankSpec, dtype: torch.dtype) -> None:
     """Point the graph's weights at the data file and add the rank's constants inline; every
     initializer the graph reads must be provided, and nothing else."""
     wanted = {i for node in model.graph.node for i in node.input}
     wanted -= {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
     wanted.discard("")
-    # RoPE frequencies (fp32 whatever the dtype), this rank's vocab start and hidden columns.
-    constants = rank_constants(cfg, spec)
+    # RoPE tables, this rank's vocab start and hidden columns.
+    constants = rank_constants(cfg, spec, dtype)
     names = {t.name for t in written} | set(constants)
     extra, missing = names - wanted, wanted - names
     if extra or missing:
@@ -258,7 +259,14 @@ def attach_initializers(model: onnx.ModelProto, written: list[WrittenTensor], cf
                             f"{sorted(extra)[:3]}, missing: {sorted(missing)[:3]}); this is a llama405 bug — "
                             "please report it")
     model.graph.initializer.extend(_external_initializer(t) for t in written)
-    model.graph.initializer.extend(numpy_helper.from_array(v.numpy(), name) for name, v in constants.items())
+    model.graph.initializer.extend(_inline_initializer(name, v) for name, v in constants.items())
+
+
+def _inline_initializer(name: str, tensor: torch.Tensor) -> TensorProto:
+    """A rank constant stored in model.onnx itself, raw little-endian bytes (bfloat16 included)."""
+    proto = TensorProto(name=name, data_type=ONNX_DTYPES[tensor.dtype], dims=list(tensor.shape))
+    proto.raw_data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return proto
 
 
 def rank_bytes(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype) -> int:
@@ -329,7 +337,7 @@ def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, 
     if stats is not None:
         stats["weights_s"] = stats.get("weights_s", 0.0) + time.perf_counter() - started
         stats["trace_s"] = graphs.trace_s
-    attach_initializers(model, written, cfg, spec)
+    attach_initializers(model, written, cfg, spec, dtype)
     model.producer_name, model.producer_version = "llama405", _version()
     model.doc_string = (f"Llama 3.1 rank {spec.rank} (tp {spec.tp_rank}/{spec.tp_size}, "
                         f"pp {spec.pp_rank}/{spec.pp_size})")

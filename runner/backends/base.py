@@ -35,8 +35,10 @@ class Backend(Protocol):
     def cache(self) -> list[tuple[np.ndarray, np.ndarray]]: ...
 
 
-def check_feed(feed: dict[str, np.ndarray], vocab_size: int, max_seq_len: int, kv_cache: str) -> None:
-    """Reject requests the graph would silently get wrong (ids past the vocab, cache overflow)."""
+def check_feed(feed: dict[str, np.ndarray], cfg: LlamaConfig, max_seq_len: int, kv_cache: str) -> None:
+    """Reject requests the graph would silently get wrong (ids past the vocab or the RoPE tables,
+    cache overflow)."""
+    vocab_size, positions_end = cfg.vocab_size, cfg.max_position_embeddings
     ids, positions = feed["input_ids"], feed["position_ids"]
     if ids.ndim != 2 or ids.shape != positions.shape:
         raise InputError(f"input_ids {ids.shape} and position_ids {positions.shape} must both be [batch, seq]")
@@ -44,6 +46,10 @@ def check_feed(feed: dict[str, np.ndarray], vocab_size: int, max_seq_len: int, k
         bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
         raise InputError(f"token id {bad} is outside the vocabulary 0..{vocab_size - 1}; "
                          "check the tokenizer matches the checkpoint")
+    if positions.size and (positions.min() < 0 or positions.max() >= positions_end):
+        bad = int(positions.max() if positions.max() >= positions_end else positions.min())
+        raise InputError(f"position id {bad} is outside 0..{positions_end - 1}, the positions this checkpoint "
+                         "supports (max_position_embeddings in config.json)")
     needed = past_len(feed)
     if kv_cache == "static" and needed > max_seq_len:
         raise InputError(f"the request needs {needed} cache slots but the model was built for "

@@ -216,7 +216,7 @@ class OrtBackend:
         return _as_numpy(envs[ranks[0]][out_name])
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.config.vocab_size, self.max_seq_len, self.kv_cache)
+        check_feed(feed, self.config, self.max_seq_len, self.kv_cache)
         inputs = {"position_ids": feed["position_ids"].astype(np.int64),
                   "attention_mask": feed["attention_mask"].astype(np.int64)}
         x = feed["input_ids"].astype(np.int64)

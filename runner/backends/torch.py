@@ -59,7 +59,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.config.vocab_size, self.max_seq_len, self.kv_cache)
+        check_feed(feed, self.config, self.max_seq_len, self.kv_cache)
         positions = torch.from_numpy(np.ascontiguousarray(feed["position_ids"], dtype=np.int64))
         mask = torch.from_numpy(np.ascontiguousarray(feed["attention_mask"], dtype=np.int64))
         x = torch.from_numpy(np.ascontiguousarray(feed["input_ids"], dtype=np.int64))

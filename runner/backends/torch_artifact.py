@@ -51,10 +51,11 @@ class ArtifactWeights:
         except (OSError, DecodeError) as err:
             raise ArtifactError(f"{onnx_path}: cannot read the rank graph ({err}); re-export the "
                                 "artifact") from None
-        expected = set(build_rank_module(self.config, spec, artifact_model_options(self.manifest)).state_dict())
-        # Rank constants (RoPE frequencies, vocab start, hidden columns) come from the config;
+        options = artifact_model_options(self.manifest)
+        expected = set(build_rank_module(self.config, spec, options).state_dict())
+        # Rank constants (RoPE tables, vocab start, hidden columns) come from the config;
         # build_rank_module computes them itself.
-        derived = set(rank_constants(self.config, spec))
+        derived = set(rank_constants(self.config, spec, torch.float32))
         found = {init.name for init in model.graph.initializer} - derived
         if found != expected:
             extra, missing = sorted(found - expected), sorted(expected - found)

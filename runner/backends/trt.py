@@ -404,7 +404,7 @@ class TrtBackend:
             start = end
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.config.vocab_size, self.max_seq_len, self.kv_cache)
+        check_feed(feed, self.config, self.max_seq_len, self.kv_cache)
         feed = {k: feed[k].astype(np.int64) for k in ("input_ids", "position_ids", "attention_mask")}
         pieces = [self._step(piece) for piece in self._chunks(feed)]
         logits = pieces[0] if len(pieces) == 1 else (

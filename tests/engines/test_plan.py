@@ -18,7 +18,7 @@ from tests.conftest import tiny_config
 
 B8, B70, B405 = preset("llama-3.1-8b"), preset("llama-3.1-70b"), preset("llama-3.1-405b")
 V = 128256
-ROPE = 64 * 4  # inv_freq: head_dim / 2 fp32 values on every rank
+ROPE = 2 * 131072 * 64 * 2  # RoPE cos, sin tables [max_position_embeddings, head_dim / 2] fp16/bf16, every rank
 
 
 # -- weights ---------------------------------------------------------------------------------
@@ -28,7 +28,7 @@ def test_8b_tp1_fp16_weights_are_two_bytes_per_parameter():
     layer = 4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336 + 2 * 4096  # 218,112,000
     params = 32 * layer + 2 * V * 4096 + 4096  # embedding + lm_head + final norm
     assert params == B8.num_parameters() == 8_030_261_248
-    assert weights_bytes(B8, RankSpec(0, 1), "none", "float16") == 2 * params + ROPE == 16_060_522_752
+    assert weights_bytes(B8, RankSpec(0, 1), "none", "float16") == 2 * params + ROPE == 16_094_076_928
 
 
 def test_70b_tp4_bf16_rank0_weights():
@@ -37,15 +37,15 @@ def test_70b_tp4_bf16_rank0_weights():
     assert layer == 213_925_888
     # embedding rows 128256/4 = 32064; lm_head columns 8192/4 = 2048; final norm replicated
     elements = 80 * layer + 32064 * 8192 + 2048 * V + 8192
-    assert weights_bytes(B70, RankSpec(0, 4), "none", "bfloat16") == 2 * elements + ROPE == 35_278_831_872
+    assert weights_bytes(B70, RankSpec(0, 4), "none", "bfloat16") == 2 * elements + ROPE == 35_312_386_048
 
 
 def test_70b_tp4_pp2_first_stage_has_embedding_last_has_head():
     layer = 213_925_888
     first = 2 * (32064 * 8192 + 40 * layer) + ROPE  # layers 0-39 + embedding
     last = 2 * (40 * layer + 8192 + 2048 * V) + ROPE  # layers 40-79 + final norm + lm_head
-    assert weights_bytes(B70, RankSpec(0, 4, 0, 2), "none", "bfloat16") == first == 17_639_407_872
-    assert weights_bytes(B70, RankSpec(3, 4, 1, 2), "none", "bfloat16") == last == 17_639_424_256
+    assert weights_bytes(B70, RankSpec(0, 4, 0, 2), "none", "bfloat16") == first == 17_672_962_048
+    assert weights_bytes(B70, RankSpec(3, 4, 1, 2), "none", "bfloat16") == last == 17_672_978_432
 
 
 def test_405b_tp8_fp8_rank0_weights():
@@ -65,7 +65,7 @@ def test_405b_tp8_fp8_rank0_weights():
     lm_head = 2048 * V * 2  # 16384 / 8 columns, fp16
     final_norm = 16384 * 2
     expected = 126 * layer + embedding + lm_head + final_norm + ROPE
-    assert weights_bytes(B405, RankSpec(0, 8), "fp8", "float16") == expected == 51_276_977_124  # 47.76 GiB
+    assert weights_bytes(B405, RankSpec(0, 8), "fp8", "float16") == expected == 51_310_531_300  # 47.76 GiB
 
 
 def test_405b_tp8_fp8_meta_recipe_keeps_attention_and_end_layers_in_fp16():
@@ -78,7 +78,7 @@ def test_405b_tp8_fp8_meta_recipe_keeps_attention_and_end_layers_in_fp16():
     end = (2048 * 16384 + 2 * 128 * 16384 + 16384 * 2048 + 3 * 6656 * 16384) * 2 + norms
     assert end == 796_983_296
     expected = 124 * middle + 2 * end + 2 * 525_336_576 + 16384 * 2 + ROPE
-    assert weights_bytes(B405, RankSpec(0, 8), "fp8", "float16", "meta") == expected == 60_910_658_536
+    assert weights_bytes(B405, RankSpec(0, 8), "fp8", "float16", "meta") == expected == 60_944_212_712
     # an explicit exclusion of every down_proj
     plain = weights_bytes(B405, RankSpec(0, 8), "fp8", "float16")
     excluded = weights_bytes(B405, RankSpec(0, 8), "fp8", "float16", "default", ("*.mlp.down_proj",))
@@ -146,7 +146,7 @@ def test_405b_fp8_tp8_128k_batch1_plan_and_suggestion():
     result = plan(request)
     assert len(result.ranks) == 8 and len({r.total_bytes for r in result.ranks}) == 1
     rank0 = result.ranks[0]
-    assert rank0.weights_bytes == 51_276_977_124 and rank0.kv_cache_bytes == 8_455_716_864
+    assert rank0.weights_bytes == 51_310_531_300 and rank0.kv_cache_bytes == 8_455_716_864
     assert rank0.total_bytes == rank0.weights_bytes + rank0.kv_cache_bytes + rank0.activation_bytes
     assert not result.fits  # 2048-token prefill chunks against 128K keys, unfused: ~43 GiB of scores
     hint = suggestion(result)
@@ -213,14 +213,14 @@ def test_plan_cli_preset_json(capsys):
     assert cli.run_plan(args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["fits"] is True and len(doc["ranks"]) == 8
-    assert doc["ranks"][0]["weights_bytes"] == 51_276_977_124
+    assert doc["ranks"][0]["weights_bytes"] == 51_310_531_300
 
 
 def test_plan_cli_fp8_recipe(capsys):
     args = _plan_cli(["--preset", "llama-3.1-405b", "--tp", "8", "--quant", "fp8", "--fp8-recipe", "meta", "--json"])
     assert cli.run_plan(args) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["ranks"][0]["weights_bytes"] == 60_910_658_536 and doc["request"]["fp8_recipe"] == "meta"
+    assert doc["ranks"][0]["weights_bytes"] == 60_944_212_712 and doc["request"]["fp8_recipe"] == "meta"
 
 
 def test_plan_cli_table_and_gpu_size(capsys):

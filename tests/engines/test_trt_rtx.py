@@ -72,6 +72,8 @@ def test_every_rank_of_every_variant_parses_and_builds(checkpoint, tmp_path, var
         # One fused attention per decoder layer (ONNX Attention -> IAttention), none decomposed by us.
         assert layers.get("ATTENTION_INPUT", 0) == layers.get("ATTENTION_OUTPUT", 0) == n_layers, layers
         assert "SOFTMAX" not in layers
+        # RoPE as ONNX RotaryEmbedding -> TensorRT's rotary layer: one for q, one for k per layer.
+        assert layers.get("ROTARY_EMBEDDING", 0) == 2 * n_layers, layers
         compute = {"float16": "HALF", "bfloat16": "BF16", "float32": "FLOAT"}[manifest.dtype]
         assert set(dtypes["MATRIX_MULTIPLY"]) == {compute}, dtypes
         if manifest.quant == "fp8":
@@ -209,6 +211,7 @@ def test_a_405b_width_tp8_rank_parses_and_builds(tmp_path):
     manifest = load_manifest(artifact)
     layers, dtypes = parsed_layers(artifact / "rank0" / "model.onnx")
     assert layers["KV_CACHE_UPDATE"] == 2 and layers["DIST_COLLECTIVE"] == manifest.rank(0).collectives == 4
+    assert layers["ROTARY_EMBEDDING"] == 2 and layers["ATTENTION_INPUT"] == 1
     section = build_engines(artifact, BuildOptions.for_artifact(manifest, flavour="rtx", max_input_len=512),
                             log=lambda line: None)
     weights = manifest.files["rank0/model.onnx.data"]["size"]

@@ -157,7 +157,7 @@ def with_weights(model: onnx.ModelProto, cfg, spec: RankSpec, options: ModelOpti
     state = build_rank_module(cfg, spec, options, device="cpu").state_dict()
     free = ({i for n in model.graph.node for i in n.input} - {o for n in model.graph.node for o in n.output}
             - {v.name for v in model.graph.input} - {""})
-    constants = rank_constants(cfg, spec)
+    constants = rank_constants(cfg, spec, torch.float32)
     assert free == set(state) | set(constants), sorted(free ^ (set(state) | set(constants)))
     for k, name in enumerate(sorted(state)):
         rng = np.random.default_rng(k)
@@ -396,7 +396,7 @@ def test_weight_file_holds_exactly_the_rank_parameters(hf_checkpoint, tmp_path_f
         spans = []
         for init in model.graph.initializer:
             if init.data_location != onnx.TensorProto.EXTERNAL:
-                assert init.name in rank_constants(cfg, spec)  # from the config and rank, inline
+                assert init.name in rank_constants(cfg, spec, torch.float32)  # from the config and rank, inline
                 continue
             info = {e.key: e.value for e in init.external_data}
             offset, length = int(info["offset"]), int(info["length"])
