@@ -1,6 +1,7 @@
-"""`make bench`: load, export, peer-exporter, decode, engine-build and genai-runtime benchmarks.
+"""`make bench`: load, export, peer-exporter, decode, engine-build, graph-size and genai-runtime benchmarks.
 
-    python -m bench [--quick] [--only plan,load,export,fp8,peers,decode,engines,genai] [--workdir DIR] [--no-keep]
+    python -m bench [--quick] [--only plan,load,export,fp8,recipes,peers,decode,engines,graph,genai]
+                    [--workdir DIR] [--no-keep]
 
 Prints one Markdown table (what | figure | unit | against what) on stdout and writes the same
 rows to WORKDIR/bench.json (bench/report.py); progress goes to stderr. Nothing here asserts on
@@ -15,7 +16,9 @@ the genai suite's timing child, where it would steal a core). Peer exporters run
 venvs (bench/peers.py); their peak is the largest process's ru_maxrss (what `/usr/bin/time -v`
 prints) and the peak of the RSS summed over the process tree, polled every 50 ms. The engines
 suite measures `llama405 export` and `llama405 build --trt rtx` (TensorRT-RTX, ahead of time,
-no GPU) the same way, as CLI processes.
+no GPU) the same way, as CLI processes. The recipes suite times FP8 exports with Meta's recipe
+against the default one at two depths; the graph suite counts one decoder layer's ONNX nodes and
+TensorRT layers (5-layer minus 4-layer rank graph).
 
 The genai suite times decode and prefill rather than memory: onnxruntime-genai on its own
 model-builder graph and on our TP1 artifacts (their genai_config.json), and our runner on the

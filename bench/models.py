@@ -71,6 +71,13 @@ def wide_config(layers: int, quick: bool):
     return cfg
 
 
+def tiny_preset(layers: int):
+    """The `llama-3.1-tiny` preset (hidden 256, 8 heads / 2 KV, Llama 3's vocabulary) with
+    `layers` layers: what `llama405 synth --preset llama-3.1-tiny --layers N` writes."""
+    from export.synth import synth_config
+    return synth_config("llama-3.1-tiny", None, layers, None)
+
+
 def peers_config(layers: int, quick: bool):
     """~1B parameters at 8 layers: Llama 3.2 1B's width, untied, Llama 3 vocabulary."""
     from export.config import LlamaConfig

@@ -102,8 +102,44 @@ def _prep_export():
     import export.onnx_export  # noqa: F401 (torch.onnx, onnxscript)
 
 
+def calibration_ids(vocab: int, shape):
+    """Seeded calibration windows [samples, seq_len] of in-vocabulary ids (seed 0)."""
+    import numpy as np
+    return np.random.default_rng(0).integers(0, vocab, tuple(shape))
+
+
+class TraceCounter:
+    """Counts and times the exporter's torch.onnx traces (export.onnx_export.trace_rank_graph,
+    one call per traced one-layer template: rank_graph looks it up as a module global, so
+    wrapping it there sees every call) while the `with` block runs."""
+
+    def __init__(self, module):
+        self.module, self.calls, self.seconds = module, 0, 0.0
+
+    def __enter__(self):
+        self._original = original = self.module.trace_rank_graph
+
+        def counted(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.calls += 1
+                self.seconds += time.perf_counter() - started
+
+        self.module.trace_rank_graph = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.module.trace_rank_graph = self._original
+        return False
+
+
 def task_export(args: dict) -> dict:
-    """export_artifact for the given options; tracing and weight streaming timed apart."""
+    """export_artifact for the given options; tracing and weight streaming timed apart.
+
+    calibrate: True for 4 x 128 random ids, or [samples, seq_len]; calib_source names them in
+    the manifest. The result counts the one-layer traces the export made (traces, traces_s)."""
     import export.onnx_export as ox
     out = Path(args["out"])
     options = ox.ExportOptions(**{k: tuple(v) if k == "ranks" and v is not None else v
@@ -111,13 +147,14 @@ def task_export(args: dict) -> dict:
     started = time.perf_counter()
     tokens = None
     if args.get("calibrate"):
-        import numpy as np
         from export.checkpoint import Checkpoint
         vocab = Checkpoint(args["checkpoint"]).config.vocab_size
-        tokens = np.random.default_rng(0).integers(0, vocab, (4, 128))
+        shape = (4, 128) if args["calibrate"] is True else args["calibrate"]
+        tokens = calibration_ids(vocab, shape)
     stats: dict[str, float] = {}
-    ox.export_artifact(args["checkpoint"], out, options, force=True, calibration_tokens=tokens,
-                       calibration_source="random tokens", stats=stats)
+    with TraceCounter(ox) as traces:
+        ox.export_artifact(args["checkpoint"], out, options, force=True, calibration_tokens=tokens,
+                           calibration_source=args.get("calib_source", "random tokens"), stats=stats)
     wall = time.perf_counter() - started
     # The exporter leaves writeback to the kernel; time getting the bytes onto the disk too.
     started = time.perf_counter()
@@ -130,7 +167,7 @@ def task_export(args: dict) -> dict:
                 os.close(fd)
     flush = time.perf_counter() - started
     return {"wall_s": wall, "flush_s": flush, "trace_s": stats.get("trace_s", 0.0),
-            "weights_s": stats.get("weights_s", 0.0),
+            "weights_s": stats.get("weights_s", 0.0), "traces": traces.calls, "traces_s": traces.seconds,
             "bytes": dir_bytes(out), "data_bytes": dir_bytes(out, ".onnx.data")}
 
 
@@ -255,6 +292,45 @@ def task_fidelity(args: dict) -> dict:
     return {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
 
 
+def onnx_node_counts(path: Path) -> dict[str, int]:
+    """{op type: count} of a graph's top-level nodes, its weights not loaded."""
+    from collections import Counter
+
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(Counter(node.op_type for node in model.graph.node))
+
+
+def _prep_graph_counts():
+    import onnx  # noqa: F401
+
+    import engines.inspect
+    try:
+        engines.inspect.parser_module()  # TensorRT's libraries, before the baseline
+    except engines.inspect.NoParser:
+        pass
+
+
+def task_graph_counts(args: dict) -> dict:
+    """Per artifact: rank `rank`'s ONNX op-type counts and what TensorRT's parser makes of it
+    (engines/inspect.py: layer-type counts); "trt" is {"unavailable": why} without a parser."""
+    from engines.inspect import NoParser, inspect_artifact
+    from export.manifest import load_manifest
+    out = {}
+    for artifact in args["artifacts"]:
+        entry = next(e for e in load_manifest(artifact, only=[]).ranks if e.rank == args["rank"])
+        counts = {"onnx_ops": onnx_node_counts(Path(artifact) / entry.onnx_path)}
+        try:
+            summary = inspect_artifact(artifact, ranks=[args["rank"]])
+        except NoParser as err:
+            counts["trt"] = {"unavailable": str(err)}
+        else:
+            (rank,) = summary["ranks"]
+            counts["trt"] = {"layers": rank["layers"], "parse_s": rank["parse_s"], **summary["parser"]}
+        out[artifact] = counts
+    return out
+
+
 def _prep_none():
     pass
 
@@ -270,6 +346,7 @@ TASKS: dict[str, tuple[Callable[[], None], Callable[[dict], dict]]] = {
     "calibrate": (_prep_export, task_calibrate),
     "fidelity": (_prep_ort, task_fidelity),
     "genai_speed": (prep_genai_speed, task_genai_speed),
+    "graph_counts": (_prep_graph_counts, task_graph_counts),
 }
 UNSAMPLED_TASKS = {"genai_speed"}
 

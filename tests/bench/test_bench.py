@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from bench import harness, models, report
+from bench import tasks
+from bench.suites import BENCHES
 from bench.suites import engines as engines_suite
 from bench.suites import genai as genai_suite
+from bench.suites import graph as graph_suite
+from bench.suites import recipes as recipes_suite
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,6 +25,14 @@ def table_rows(text: str) -> list[list[str]]:
     """Cells of a Markdown table, header and separator dropped."""
     lines = [ln for ln in text.splitlines() if ln.startswith("|")]
     return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines[2:]]
+
+
+def quick_bench(workdir: Path, only: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m bench --quick --only ONLY` in workdir: the process and its bench.json ({} if none)."""
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", only, "--workdir", str(workdir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+    path = workdir / "bench.json"
+    return done, json.loads(path.read_text()) if path.is_file() else {}
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +185,7 @@ def test_engines_geometry_and_its_calibration_text_fit_the_cut_vocabulary():
 @pytest.mark.slow
 def test_quick_engines_bench_rows(tmp_path):
     import importlib.util
-    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "engines",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, check=False)
-    payload = json.loads((tmp_path / "bench.json").read_text())
+    done, payload = quick_bench(tmp_path, "engines")
     whats = {r["what"]: r["figure"] for r in payload["rows"] if r["bench"] == "engines"}
     built = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
     for tag in ("fp16", "fp8"):
@@ -193,6 +202,156 @@ def test_quick_engines_bench_rows(tmp_path):
     assert done.returncode == 0 and payload["failures"] == [], done.stderr[-3000:]
     if built:
         assert whats["engine bytes, fp8 / fp16"] < 1
+    assert not (tmp_path / "scratch").exists()
+
+
+# -- graph and recipes suites --------------------------------------------------------------------
+
+
+def test_graph_and_recipes_suites_are_registered_and_use_the_tiny_preset():
+    assert {"graph", "recipes"} <= set(BENCHES)
+    for layers in (*graph_suite.GRAPH_LAYERS, *recipes_suite.recipe_depths(False)):
+        cfg = models.tiny_preset(layers)
+        assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers,
+                cfg.vocab_size) == (256, 8, 2, layers, 128256)
+    assert graph_suite.GRAPH_LAYERS == (4, 5)  # the difference is one decoder layer
+    assert (graph_suite.GRAPH_OPTIONS["tp"], graph_suite.GRAPH_OPTIONS["dtype"]) == (2, "float16")
+    assert recipes_suite.recipe_depths(False) == (16, 32) and recipes_suite.recipe_depths(True) == (4, 8)
+
+
+def test_recipe_exports_are_fp8_with_in_vocabulary_calibration_ids(tmp_path):
+    from export.onnx_export import ExportOptions
+    for recipe in recipes_suite.RECIPES:
+        args = recipes_suite.recipe_export_args(tmp_path / "ckpt", tmp_path / "out", recipe)
+        options = ExportOptions(**args["options"])
+        assert (options.quant, options.fp8_recipe, options.quant_config.recipe) == ("fp8", recipe, recipe)
+        assert args["calibrate"] == [2, 16] and args["calib_source"] == "bench ids"
+        json.dumps(args)  # travels to the child as JSON
+    ids = tasks.calibration_ids(300, [2, 16])
+    assert ids.shape == (2, 16) and 0 <= ids.min() and ids.max() < 300
+    assert (ids == tasks.calibration_ids(300, [2, 16])).all()  # seeded
+
+
+def test_trace_counter_counts_and_restores_the_exporters_trace_function():
+    import types
+    module = types.SimpleNamespace(trace_rank_graph=lambda cfg: f"graph of {cfg}")
+    original = module.trace_rank_graph
+    with tasks.TraceCounter(module) as traces:
+        assert module.trace_rank_graph("a") == "graph of a"
+        module.trace_rank_graph("b")
+    assert traces.calls == 2 and traces.seconds >= 0
+    assert module.trace_rank_graph is original
+
+
+def test_onnx_node_counts_leave_external_weights_unread(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"]),
+         helper.make_node("Relu", ["z"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])], [weight])
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    (tmp_path / "model.onnx.data").unlink()  # not read: counting needs the graph only
+    assert tasks.onnx_node_counts(path) == {"MatMul": 1, "Relu": 2}
+
+
+def _fake_graph_counts(trt: bool) -> dict[int, dict]:
+    def rank(layers: int) -> dict:
+        ops = {"MatMul": 7 * layers + 1, "Attention": layers, "RotaryEmbedding": 2 * layers, "Gather": 1}
+        parsed = {"layers": {"MATRIX_MULTIPLY": 29 * layers + 1, "ATTENTION_INPUT": layers,
+                             "ROTARY_EMBEDDING": 2 * layers, "KV_CACHE_UPDATE": 2 * layers,
+                             "DIST_COLLECTIVE": 2 * layers + 2, "SHUFFLE": 100 * layers},
+                  "flavour": "rtx", "version": "1.7.1.116", "parse_s": 0.01}
+        return {"onnx_ops": ops, "trt": parsed if trt else {"unavailable": "inspect needs TensorRT's ONNX parser"}}
+
+    return {n: rank(n) for n in graph_suite.GRAPH_LAYERS}
+
+
+def test_graph_rows_are_per_layer_differences_against_the_recorded_figures(tmp_path):
+    ctx = harness.Context(workdir=tmp_path, quick=True, created=[])
+    graph_suite.graph_rows(ctx, _fake_graph_counts(trt=True), {4: 5.0, 5: 5.5})
+    rows = {r.what: r for r in ctx.rows}
+    assert all(r.bench == "graph" for r in ctx.rows)
+    per_layer = rows["ONNX nodes per decoder layer"]
+    assert per_layer.figure == 10 and per_layer.unit == "nodes"  # 7 MatMul + Attention + 2 RotaryEmbedding
+    assert "80 recorded before" in per_layer.against and "7 MatMul, 2 RotaryEmbedding, 1 Attention" in per_layer.against
+    assert rows["ONNX nodes per decoder layer, now / before RotaryEmbedding"].figure == 10 / 80
+    total = rows["llama-3.1-tiny TP2 fp16, rank 0, 4 layers: TensorRT layers"]
+    assert total.figure == (29 + 1 + 2 + 2 + 2 + 100) * 4 + 1 + 2
+    assert "1454 recorded before" in total.against and "948 after" in total.against
+    assert rows["TensorRT layers per decoder layer"].figure == 29 + 1 + 2 + 2 + 2 + 100
+    assert rows["TensorRT layers of the 4-layer rank, now / before RotaryEmbedding"].figure == total.figure / 1454
+    assert [rows[f"per decoder layer: {k}"].figure for k in graph_suite.PER_LAYER_KINDS] == [1, 2, 2, 2]
+    assert rows["per decoder layer: ROTARY_EMBEDDING"].against.startswith("2 expected")
+
+
+def test_graph_rows_say_when_no_parser_is_there(tmp_path):
+    ctx = harness.Context(workdir=tmp_path, quick=True, created=[])
+    graph_suite.graph_rows(ctx, _fake_graph_counts(trt=False), {})
+    rows = {r.what: r.figure for r in ctx.rows}
+    assert rows["ONNX nodes per decoder layer"] == 10
+    assert rows["TensorRT layers per decoder layer"].startswith("unavailable: inspect needs")
+    assert rows["per decoder layer: DIST_COLLECTIVE"].startswith("unavailable")
+
+
+def _fake_recipe_result(wall: float, traces: int) -> dict:
+    return {"wall_s": wall, "trace_s": 2.0 * traces, "traces_s": 1.9 * traces, "weights_s": 1.0, "traces": traces}
+
+
+def test_recipe_rows_are_walls_and_ratios_meta_over_default_and_deep_over_shallow(tmp_path):
+    ctx = harness.Context(workdir=tmp_path, quick=False, created=[])
+    results = {(16, "default"): _fake_recipe_result(5.0, 1), (16, "meta"): _fake_recipe_result(7.0, 2),
+               (32, "default"): _fake_recipe_result(5.5, 1), (32, "meta"): _fake_recipe_result(7.7, 2)}
+    recipes_suite.recipe_rows(ctx, (16, 32), results)
+    rows = {r.what: r for r in ctx.rows}
+    assert all(r.bench == "recipes" for r in ctx.rows)
+    wall = rows["fp8 meta recipe, 32 layers: export wall"]
+    assert (wall.figure, wall.unit) == (7.7, "s") and "2 one-layer traces" in wall.against
+    assert "rest 2.7 s" in wall.against  # wall - stage graph - weights
+    assert rows["export wall, meta / default, 16 layers"].figure == 7.0 / 5.0
+    assert rows["export wall, meta / default, 32 layers"].figure == 7.7 / 5.5
+    assert "one-layer traces 2 vs 1" in rows["export wall, meta / default, 32 layers"].against
+    assert rows["export wall, 32 / 16 layers, default recipe"].figure == 5.5 / 5.0
+    assert rows["export wall, 32 / 16 layers, meta recipe"].figure == 7.7 / 7.0
+    assert rows["fp8 meta recipe, 32 layers: one-layer traces per stage"].figure == 2
+    assert "default recipe: 1" in rows["fp8 meta recipe, 32 layers: one-layer traces per stage"].against
+
+
+def test_recipe_rows_leave_out_the_ratios_of_a_failed_export(tmp_path):
+    ctx = harness.Context(workdir=tmp_path, quick=True, created=[])
+    recipes_suite.recipe_rows(ctx, (4, 8), {(4, "default"): _fake_recipe_result(5.0, 1),
+                                            (4, "meta"): _fake_recipe_result(7.0, 2),
+                                            (8, "default"): _fake_recipe_result(5.5, 1)})
+    whats = [r.what for r in ctx.rows]
+    assert "export wall, meta / default, 4 layers" in whats and "export wall, 32 / 16 layers, meta recipe" not in whats
+    assert not any("8 layers" in w and "meta" in w for w in whats)
+    assert "export wall, 8 / 4 layers, default recipe" in whats
+
+
+@pytest.mark.slow
+def test_quick_graph_and_recipes_bench_rows(tmp_path):
+    done, payload = quick_bench(tmp_path, "graph,recipes")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert payload["failures"] == [] and payload["benches"] == ["graph", "recipes"]
+    whats = {f"{r['bench']}: {r['what']}": r["figure"] for r in payload["rows"]}
+    # Counts, not times: one decoder layer of the tiny model, rank 0 of TP2.
+    assert whats["graph: ONNX nodes per decoder layer"] > 0
+    assert whats["graph: per decoder layer: ROTARY_EMBEDDING"] == 2
+    assert whats["graph: per decoder layer: ATTENTION_INPUT"] == 1
+    assert whats["graph: per decoder layer: KV_CACHE_UPDATE"] == 2
+    assert whats["graph: per decoder layer: DIST_COLLECTIVE"] == 2
+    assert whats["graph: TensorRT layers per decoder layer"] > 0
+    for layers in (4, 8):
+        for recipe in recipes_suite.RECIPES:
+            assert whats[f"recipes: fp8 {recipe} recipe, {layers} layers: export wall"] > 0
+        assert whats[f"recipes: export wall, meta / default, {layers} layers"] > 0
+    # One trace per distinct layer pattern: Meta's first/last layers differ from the middle ones.
+    assert whats["recipes: fp8 meta recipe, 8 layers: one-layer traces per stage"] == 2
     assert not (tmp_path / "scratch").exists()
 
 
@@ -348,11 +507,8 @@ def test_clean_values_keep_the_quiet_measurements_or_flag_them_all():
 
 @pytest.mark.slow
 def test_quick_genai_bench_rows(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "genai",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=1500, check=False)
+    done, payload = quick_bench(tmp_path, "genai", timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
-    payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["failures"] == [] and payload["benches"] == ["genai"]
     whats = {r["what"]: r["figure"] for r in payload["rows"] if r["bench"] == "genai"}
     for name in ("A", "B"):
