@@ -39,7 +39,7 @@ from typing import Any
 
 from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, builder_host_bytes
 from engines.profiles import BuildOptions, optimization_profiles
-from export.errors import Llama405Error
+from export.errors import Llama405Error, MissingRequirement
 from export.manifest import Manifest, load_manifest, write_manifest
 from export.trt_flavours import cuda_devices, version_tuple
 from export.trt_flavours import flavour as trt_flavour
@@ -49,9 +49,9 @@ ENGINES_FORMAT = 2  # 2: flavour, version and targets recorded (1: TensorRT only
 FP8_MIN_SM = (9, 0)  # the `tensorrt` flavour's FP8 deployment: Hopper
 
 
-class MissingRequirement(Llama405Error):
-    """The TensorRT flavour (or, for `tensorrt`, a suitable GPU) is missing; the ONNX artifact is
-    finished (exit code 3)."""
+class EnginesNotBuilt(MissingRequirement):
+    """The TensorRT flavour (or, for `tensorrt`, a suitable GPU) is missing, so the engine stage
+    did not run; the ONNX artifact is finished (exit code 3, as every MissingRequirement)."""
 
     def __init__(self, missing: Sequence[str], artifact: Path, flavour: str = "tensorrt", verified: bool = True):
         """verified: the artifact was just exported or its hashes checked (else it is not called complete)."""
@@ -336,7 +336,7 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions, log: Callable
     chosen = trt_flavour(options.flavour)
     trt = trt_module or chosen.import_module()
     if trt is None:
-        raise MissingRequirement([f"{chosen.title} is not importable"], directory, options.flavour)
+        raise EnginesNotBuilt([f"{chosen.title} is not importable"], directory, options.flavour)
     options.validate()
     ranks = list(options.ranks) if options.ranks is not None else [e.rank for e in manifest.ranks]
     for r in ranks:

@@ -3,9 +3,10 @@
 `runner/cli.py` wires the two subcommands with `add_parsers(sub)` and dispatches `build` to
 `run_build`, `plan` to `run_plan`. `main()` is the `build-engine` console script.
 
-Exit codes: 0 ok (also `--stage onnx`, which stops after the ONNX artifact on purpose), 2 bad
-input (one line on stderr), 3 TensorRT or a suitable GPU is missing: the ONNX artifact is
-finished and one line on stderr says what is missing and how to continue.
+Exit codes (export/cli_run.py): 0 ok (also `--stage onnx`, which stops after the ONNX artifact
+on purpose), 2 bad input (one line on stderr), 3 TensorRT or a suitable GPU is missing: the ONNX
+artifact is finished and one line on stderr says what is missing and how to continue; 70 a
+llama405 bug (traceback).
 """
 
 from __future__ import annotations
@@ -15,13 +16,23 @@ import json
 import sys
 from pathlib import Path
 
-from export.cli_flags import DTYPE_CHOICES, add_export_flags, add_verify_flag, export_options_from, positive_int
+from engines.profiles import parse_size
+from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, export_options_from,
+                              flag_type, positive_int)
 from export.config import PRESETS
 from export.cli_run import run_command
 from export.errors import InputError
 from export.trt_flavours import FLAVOURS
 
-EXIT_MISSING = 3
+size = flag_type(parse_size)  # argparse type: "16GiB", "512MiB", a byte count
+
+
+def positive_size(text: str) -> int:
+    """argparse type: a size of at least one byte."""
+    value = size(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least one byte")
+    return value
 
 
 def add_build_flags(p: argparse.ArgumentParser) -> None:
@@ -47,7 +58,7 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
                      help="tokens per step TensorRT tunes for (default 1: decode)")
     eng.add_argument("--builder-opt-level", type=int, default=3, choices=range(6), metavar="0-5",
                      help="TensorRT builder optimization level (default 3)")
-    eng.add_argument("--workspace", help="builder workspace limit, e.g. 16GiB (default: TensorRT's)")
+    eng.add_argument("--workspace", type=positive_size, help="builder workspace limit, e.g. 16GiB (default: TensorRT's)")
     eng.add_argument("--weight-streaming", action="store_true", help="build for weight streaming (weights in host memory)")
     eng.add_argument("--strip-plan", action="store_true",
                      help="strip weights from the plan (STRIP_PLAN + REFIT_IDENTICAL); refitted from the ONNX at load")
@@ -79,8 +90,9 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=("unfused", "fused"), default="unfused",
                    help="unfused (default, conservative): count the [batch, heads, tokens, context] scores; "
                         "fused: assume TensorRT's fused attention never materialises them")
-    p.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU (default 80GiB: H100)")
-    p.add_argument("--reserve", default="2GiB", help="per-GPU reserve for CUDA context, NCCL, workspaces (default 2GiB)")
+    p.add_argument("--gpu-mem", type=positive_size, default="80GiB", help="memory of one GPU (default 80GiB: H100)")
+    p.add_argument("--reserve", type=size, default="2GiB",
+                   help="per-GPU reserve for CUDA context, NCCL, workspaces (default 2GiB)")
     p.add_argument("--json", action="store_true")
 
 
@@ -97,11 +109,6 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _command_name(args) -> str:
-    command = getattr(args, "command", None)
-    return f"llama405 {command}" if command else "build-engine"
-
-
 # -- build -----------------------------------------------------------------------------------
 
 def _calibration(args):
@@ -116,11 +123,10 @@ def _calibration(args):
 
 
 def _build_overrides(args) -> dict:
-    from engines.profiles import parse_size
     overrides = {"max_batch": args.max_batch, "max_seq_len": args.max_seq_len, "max_input_len": args.max_input_len,
                  "opt_batch": args.opt_batch, "opt_input_len": args.opt_input_len,
                  "optimization_level": args.builder_opt_level,
-                 "workspace_bytes": _size(args.workspace, "--workspace", parse_size) if args.workspace else None,
+                 "workspace_bytes": args.workspace,
                  "weight_streaming": args.weight_streaming, "strip_plan": args.strip_plan, "workers": args.workers,
                  "timing_cache": args.timing_cache, "flavour": args.trt, "target": args.target}
     if args.ranks and args.artifact is not None:
@@ -132,9 +138,9 @@ def _build_overrides(args) -> dict:
 
 
 def run_build(args) -> int:
-    """Exit 0 done, 3 the TensorRT flavour (or its GPU) missing after the ONNX stage;
-    Llama405Error propagates (2)."""
-    from engines.build import MissingRequirement
+    """Exit 0 done; EnginesNotBuilt (the TensorRT flavour or its GPU missing after the ONNX stage,
+    exit 3) and every Llama405Error (2) propagate to run_command."""
+    from engines.build import EnginesNotBuilt
     from engines.flow import build, describe
     if args.checkpoint is not None and args.out is None:
         raise InputError("--checkpoint needs --out ART: the artifact directory to create (or reuse)")
@@ -152,11 +158,10 @@ def run_build(args) -> int:
                        progress=sys.stderr.isatty() and not args.json, log=log,
                        calibration=_calibration(args) if args.checkpoint is not None else None,
                        verify=args.verify)
-    except MissingRequirement as missing:
+    except EnginesNotBuilt as missing:
         if args.json:
             print(json.dumps({"artifact": str(missing.artifact), "stage": "onnx", "missing": missing.missing}))
-        print(f"{_command_name(args)}: {missing}", file=sys.stderr)
-        return EXIT_MISSING
+        raise
     if args.json:
         print(json.dumps(result.summary()))
     else:
@@ -168,7 +173,6 @@ def run_build(args) -> int:
 
 def plan_request(args):
     from engines.plan import PlanRequest
-    from engines.profiles import parse_size
     from export.config import LlamaConfig, preset
     defaults = {"tp": 1, "pp": 1, "dtype": "float16", "quant": "none", "kv_cache": "static", "max_batch": 8,
                 "max_seq_len": 4096, "logits": "all", "fp8_recipe": "default", "fp8_exclude": None}
@@ -191,17 +195,8 @@ def plan_request(args):
             defaults.update(fp8_recipe="default", fp8_exclude=list(fp8.get("exclude", [])))
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     chosen["fp8_exclude"] = tuple(chosen["fp8_exclude"] or ())
-    gpu_bytes = _size(args.gpu_mem, "--gpu-mem", parse_size)
-    reserve = _size(args.reserve, "--reserve", parse_size)
     return PlanRequest(config=config, max_input_len=args.max_input_len, kv_cache_dtype=args.kv_cache_dtype,
-                       attention=args.attention, gpu_bytes=gpu_bytes, reserve_bytes=reserve, **chosen)
-
-
-def _size(text: str, flag: str, parse) -> int:
-    try:
-        return parse(text)
-    except InputError:
-        raise InputError(f"{flag} {text!r}: expected a size like 80GiB or a byte count") from None
+                       attention=args.attention, gpu_bytes=args.gpu_mem, reserve_bytes=args.reserve, **chosen)
 
 
 def run_plan(args) -> int:
@@ -228,9 +223,12 @@ def run_inspect(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="build-engine", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="build-engine", description=__doc__.splitlines()[0])
     add_build_flags(parser)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0), or a flag argparse refused: one line, exit 2
+        return done.code
     return run_command("build-engine", lambda: run_build(args))
 
 

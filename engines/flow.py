@@ -2,9 +2,9 @@
 
 Export the ONNX artifact if needed (or reuse one whose manifest matches the request and whose
 hashes verify), then check the chosen TensorRT flavour (`engines.build.preflight`). When
-something is missing the ONNX stage is done and `MissingRequirement` says what is missing and
-how to go on (the CLI turns it into one line and exit code 3); otherwise every rank's engine is
-built (`engines.build.build_engines`).
+something is missing the ONNX stage is done and `EnginesNotBuilt` (a MissingRequirement) says
+what is missing and how to go on (the CLI turns it into one line and exit code 3); otherwise
+every rank's engine is built (`engines.build.build_engines`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engines.build import BuildOptions, MissingRequirement, build_engines, describe_flavour, preflight
-from export.errors import ArtifactError, InputError
+from engines.build import BuildOptions, EnginesNotBuilt, build_engines, describe_flavour, preflight
+from export.errors import ArtifactError
 from export.manifest import MANIFEST, Manifest, load_manifest
 from export.trt_flavours import flavour as trt_flavour
 
@@ -136,18 +136,19 @@ def build(*, checkpoint: Path | None = None, artifact: Path | None = None, out: 
           export_options=None, build_overrides: dict[str, Any] | None = None, stage: str = "engine",
           force: bool = False, progress: bool = False, log: Callable[[str], None] = print,
           calibration: CalibrationRequest | None = None, verify: bool = False) -> BuildResult:
-    """Checkpoint or artifact -> artifact (+ engines). Raises MissingRequirement after the ONNX
+    """Checkpoint or artifact -> artifact (+ engines). Raises EnginesNotBuilt after the ONNX
     stage when the chosen TensorRT flavour (or, for `tensorrt`, the GPU) is missing. An --artifact is
-    hash-verified before engines are built from it, and first of all with verify=True."""
-    if (checkpoint is None) == (artifact is None):
-        raise InputError("pass exactly one of --checkpoint CKPT (with --out ART) or --artifact ART")
+    hash-verified before engines are built from it, and first of all with verify=True.
+
+    The caller's contract (the command line's flags guarantee it; ValueError otherwise): exactly
+    one of checkpoint (with out) or artifact, stage "onnx" or "engine"."""
+    if (checkpoint is None) == (artifact is None) or (checkpoint is not None and out is None):
+        raise ValueError("build() needs checkpoint= and out=, or artifact=")
     if stage not in ("onnx", "engine"):
-        raise InputError(f"--stage {stage!r}: choose onnx or engine")
+        raise ValueError(f"build(stage={stage!r}): onnx or engine")
     overrides = dict(build_overrides or {})
     trt_flavour(overrides.get("flavour") or "tensorrt")  # a bad --trt is refused before any export
     if checkpoint is not None:
-        if out is None:
-            raise InputError("--checkpoint needs --out ART (the artifact directory to create or reuse)")
         directory, exported = prepare_artifact(Path(checkpoint), Path(out), export_options, force, progress, log,
                                                calibration)
     else:
@@ -163,7 +164,7 @@ def build(*, checkpoint: Path | None = None, artifact: Path | None = None, out: 
     options = BuildOptions.for_artifact(manifest, **overrides)
     missing = preflight(options.flavour, manifest.quant, manifest.tp, options.workers)
     if missing:
-        raise MissingRequirement(missing, directory, options.flavour, verified=verified)
+        raise EnginesNotBuilt(missing, directory, options.flavour, verified=verified)
     log(describe_flavour(options))
     if not verified:
         _verify(directory, log)  # here, not earlier: hashing a 405B artifact reads every byte

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.build import EngineBuildError, make_logger, parse_rank
-from export.errors import Llama405Error
+from export.errors import MissingRequirement
 from export.manifest import load_manifest
 from export.trt_flavours import FLAVOURS
 
@@ -24,8 +24,8 @@ KEY_LAYERS = ("KV_CACHE_UPDATE", "DIST_COLLECTIVE", "QUANTIZE", "DEQUANTIZE", "M
               "ATTENTION_OUTPUT", "ROTARY_EMBEDDING", "NORMALIZATION", "CAST")
 
 
-class NoParser(Llama405Error):
-    """Neither TensorRT-RTX nor TensorRT is importable."""
+class NoParser(MissingRequirement):
+    """Neither TensorRT-RTX nor TensorRT is importable (exit code 3, as every MissingRequirement)."""
 
 
 def parser_module():

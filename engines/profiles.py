@@ -55,7 +55,7 @@ class BuildOptions:
         if not 0 <= self.optimization_level <= 5:
             raise InputError(f"--builder-opt-level {self.optimization_level} must be 0..5")
         if self.workspace_bytes is not None and self.workspace_bytes < 1:
-            raise InputError(f"--workspace {self.workspace_bytes} must be a positive size")
+            raise InputError(f"workspace_bytes={self.workspace_bytes} must be a positive size")
         chosen = trt_flavour(self.flavour)
         if chosen.targets and not self.targets:
             raise InputError(f"--trt {self.flavour} needs at least one --target ({', '.join(chosen.targets)})")

@@ -7,13 +7,40 @@ flags describe export options.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from export.errors import InputError, Llama405Error
+
+T = TypeVar("T")
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the user-error form of export/cli_run.py: a refused flag is one line,
+    `prog: error: argument --flag: ...`, and exit code 2 (no usage block; --help shows it).
+    Subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """argparse type from a library parser: the Llama405Error it raises (naming the value)
+    becomes argparse's error, which names the flag."""
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except Llama405Error as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse: "invalid <name> value"
+    return convert
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (refused with argparse's one-line usage error, exit 2)."""
+    """argparse type: an integer >= 1 (refused with one line naming the flag, exit 2)."""
     try:
         value = int(text)
     except ValueError:
@@ -43,7 +70,6 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
 
 def export_options_from(args: argparse.Namespace):
     """The ExportOptions the export flags ask for (its dataclass defaults where a flag is unset)."""
-    from export.errors import InputError
     from export.onnx_export import ExportOptions
     from export.sharding import parse_rank_list
     for flag in ("tp", "pp"):

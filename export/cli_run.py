@@ -1,9 +1,16 @@
 """How every llama405 command ends (the `llama405` and `build-engine` entry points share it).
 
-Exit codes: 0 done; 1 `parity` outside tolerance; 2 bad input or an environment problem on a path
-we read or write (one line on stderr naming it and the fix); 3 `build`: the TensorRT flavour or its
-GPU is missing, the ONNX stage is done; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Bugs
-are none of these: they show a traceback.
+Exit codes:
+  0    done
+  1    `parity`: outside tolerance
+  2    bad input, or an environment problem on a path we read or write: one line on stderr
+       naming it and the fix (a Llama405Error, an OSError, or a flag argparse refuses)
+  3    something this machine lacks (MissingRequirement): a TensorRT flavour, its GPU, a Python
+       package; one line saying what and how to go on (`build`: the ONNX stage is done)
+  70   a llama405 bug (InternalError or any other exception): its traceback, then one line
+       asking for a report (70 = EX_SOFTWARE of sysexits.h)
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
 
 SIGTERM is turned into an exception so `finally` blocks run — an export removes its temporary
 folders and the trace folder on the way out, as it does for Ctrl-C.
@@ -14,11 +21,15 @@ from __future__ import annotations
 import errno
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 
-from export.errors import Llama405Error
+from export.errors import Llama405Error, MissingRequirement
 
+EXIT_OUTSIDE_TOLERANCE = 1
 EXIT_BAD_INPUT = 2
+EXIT_MISSING = 3
+EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -55,6 +66,9 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return command()
+    except MissingRequirement as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return EXIT_MISSING
     except Llama405Error as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -67,5 +81,10 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     except Terminated:
         print(f"{prog}: terminated; nothing half-written was left behind", file=sys.stderr)
         return EXIT_TERMINATED
+    except Exception:  # noqa: BLE001 — every other exception is a bug: say so, with its traceback
+        traceback.print_exc(file=sys.stderr)
+        print(f"{prog}: internal error (exit {EXIT_BUG}): this is a llama405 bug, not a problem with your "
+              "input; please report it with the traceback above", file=sys.stderr)
+        return EXIT_BUG
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -42,7 +42,7 @@ import onnxscript
 import torch
 from onnx import helper
 
-from export.errors import ArtifactError, ShardingError
+from export.errors import InternalError, ShardingError
 
 # Private placeholder domain; never present in a finished rank graph.
 PLACEHOLDER_DOMAIN = "llama405"
@@ -242,10 +242,11 @@ def _rewrite_nodes(nodes, tp_size: int, counter: list[int]) -> None:
         if node.domain != PLACEHOLDER_DOMAIN:
             continue
         if node.op_type != PLACEHOLDER_OP or len(node.input) != 1 or len(node.output) != 1:
-            raise ArtifactError(
+            # The private domain holds only what the exporter's own trace put there: a bug.
+            raise InternalError(
                 f"unexpected node {node.op_type!r} ({len(node.input)} inputs, "
                 f"{len(node.output)} outputs) in the private {PLACEHOLDER_DOMAIN!r} domain; "
-                "only a one-input AllReduce placeholder can be rewritten -- re-export the rank"
+                "only a one-input AllReduce placeholder can be rewritten"
             )
         node.domain = ""
         node.op_type = DIST_COLLECTIVE

