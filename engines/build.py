@@ -245,7 +245,7 @@ def build_rank_engine(artifact_dir: str | Path, rank: int, options: BuildOptions
         for i, target in enumerate(options.targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), i)
 
-    profiles = optimization_profiles(entry, manifest.kv_cache, options.max_seq_len, options)
+    profiles = optimization_profiles(entry, manifest.cache_layout, options.max_seq_len, options)
     network_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     for shapes in profiles:
         unknown = set(shapes) - network_inputs
@@ -412,7 +412,7 @@ def record_engines(directory: Path, manifest: Manifest, results: dict[int, dict]
     for r in results:
         entry = manifest.rank(r)
         profiles[str(r)] = [{name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in p.items()}
-                            for p in optimization_profiles(entry, manifest.kv_cache, options.max_seq_len, options)]
+                            for p in optimization_profiles(entry, manifest.cache_layout, options.max_seq_len, options)]
     by_rank = {**kept, **{str(r): {**m, "profiles": profiles[str(r)]} for r, m in results.items()}}
     section = {**header, "ranks": dict(sorted(by_rank.items(), key=lambda kv: int(kv[0])))}
     if not trt_flavour(options.flavour).targets:

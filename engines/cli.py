@@ -22,6 +22,7 @@ from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, a
 from export.config import PRESETS
 from export.cli_run import run_command
 from export.errors import InputError
+from export.kv_cache import KV_CACHE_LAYOUTS
 from export.trt_flavours import FLAVOURS
 
 size = flag_type(parse_size)  # argparse type: "16GiB", "512MiB", a byte count
@@ -80,7 +81,7 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=("none", "fp8"), help="weight quantization (default none, or the artifact's)")
     p.add_argument("--fp8-recipe", choices=("default", "meta"), help="which linears stay unquantized (as export)")
     p.add_argument("--fp8-exclude", action="append", metavar="PATTERN", help="as export (repeatable)")
-    p.add_argument("--kv-cache", choices=("static", "concat"), help="KV-cache mode (default static)")
+    p.add_argument("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), help="KV-cache layout (default static)")
     p.add_argument("--kv-cache-dtype", choices=("float32", "float16", "bfloat16", "fp8"),
                    help="KV-cache element type (default: the compute dtype)")
     p.add_argument("--max-batch", type=positive_int, help="default 8, or the artifact's")
@@ -176,13 +177,17 @@ def plan_request(args):
     from export.config import LlamaConfig, preset
     defaults = {"tp": 1, "pp": 1, "dtype": "float16", "quant": "none", "kv_cache": "static", "max_batch": 8,
                 "max_seq_len": 4096, "logits": "all", "fp8_recipe": "default", "fp8_exclude": None}
+    checkpoint_exclude: tuple[str, ...] = ()
     if args.preset:
         config = preset(args.preset)
     elif args.config:
         config = LlamaConfig.from_hf(args.config)
     elif args.checkpoint:
         from export.checkpoint import Checkpoint
-        config = Checkpoint(args.checkpoint).config  # reads headers only; undoes duplicated KV heads
+        source = Checkpoint(args.checkpoint)  # reads headers only; undoes duplicated KV heads
+        config = source.config
+        # A pre-quantized checkpoint's unquantized modules stay so, as the export honours them.
+        checkpoint_exclude = source.quantization.fp8_exclude_patterns()
     else:
         from export.manifest import load_manifest
         manifest = load_manifest(args.artifact, only=[])
@@ -194,7 +199,7 @@ def plan_request(args):
         if fp8:  # the manifest records the resolved patterns (recipe included)
             defaults.update(fp8_recipe="default", fp8_exclude=list(fp8.get("exclude", [])))
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
-    chosen["fp8_exclude"] = tuple(chosen["fp8_exclude"] or ())
+    chosen["fp8_exclude"] = tuple(chosen["fp8_exclude"] or ()) + checkpoint_exclude
     return PlanRequest(config=config, max_input_len=args.max_input_len, kv_cache_dtype=args.kv_cache_dtype,
                        attention=args.attention, gpu_bytes=args.gpu_mem, reserve_bytes=args.reserve, **chosen)
 

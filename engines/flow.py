@@ -89,14 +89,16 @@ def prepare_artifact(checkpoint: Path, out: Path, export_options, force: bool = 
     """Export `checkpoint` to `out`, or reuse `out` when its manifest matches the request and
     every file's sha256 verifies. Returns (artifact, exported)."""
     from export.checkpoint import Checkpoint
-    from export.onnx_export import export_artifact
+    from export.onnx_export import export_artifact, with_checkpoint_exclusions
     out = Path(out)
     if out.exists() and not force:
         if not (out / MANIFEST).is_file():
             raise ArtifactError(f"{out}: exists but is not a finished artifact (no {MANIFEST}); pass --force to "
                                 "replace it or choose another --out")
         manifest = load_manifest(out, only=[])
-        diffs = artifact_differences(manifest, Checkpoint(checkpoint).config, export_options, calibration)
+        source = Checkpoint(checkpoint)
+        diffs = artifact_differences(manifest, source.config,
+                                     with_checkpoint_exclusions(export_options, source.quantization), calibration)
         if diffs:
             raise ArtifactError(f"{out}: an artifact from other export options is there ({'; '.join(diffs)}); "
                                 "pass --force to re-export it or choose another --out")

@@ -44,6 +44,7 @@ from collections.abc import Callable
 
 from export.config import LlamaConfig
 from export.errors import ConfigError
+from export.kv_cache import KV_CACHE_LAYOUTS
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shape, heads_local, kv_heads_local,
                              rank_tensor_names, stage_layers, tensor_slice, validate_parallelism)
 
@@ -65,7 +66,7 @@ def builder_host_bytes(weight_bytes: int) -> int:
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 QUANT_MODES = ("none", "fp8")
-KV_MODES = ("static", "concat")
+KV_MODES = tuple(KV_CACHE_LAYOUTS)
 FP8_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
                "mlp.down_proj.weight")
@@ -197,8 +198,7 @@ def kv_cache_bytes(cfg: LlamaConfig, spec: RankSpec, max_batch: int, max_seq_len
                    kv_dtype: str = "float16", kv_cache: str = "static") -> int:
     layers = len(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
     per_token = layers * kv_heads_local(cfg, spec.tp_size) * cfg.head_dim * 2 * DTYPE_BYTES[kv_dtype]
-    static = max_batch * max_seq_len * per_token
-    return static if kv_cache == "static" else 2 * static
+    return KV_CACHE_LAYOUTS[kv_cache].copies_per_step * max_batch * max_seq_len * per_token
 
 
 def activation_bytes(cfg: LlamaConfig, spec: RankSpec, max_batch: int, max_input_len: int, max_seq_len: int,

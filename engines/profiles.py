@@ -14,6 +14,7 @@ from typing import Any
 from pathlib import Path
 
 from export.errors import ArtifactError, InputError
+from export.kv_cache import KVCacheLayout
 from export.manifest import Manifest, RankEntry
 from export.trt_flavours import flavour as trt_flavour
 
@@ -73,7 +74,7 @@ class BuildOptions:
         given = {k: v for k, v in given.items() if v is not None}
         given["targets"] = trt_flavour(given.get("flavour", "tensorrt")).resolve_targets(target, manifest.quant)
         seq = given.setdefault("max_seq_len", manifest.max_seq_len)
-        if manifest.kv_cache == "static" and seq != manifest.max_seq_len:
+        if manifest.cache_layout.past_dim_name is None and seq != manifest.max_seq_len:  # length fixed in the graph
             raise InputError(f"--max-seq-len {seq}: the artifact's static KV cache holds {manifest.max_seq_len} "
                              "slots (fixed in the graph); re-export with that --max-seq-len or omit the flag")
         if seq > manifest.max_seq_len:
@@ -100,33 +101,6 @@ Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 
-def _points(kv_cache: str, options: BuildOptions, max_seq_len: int) -> list[tuple[dict, dict, dict]]:
-    """(min, opt, max) values of the symbolic dims, one triple per optimization profile.
-
-    static: one profile; the cache buffers are fixed at max_seq_len; batch, seq and total_seq
-    (the attention mask's length: slots in use after the step, at most max_seq_len) vary.
-    concat: each profile point must be self-consistent (attention_mask = past + seq), so a
-    context profile (seq up to max_input_len, past up to max_seq_len - max_input_len) and a
-    decode profile (seq 1, past up to max_seq_len - 1) cover every step of a generation.
-    """
-    b_max, b_opt = options.max_batch, options.batch_opt
-    s_max, s_opt = options.max_input_len, options.opt_input_len
-    if kv_cache == "static":
-        return [({"batch": 1, "seq": 1, "total_seq": 1}, {"batch": b_opt, "seq": s_opt, "total_seq": max_seq_len // 2},
-                 {"batch": b_max, "seq": s_max, "total_seq": max_seq_len})]
-    L = max_seq_len
-    ctx_past_max = L - s_max
-    ctx_past_opt = min(ctx_past_max, L // 2)
-    decode_past_opt = L // 2
-    context = ({"batch": 1, "seq": 1, "past_seq": 0},
-               {"batch": b_opt, "seq": s_opt, "past_seq": ctx_past_opt},
-               {"batch": b_max, "seq": s_max, "past_seq": ctx_past_max})
-    decode = ({"batch": 1, "seq": 1, "past_seq": 0},
-              {"batch": b_opt, "seq": 1, "past_seq": decode_past_opt},
-              {"batch": b_max, "seq": 1, "past_seq": L - 1})
-    return [context, decode] if s_max > 1 else [decode]
-
-
 def _dim_value(dim: Any, values: dict[str, int], tensor: str) -> int:
     if isinstance(dim, int):
         return dim
@@ -143,11 +117,14 @@ def _dim_value(dim: Any, values: dict[str, int], tensor: str) -> int:
     return total
 
 
-def optimization_profiles(entry: RankEntry, kv_cache: str, max_seq_len: int,
+def optimization_profiles(entry: RankEntry, cache: KVCacheLayout, max_seq_len: int,
                           options: BuildOptions) -> list[Profile]:
-    """{input: (min, opt, max)} for every input with a symbolic dimension, per profile."""
+    """{input: (min, opt, max)} for every input with a symbolic dimension, per profile; the
+    cache layout says which dims its graph has and how they relate (export/kv_cache.py)."""
     profiles = []
-    for points in _points(kv_cache, options, max_seq_len):
+    batch = (1, options.batch_opt, options.max_batch)
+    seq = (1, options.opt_input_len, options.max_input_len)
+    for points in cache.profile_points(batch, seq, max_seq_len):
         profile: Profile = {}
         for spec in entry.inputs:
             if all(isinstance(d, int) for d in spec.shape):
@@ -158,6 +135,6 @@ def optimization_profiles(entry: RankEntry, kv_cache: str, max_seq_len: int,
     return profiles
 
 
-def profile_shapes(entry: RankEntry, kv_cache: str, max_seq_len: int, options: BuildOptions) -> Profile:
+def profile_shapes(entry: RankEntry, cache: KVCacheLayout, max_seq_len: int, options: BuildOptions) -> Profile:
     """The first (for static artifacts: the only) optimization profile."""
-    return optimization_profiles(entry, kv_cache, max_seq_len, options)[0]
+    return optimization_profiles(entry, cache, max_seq_len, options)[0]

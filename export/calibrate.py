@@ -23,6 +23,7 @@ from tqdm import tqdm
 from export.checkpoint import Checkpoint
 from export.errors import CheckpointError, InputError
 from export.fp8 import FP8_MAX
+from export.kv_cache import KV_CACHE_LAYOUTS
 from export.model import DecoderLayer, additive_mask, load_rank_weights, rope_at, rope_tables
 from export.rank_tensors import rank_module_tensors
 from export.sharding import RankSpec, TensorSlice
@@ -88,7 +89,7 @@ def calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str = "", batc
     max_activation = float(h.abs().max())
     for layer_id in tqdm(range(cfg.num_hidden_layers), desc="calibrate", disable=not progress):
         with torch.device("meta"):
-            layer = DecoderLayer(cfg, spec, lambda x: x, layer_id)
+            layer = DecoderLayer(cfg, spec, lambda x: x, layer_id, KV_CACHE_LAYOUTS["concat"])  # empty past
         prefix = f"model.layers.{layer_id}."
         tensors = ((name[len(prefix):], t) for name, t in rank_module_tensors(
             checkpoint, spec, torch.float32, only=prefix))
@@ -102,7 +103,7 @@ def calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str = "", batc
                 ones = torch.ones(pb.shape, dtype=torch.int64)
                 mask = additive_mask(ones, seq)
                 empty = torch.zeros(hb.shape[0], layer.self_attn.n_kv, 0, cfg.head_dim)
-                out, _, _ = layer(hb, rope_at(*tables, pb), mask, empty, empty, None, "concat")
+                out, _, _ = layer(hb, rope_at(*tables, pb), mask, empty, empty, None)
                 outputs.append(out)
         for hook in hooks:
             hook.remove()

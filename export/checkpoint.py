@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from export.checkpoint_quant import CheckpointQuantization, read_checkpoint_quantization
 from export.config import LlamaConfig
 from export.errors import CheckpointError, ConfigError
 from export.safetensors_file import SafetensorsFile, TensorInfo
@@ -41,6 +42,7 @@ class Checkpoint:
         except ConfigError as err:
             raise ConfigError(f"{self.directory / 'config.json'}: {err}") from None
         self._check_tensor_names()
+        self.quantization: CheckpointQuantization = read_checkpoint_quantization(self.directory / "config.json")
 
     def _check_tensor_names(self) -> None:
         """Every tensor in the checkpoint is one the model reads, or is refused by name: a layer

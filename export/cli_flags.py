@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from export.checkpoint_quant import CHECKPOINT_EXCLUSION_CHOICES
+from export.kv_cache import KV_CACHE_LAYOUTS
 from export.errors import InputError, Llama405Error
 
 T = TypeVar("T")
@@ -60,7 +62,8 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16",
                    help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)")
     add_quant_flags(p)
-    p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
+    p.add_argument("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), default="static",
+                   help="static: max-seq-len buffers written in place; concat: the past grows each step")
     p.add_argument("--max-batch", type=int, help="largest batch (default 8)")
     p.add_argument("--max-seq-len", type=int, help="KV-cache length (default 4096)")
     p.add_argument("--logits", choices=("all", "last"), default="all",
@@ -79,7 +82,8 @@ def export_options_from(args: argparse.Namespace):
     sizes = {k: getattr(args, k) for k in ("max_batch", "max_seq_len") if getattr(args, k) is not None}
     return ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
                          logits=args.logits, ranks=ranks, fp8_recipe=args.fp8_recipe,
-                         fp8_exclude=tuple(args.fp8_exclude), **sizes)
+                         fp8_exclude=tuple(args.fp8_exclude),
+                         fp8_checkpoint_exclusions=args.fp8_checkpoint_exclusions, **sizes)
 
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
@@ -88,7 +92,12 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-recipe", choices=("default", "meta"), default="default",
                    help="meta: also keep attention and the first/last layer in the compute dtype")
     p.add_argument("--fp8-exclude", action="append", default=[], metavar="PATTERN",
-                   help="keep matching linears unquantized, e.g. 'model.layers.0.*' (repeatable)")
+                   help="keep matching linears unquantized: an fnmatch pattern such as 'model.layers.0.*', "
+                        "or re:REGEX (repeatable)")
+    p.add_argument("--fp8-checkpoint-exclusions", choices=CHECKPOINT_EXCLUSION_CHOICES, default="honour",
+                   help="a pre-quantized checkpoint's own list of unquantized modules (quantization_config "
+                        "modules_to_not_convert / ignore / exclude_modules): honour it (default) or quantize "
+                        "those linears too")
     p.add_argument("--calib-text", default="default",
                    help="UTF-8 text for FP8 activation calibration; 'default' = the shipped text, "
                         "'none' = only use input_scale tensors from the checkpoint")

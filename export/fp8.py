@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 
 import ml_dtypes
 import numpy as np
@@ -117,7 +118,8 @@ class Fp8Linear(nn.Module):
 class QuantConfig:
     """Which linears are FP8. Names are module paths like model.layers.3.mlp.down_proj.
 
-    Embedding and lm_head always stay in the compute dtype. `exclude` holds fnmatch patterns;
+    Embedding and lm_head always stay in the compute dtype. `exclude` holds fnmatch patterns, or
+    `re:` + a regular expression matched from the start of the path (compressed-tensors' form);
     the "meta" recipe adds Meta's choice for its FP8 405B: attention and the first and last
     layer stay in the compute dtype.
     """
@@ -134,7 +136,13 @@ class QuantConfig:
     def is_quantized(self, module_name: str, num_layers: int) -> bool:
         if not module_name.endswith(QUANTIZABLE):
             return False
-        return not any(fnmatch.fnmatchcase(module_name, p) for p in self.patterns(num_layers))
+        return not any(_matches(module_name, p) for p in self.patterns(num_layers))
+
+
+def _matches(module_name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module_name) is not None
+    return fnmatch.fnmatchcase(module_name, pattern)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

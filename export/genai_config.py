@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from export.config import LlamaConfig
+from export.kv_cache import kv_cache_layout, past_name, present_name
 
 GENAI_CONFIG = "genai_config.json"
 NOT_SUPPORTED = ("onnxruntime-genai runs one graph in one onnxruntime session: tp/pp > 1 rank graphs hold "
@@ -73,10 +74,10 @@ def genai_config(cfg: LlamaConfig, kv_cache: str, max_seq_len: int, search: dict
                 "num_key_value_heads": cfg.num_key_value_heads,
                 "num_hidden_layers": cfg.num_hidden_layers,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                           "position_ids": "position_ids", "past_key_names": past_name("%d", "key"),
+                           "past_value_names": past_name("%d", "value")},
+                "outputs": {"logits": "logits", "present_key_names": present_name("%d", "key"),
+                            "present_value_names": present_name("%d", "value")},
             },
         },
         "search": {
@@ -84,7 +85,7 @@ def genai_config(cfg: LlamaConfig, kv_cache: str, max_seq_len: int, search: dict
             "min_length": 0, "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
             "diversity_penalty": 0.0, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
             **search,
-            "past_present_share_buffer": kv_cache == "static",
+            "past_present_share_buffer": kv_cache_layout(kv_cache).in_place,
         },
     }
 

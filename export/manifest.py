@@ -16,6 +16,7 @@ from typing import Any
 
 from export.config import LlamaConfig
 from export.errors import ArtifactError, ConfigError
+from export.kv_cache import KV_CACHE_LAYOUTS, KVCacheLayout
 
 MANIFEST = "manifest.json"
 ENGINE_FILE = "engine.plan"  # rank{r}/engine.plan, written by `llama405 build`
@@ -67,6 +68,10 @@ class Manifest:
     toolchain: dict[str, str]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def cache_layout(self) -> KVCacheLayout:
+        return KV_CACHE_LAYOUTS[self.kv_cache]  # check_schema has refused unknown names
+
     def rank(self, rank: int) -> RankEntry:
         for entry in self.ranks:
             if entry.rank == rank:
@@ -116,7 +121,7 @@ class Manifest:
 
 # Field -> (type, allowed values or None). Checked before anything reads the manifest, so an edited
 # field is one line naming it, not a failure deep inside ONNX Runtime.
-_CHOICES = {"dtype": ("float32", "float16", "bfloat16"), "quant": ("none", "fp8"), "kv_cache": ("static", "concat"),
+_CHOICES = {"dtype": ("float32", "float16", "bfloat16"), "quant": ("none", "fp8"), "kv_cache": tuple(KV_CACHE_LAYOUTS),
             "logits": ("all", "last")}
 _POSITIVE = ("tp", "pp", "max_batch", "max_seq_len", "opset")
 

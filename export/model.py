@@ -22,14 +22,13 @@ from torch import nn
 
 from export.attention_op import gqa_attention
 from export.rotary_op import rotary_embedding
-from export.cache_ops import kv_cache_write
 from export.config import LlamaConfig
 from export.fp8 import Fp8Linear, QuantConfig
+from export.kv_cache import KVCacheLayout, kv_cache_layout
 from export.sharding import RankSpec, heads_local, kv_heads_local, stage_layers
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 LinearFactory = Callable[[str, int, int], nn.Module]  # (module path, in, out) -> module
-KV_CACHE_MODES = ("static", "concat")
 
 
 def no_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -40,10 +39,14 @@ def no_reduce(x: torch.Tensor) -> torch.Tensor:
 class ModelOptions:
     """Run-time shape of the graph, beyond the checkpoint's geometry."""
 
-    kv_cache: str = "static"  # "static": fixed max_seq_len buffers written in place; "concat": grow
+    kv_cache: str = "static"  # the layout's name (export/kv_cache.py): "static" or "concat"
     max_seq_len: int = 4096
     logits: str = "all"  # "all" positions, or "last" position only (saves vocab x seq at prefill)
     quant: QuantConfig | None = None  # FP8 linears (export/fp8.py); None = compute dtype only
+
+    @property
+    def cache_layout(self) -> KVCacheLayout:
+        return kv_cache_layout(self.kv_cache)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -104,8 +107,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, linear: LinearFactory, prefix: str):
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, linear: LinearFactory, prefix: str,
+                 cache: KVCacheLayout):
         super().__init__()
+        self.cache = cache  # how past K/V become present K/V (export/kv_cache.py)
         d = cfg.head_dim
         self.n_heads = heads_local(cfg, spec.tp_size)
         self.n_kv = kv_heads_local(cfg, spec.tp_size)
@@ -116,26 +121,18 @@ class Attention(nn.Module):
         self.v_proj = linear(prefix + "v_proj", cfg.hidden_size, self.n_kv * d)
         self.o_proj = linear(prefix + "o_proj", self.n_heads * d, cfg.hidden_size)
 
-    def forward(self, x, rope, mask, past_k, past_v, write_indices, kv_cache: str):
-        """rope: (cos, sin) [batch, seq, head_dim / 2] (rope_at); write_indices: static mode's
-        write slot per sequence [batch]; mask [batch, 1, seq, total]."""
+    def forward(self, x, rope, mask, past_k, past_v, slots):
+        """rope: (cos, sin) [batch, seq, head_dim / 2] (rope_at); slots: the cache layout's
+        write_slots; mask [batch, 1, seq, total]."""
         batch, seq, _ = x.shape
         d, n_kv = self.head_dim, self.n_kv
         q = self.q_proj(x).view(batch, seq, self.n_heads, d).transpose(1, 2)  # [batch, heads, seq, head_dim]
         k = self.k_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         v = self.v_proj(x).view(batch, seq, n_kv, d).transpose(1, 2)  # [batch, kv_heads, seq, head_dim]
         q, k = rotary_embedding(q, *rope), rotary_embedding(k, *rope)  # one RotaryEmbedding node each
-        if kv_cache == "static":
-            present_k = kv_cache_write(past_k, k, write_indices)  # [batch, kv_heads, max_seq_len, head_dim]
-            present_v = kv_cache_write(past_v, v, write_indices)
-            # Attend only the live prefix: slots past the mask's length hold nothing yet, and
-            # reading all max_seq_len of them every step would cost more than the weights.
-            total = mask.shape[-1]
-            k_all, v_all = present_k[:, :, :total], present_v[:, :, :total]  # [batch, kv_heads, total, head_dim]
-        else:
-            k_all = torch.cat((past_k, k), dim=2)  # [batch, kv_heads, past + seq, head_dim]
-            v_all = torch.cat((past_v, v), dim=2)
-            present_k, present_v = k_all, v_all
+        total = mask.shape[-1]
+        present_k, k_all = self.cache.update(past_k, k, slots, total)  # k_all [batch, kv_heads, total, head_dim]
+        present_v, v_all = self.cache.update(past_v, v, slots, total)
         # Grouped-query attention without repeated KV heads, one op (export/attention_op.py).
         out = gqa_attention(q, k_all, v_all, mask)  # [batch, heads, seq, head_dim]
         out = out.reshape(batch, self.n_heads, seq, d).transpose(1, 2).reshape(batch, seq, self.n_heads * d)
@@ -156,18 +153,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, layer_id: int,
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, layer_id: int, cache: KVCacheLayout,
                  quant: QuantConfig | None = None):
         super().__init__()
         linear = linear_factory(cfg, quant)
         prefix = f"model.layers.{layer_id}."
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, spec, reduce, linear, prefix + "self_attn.")
+        self.self_attn = Attention(cfg, spec, reduce, linear, prefix + "self_attn.", cache)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, spec, reduce, linear, prefix + "mlp.")
 
-    def forward(self, h, rope, mask, past_k, past_v, write_indices, kv_cache: str):
-        attn, k, v = self.self_attn(self.input_layernorm(h), rope, mask, past_k, past_v, write_indices, kv_cache)
+    def forward(self, h, rope, mask, past_k, past_v, slots):
+        attn, k, v = self.self_attn(self.input_layernorm(h), rope, mask, past_k, past_v, slots)
         h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h)), k, v  # [batch, seq, hidden]
 
@@ -197,13 +194,14 @@ class VocabParallelEmbedding(nn.Module):
 class Body(nn.Module):
     """`model.*` of the HF state dict: embedding, this stage's layers, final norm."""
 
-    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, quant: QuantConfig | None):
+    def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, cache: KVCacheLayout,
+                 quant: QuantConfig | None):
         super().__init__()
         self.layer_ids = list(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
         if spec.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(cfg, spec, reduce)
         # Keyed by global index so names match the checkpoint (model.layers.40.* on stage 2).
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, spec, reduce, i, quant) for i in self.layer_ids})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, spec, reduce, i, cache, quant) for i in self.layer_ids})
         if spec.is_last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -223,11 +221,6 @@ def additive_mask(attention_mask: torch.Tensor, seq: int):
     return torch.where(allowed, 0.0, neg)[:, None]  # [batch, 1, seq, total]
 
 
-def write_slots(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
-    """Static cache: the slot of the step's first token, the same for every sequence [batch]."""
-    return torch.zeros_like(attention_mask[:, 0]) + (attention_mask.shape[1] - seq)  # [batch]
-
-
 class LlamaRank(nn.Module):
     """One rank's share of Llama 3.1.
 
@@ -244,10 +237,9 @@ class LlamaRank(nn.Module):
     def __init__(self, cfg: LlamaConfig, spec: RankSpec, options: ModelOptions = ModelOptions(),
                  reduce: Reducer = no_reduce):
         super().__init__()
-        if options.kv_cache not in KV_CACHE_MODES:
-            raise ValueError(f"kv_cache {options.kv_cache!r} not in {KV_CACHE_MODES}")
         self.cfg, self.spec, self.options = cfg, spec, options
-        self.model = Body(cfg, spec, reduce, options.quant)
+        self.cache = options.cache_layout  # chosen once: every layer's update follows it
+        self.model = Body(cfg, spec, reduce, self.cache, options.quant)
         if spec.is_last_stage:
             self.lm_head = nn.Linear(cfg.hidden_size // spec.tp_size, cfg.vocab_size, bias=False)
         self.reduce = reduce
@@ -265,11 +257,11 @@ class LlamaRank(nn.Module):
         seq = position_ids.shape[1]
         rope = rope_at(self.rope_cos, self.rope_sin, position_ids)
         mask = additive_mask(attention_mask, seq)
-        slots = write_slots(attention_mask, seq) if self.options.kv_cache == "static" else None
+        slots = self.cache.write_slots(attention_mask, seq)  # static: [batch]; concat: None
         presents = []
         for n, layer_id in enumerate(self.layer_ids):
             h, k, v = self.model.layers[str(layer_id)](
-                h, rope, mask, past[2 * n], past[2 * n + 1], slots, self.options.kv_cache)
+                h, rope, mask, past[2 * n], past[2 * n + 1], slots)
             presents += [k, v]
         if not spec.is_last_stage:
             return (h, *presents)

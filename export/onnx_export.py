@@ -35,6 +35,8 @@ from export.calibrate import Calibration, calibrate
 from export.fp8 import QuantConfig
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
 from export.checkpoint import Checkpoint
+from export.kv_cache import PARTS, KVCacheLayout, kv_cache_layout, past_name, present_name
+from export.checkpoint_quant import CHECKPOINT_EXCLUSION_CHOICES, CheckpointQuantization
 from export.config import LlamaConfig
 from export.errors import ArtifactError, CheckpointError, ConfigError
 from export.manifest import (Manifest, RankEntry, TensorSpec, config_digest, file_entry, is_finished_artifact,
@@ -73,6 +75,7 @@ class ExportOptions:
     ranks: tuple[int, ...] | None = None  # None = every rank
     fp8_recipe: str = "default"
     fp8_exclude: tuple[str, ...] = ()
+    fp8_checkpoint_exclusions: str = "honour"  # or "ignore" (export/checkpoint_quant.py)
 
     def validate(self, cfg: LlamaConfig) -> None:
         for name in ("tp", "pp", "max_batch", "max_seq_len"):
@@ -82,6 +85,16 @@ class ExportOptions:
         if self.max_seq_len < MIN_MAX_SEQ_LEN:
             raise ConfigError(f"--max-seq-len {self.max_seq_len} is below {MIN_MAX_SEQ_LEN}, the shortest cache the "
                               "exporter traces with")
+        kv_cache_layout(self.kv_cache)  # a ConfigError naming --kv-cache when unknown
+        if self.fp8_checkpoint_exclusions not in CHECKPOINT_EXCLUSION_CHOICES:
+            raise ConfigError(f"--fp8-checkpoint-exclusions {self.fp8_checkpoint_exclusions!r}: choose "
+                              f"{' or '.join(CHECKPOINT_EXCLUSION_CHOICES)}")
+        for pattern in self.fp8_exclude:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise ConfigError(f"--fp8-exclude {pattern!r}: not a regular expression ({err})") from None
         if self.max_seq_len > cfg.max_position_embeddings:
             raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
                               f"({cfg.max_position_embeddings}); choose at most that")
@@ -98,12 +111,12 @@ class ExportOptions:
 
 # -- graph IO --------------------------------------------------------------------------------
 
-def io_names(cfg: LlamaConfig, spec: RankSpec, kv_cache: str) -> tuple[list[str], list[str]]:
+def io_names(cfg: LlamaConfig, spec: RankSpec) -> tuple[list[str], list[str]]:
     layers = stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank)
     inputs = ["input_ids" if spec.is_first_stage else "hidden_states", "position_ids", "attention_mask"]
-    inputs += [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    inputs += [past_name(i, part) for i in layers for part in PARTS]
     outputs = ["logits" if spec.is_last_stage else "hidden_states"]
-    outputs += [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    outputs += [present_name(i, part) for i in layers for part in PARTS]
     return inputs, outputs
 
 
@@ -114,14 +127,15 @@ def _example_inputs(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dty
     first = (torch.empty(batch, seq, dtype=torch.int64, device=meta) if spec.is_first_stage
              else torch.empty(batch, seq, cfg.hidden_size, dtype=dtype, device=meta))
     positions = torch.empty(batch, seq, dtype=torch.int64, device=meta)
-    cache_len = options.max_seq_len if options.kv_cache == "static" else past
+    cache = options.cache_layout
+    cache_len = past if cache.past_dim_name else cache.buffer_len(options.max_seq_len)
     attention_mask = torch.empty(batch, past + seq, dtype=torch.int64, device=meta)  # [batch, total]
     n_layers = len(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
     kv = kv_heads_local(cfg, spec.tp_size)
     past_kv = tuple(torch.empty(batch, kv, cache_len, cfg.head_dim, dtype=dtype, device=meta)
                     for _ in range(2 * n_layers))
     auto = Dim.AUTO
-    cache_dims = {0: auto} if options.kv_cache == "static" else {0: auto, 2: auto}
+    cache_dims = {0: auto, 2: auto} if cache.past_dim_name else {0: auto}
     dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, tuple(cache_dims for _ in past_kv))
     return (first, positions, attention_mask, *past_kv), dynamic
 
@@ -170,7 +184,7 @@ def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dt
         target = module.get_submodule(owner)
         setattr(target, leaf, getattr(target, leaf).to("meta"))
     args, dynamic = _example_inputs(cfg, spec, options, dtype)
-    input_names, output_names = io_names(cfg, spec, options.kv_cache)
+    input_names, output_names = io_names(cfg, spec)
     table = {**collectives.custom_translation_table(), **cache_ops.custom_translation_table(),
              **fp8.custom_translation_table(), **attention_op.custom_translation_table(),
              **rotary_op.custom_translation_table()}
@@ -210,15 +224,16 @@ class _quiet_exporter:
         return False
 
 
-def _name_symbolic_dims(model: onnx.ModelProto, spec: RankSpec, kv_cache: str) -> None:
-    """Replace the exporter's s17-style symbols by batch / seq / past_seq (concat) / total_seq
-    (static: the attention mask's length, slots in use after the step) everywhere."""
+def _name_symbolic_dims(model: onnx.ModelProto, spec: RankSpec, cache: KVCacheLayout) -> None:
+    """Replace the exporter's s17-style symbols by batch / seq / the cache layout's past length
+    (concat: past_seq) or else total_seq (the attention mask's length, slots in use after the
+    step) everywhere."""
     graph = model.graph
     first = graph.input[0].type.tensor_type.shape.dim
     names = {first[0].dim_param: "batch", first[1].dim_param: "seq"}
-    if kv_cache == "concat":
+    if cache.past_dim_name:
         past = graph.input[3].type.tensor_type.shape.dim[2].dim_param
-        names[past] = "past_seq"
+        names[past] = cache.past_dim_name
     else:
         names[graph.input[2].type.tensor_type.shape.dim[1].dim_param] = "total_seq"
     pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in names if k) + r")\b")
@@ -298,7 +313,7 @@ def rank_graph_proto(cfg: LlamaConfig, spec: RankSpec, options: ExportOptions) -
     with tempfile.TemporaryDirectory(prefix="llama405-trace-") as workdir:
         model = rank_graph(cfg, spec, options.model_options, TORCH_DTYPES[options.dtype], Path(workdir))
     n_collectives = collectives.rewrite_collectives(model, spec.tp_size) if spec.tp_size > 1 else 0
-    _name_symbolic_dims(model, spec, options.kv_cache)
+    _name_symbolic_dims(model, spec, options.model_options.cache_layout)
     return model, n_collectives
 
 
@@ -395,6 +410,9 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
     stored = checkpoint_input_scales(checkpoint)
     info = {"recipe": quant.recipe, "exclude": list(quant.patterns(cfg.num_hidden_layers)),
             "quantized_linears": len(needed)}
+    if checkpoint.quantization.not_quantized:
+        info["checkpoint_exclusions"] = checkpoint.quantization.manifest_record(
+            honoured=options.fp8_checkpoint_exclusions == "honour")
     if all(name in stored for name in needed):
         for name in needed:
             if not (stored[name] > 0 and np.isfinite(stored[name])):
@@ -424,6 +442,15 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
     return scales, info
 
 
+def with_checkpoint_exclusions(options: ExportOptions, quantization: CheckpointQuantization) -> ExportOptions:
+    """options whose FP8 exclusions include the checkpoint's own unquantized modules, when
+    quantizing and asked to honour them (the default)."""
+    if options.quant != "fp8" or options.fp8_checkpoint_exclusions != "honour" or not quantization.not_quantized:
+        return options
+    added = tuple(p for p in quantization.fp8_exclude_patterns() if p not in options.fp8_exclude)
+    return dataclasses.replace(options, fp8_exclude=options.fp8_exclude + added)
+
+
 def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: ExportOptions,
                     force: bool = False, progress: bool = False,
                     calibration_tokens: np.ndarray | None = None,
@@ -444,6 +471,7 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
     cfg = checkpoint.config
     validate_parallelism(cfg, options.tp, options.pp)
     options.validate(cfg)
+    options = with_checkpoint_exclusions(options, checkpoint.quantization)
     specs = [s for s in all_ranks(options.tp, options.pp) if options.ranks is None or s.rank in options.ranks]
     for spec in specs:
         checkpoint.validate(spec)

@@ -19,6 +19,7 @@ from export.cli_run import run_command
 from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, export_options_from,
                               verify_artifact)
 from export.errors import InputError
+from export.kv_cache import KV_CACHE_LAYOUTS
 from engines import cli as engines_cli
 from runner import parity_cli
 from runner.backend_factory import BACKEND_KINDS, open_backend
@@ -33,7 +34,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torch backend)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (torch backend)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (torch backend)")
-    p.add_argument("--kv-cache", choices=("static", "concat"), default="static")
+    p.add_argument("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), default="static")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--ort-threads", type=int, help="ort backend: intra-op threads per session (default: the cores, <= 8)")
     p.add_argument("--ort-spinning", choices=("auto", "on", "off"), default="auto",

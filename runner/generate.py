@@ -88,7 +88,7 @@ def generate(backend: Backend, prompts: list[list[int]], options: SamplingOption
     stop = set(stop_ids)
     batch, lengths = len(prompts), np.array([len(p) for p in prompts])
     width = int(lengths.max())
-    if backend.kv_cache == "static" and width + options.max_new_tokens > backend.max_seq_len:
+    if backend.cache_layout.bounded and width + options.max_new_tokens > backend.max_seq_len:
         raise InputError(f"prompt ({width} tokens) + --max-new-tokens {options.max_new_tokens} exceeds "
                          f"max_seq_len={backend.max_seq_len}; shorten the prompt, lower "
                          "--max-new-tokens or re-export with a larger --max-seq-len")

@@ -121,7 +121,7 @@ def _prompt_ids(args, vocab: int) -> tuple[list[int], str]:
 
 def check_capacity(prompt_len: int, steps: int, manifest) -> None:
     """A static cache holds max_seq_len slots: the prompt and every decode step take one each."""
-    if manifest.kv_cache == "static" and prompt_len + steps > manifest.max_seq_len:
+    if manifest.cache_layout.bounded and prompt_len + steps > manifest.max_seq_len:
         raise InputError(f"prompt ({prompt_len} tokens) + --steps {steps} needs {prompt_len + steps} cache "
                          f"slots but the artifact was exported with max_seq_len={manifest.max_seq_len}; shorten "
                          "the prompt, lower --steps or re-export with a larger --max-seq-len")

@@ -19,13 +19,14 @@ import numpy as np
 
 from export.config import LlamaConfig
 from export.errors import ArtifactError, InputError
+from export.kv_cache import PARTS, KVCacheLayout, past_name
 from export.sharding import stage_layers
 
 
 class Backend(Protocol):
     name: str
     config: LlamaConfig
-    kv_cache: str
+    cache_layout: KVCacheLayout
     max_seq_len: int
 
     def start(self, batch: int) -> None: ...
@@ -35,7 +36,7 @@ class Backend(Protocol):
     def cache(self) -> list[tuple[np.ndarray, np.ndarray]]: ...
 
 
-def check_feed(feed: dict[str, np.ndarray], cfg: LlamaConfig, max_seq_len: int, kv_cache: str) -> None:
+def check_feed(feed: dict[str, np.ndarray], cfg: LlamaConfig, max_seq_len: int, cache: KVCacheLayout) -> None:
     """Reject requests the graph would silently get wrong (ids past the vocab or the RoPE tables,
     cache overflow)."""
     vocab_size, positions_end = cfg.vocab_size, cfg.max_position_embeddings
@@ -50,11 +51,7 @@ def check_feed(feed: dict[str, np.ndarray], cfg: LlamaConfig, max_seq_len: int, 
         bad = int(positions.max() if positions.max() >= positions_end else positions.min())
         raise InputError(f"position id {bad} is outside 0..{positions_end - 1}, the positions this checkpoint "
                          "supports (max_position_embeddings in config.json)")
-    needed = past_len(feed)
-    if kv_cache == "static" and needed > max_seq_len:
-        raise InputError(f"the request needs {needed} cache slots but the model was built for "
-                         f"max_seq_len={max_seq_len}; shorten the prompt/--max-new-tokens or "
-                         "re-export with a larger --max-seq-len")
+    cache.check_fits(past_len(feed), max_seq_len)
 
 
 def past_len(feed: dict[str, np.ndarray]) -> int:
@@ -85,6 +82,6 @@ def gather_cache(cfg: LlamaConfig, tp: int, pp: int, read: Callable[[int, str], 
     for stage in range(pp):
         ranks = [stage * tp + t for t in range(tp)]
         for layer in stage_layers(cfg.num_hidden_layers, pp, stage):
-            layers.append(tuple(logical_kv([read(r, f"past_key_values.{layer}.{part}") for r in ranks], cfg, tp)
-                                for part in ("key", "value")))
+            layers.append(tuple(logical_kv([read(r, past_name(layer, part)) for r in ranks], cfg, tp)
+                                for part in PARTS))
     return layers

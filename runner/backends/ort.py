@@ -21,9 +21,10 @@ import numpy as np
 import onnxruntime as ort
 
 from export.errors import ArtifactError, InputError
+from export.kv_cache import is_past, past_of, present_of
 from export.manifest import Manifest, load_manifest
 from export.sharding import kv_heads_local
-from runner.backends.base import check_feed, gather_cache, past_len
+from runner.backends.base import check_feed, gather_cache
 from runner.backends.graph_split import Segment, make_session, split_at_collectives
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -78,45 +79,44 @@ class RankRunner:
 
     def __init__(self, manifest: Manifest, directory: Path, rank: int, providers: Sequence, threads: OrtThreads):
         self.entry = manifest.rank(rank)
-        self.kv_cache = manifest.kv_cache
+        self.cache_layout = manifest.cache_layout
         onnx_path = directory / self.entry.onnx_path
         self.segments: list[Segment] = split_at_collectives(onnx_path)
         options = threads.session_options(len(self.segments))
         rank_dir = onnx_path.parent
         self.sessions = [make_session(s, rank_dir, providers, options) for s in self.segments]
         self.bindings = [session.io_binding() for session in self.sessions]
-        self.cache_names = [t.name for t in self.entry.inputs if t.name.startswith("past_key_values.")]
+        self.cache_names = [t.name for t in self.entry.inputs if is_past(t.name)]
         self.cache: dict[str, ort.OrtValue] = {}  # past_key_values.* -> [batch, kv_local, len, head_dim]
         self.fresh: list[list[str]] = []  # per segment: the outputs bound anew each step
         self.output_order: list[list[str]] = []  # per segment: get_outputs()'s order (binding order)
         # The rank's own outputs (logits / hidden_states): shapes follow from the step's feed, so
         # they are written into numpy arrays made here, not read back from onnxruntime's.
-        self.rank_outputs = {t.name: t for t in self.entry.outputs if _past_name(t.name) is None}
+        self.rank_outputs = {t.name: t for t in self.entry.outputs if past_of(t.name) is None}
 
     def start(self, batch: int, kv_heads: int, cache_len: int, head_dim: int, dtype) -> None:
         self.cache = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, kv_heads, cache_len, head_dim), dtype=dtype))
                       for name in self.cache_names}
-        static = self.kv_cache == "static"
+        in_place = self.cache_layout.in_place
         self.fresh, self.output_order = [], []
         for segment, binding in zip(self.segments, self.bindings):
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-            aliased = [name for name in segment.outputs if static and _past_name(name) in self.cache]
+            aliased = [name for name in segment.outputs if in_place and past_of(name) in self.cache]
             for name in aliased:  # bound once: every step reads and writes the same buffers
-                binding.bind_ortvalue_input(_past_name(name), self.cache[_past_name(name)])
-                binding.bind_ortvalue_output(name, self.cache[_past_name(name)])
+                binding.bind_ortvalue_input(past_of(name), self.cache[past_of(name)])
+                binding.bind_ortvalue_output(name, self.cache[past_of(name)])
             self.fresh.append([name for name in segment.outputs if name not in aliased])
             self.output_order.append(aliased + self.fresh[-1])  # a rebound name keeps its place
 
     def run_segment(self, k: int, env: dict[str, np.ndarray | ort.OrtValue]) -> None:
         """Run segment k on env's tensors; its fresh outputs land in env as OrtValues."""
         segment, session, binding = self.segments[k], self.sessions[k], self.bindings[k]
-        static = self.kv_cache == "static"
         for name in segment.inputs:
             if name in self.cache:
-                if not static:
+                if not self.cache_layout.in_place:
                     binding.bind_ortvalue_input(name, self.cache[name])
-                continue  # static: bound in start()
+                continue  # in place: bound in start()
             value = env[name]
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
@@ -142,17 +142,12 @@ class RankRunner:
         return np.empty([dims[d] if isinstance(d, str) else d for d in spec.shape], dtype=np.dtype(spec.dtype))
 
     def absorb_presents(self, env: dict[str, np.ndarray | ort.OrtValue]) -> None:
-        if self.kv_cache == "concat":
+        if not self.cache_layout.in_place:  # the presents are the next step's pasts
             for name in self.cache_names:
-                self.cache[name] = env["present." + name[len("past_key_values."):]]
+                self.cache[name] = env[present_of(name)]
 
     def read_cache(self, name: str) -> np.ndarray:
         return self.cache[name].numpy().astype(np.float32)
-
-
-def _past_name(output: str) -> str | None:
-    """present.{i}.key -> past_key_values.{i}.key, the input a present output replaces."""
-    return "past_key_values." + output[len("present."):] if output.startswith("present.") else None
 
 
 def _as_numpy(value: np.ndarray | ort.OrtValue) -> np.ndarray:
@@ -173,19 +168,17 @@ class OrtBackend:
             raise ArtifactError(f"{self.directory}: a {m.dtype} artifact cannot run on onnxruntime's CPU "
                                 "build (no bfloat16 MatMul); export with --dtype float16 or float32")
         self.config, self.tp, self.pp = m.config, m.tp, m.pp
-        self.kv_cache, self.max_seq_len = m.kv_cache, m.max_seq_len
+        self.cache_layout, self.max_seq_len = m.cache_layout, m.max_seq_len
         self.dtype = NP_DTYPES[m.dtype]
         self.world = world
         wanted = [world.rank] if world is not None else list(range(m.tp * m.pp))
         self.runners = {r: RankRunner(m, self.directory, r, providers, threads) for r in wanted}
-        self._past_len = 0
 
     def start(self, batch: int) -> None:
         cfg = self.config
-        length = self.max_seq_len if self.kv_cache == "static" else 0
+        length = self.cache_layout.buffer_len(self.max_seq_len)
         for runner in self.runners.values():
             runner.start(batch, kv_heads_local(cfg, self.tp), length, cfg.head_dim, self.dtype)
-        self._past_len = 0
 
     def _stage_ranks(self, stage: int) -> list[int]:
         return [stage * self.tp + t for t in range(self.tp)]
@@ -216,7 +209,7 @@ class OrtBackend:
         return _as_numpy(envs[ranks[0]][out_name])
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.config, self.max_seq_len, self.kv_cache)
+        check_feed(feed, self.config, self.max_seq_len, self.cache_layout)
         inputs = {"position_ids": feed["position_ids"].astype(np.int64),
                   "attention_mask": feed["attention_mask"].astype(np.int64)}
         x = feed["input_ids"].astype(np.int64)
@@ -225,7 +218,6 @@ class OrtBackend:
                 x = self.run_stage(stage, inputs, x)
         else:
             x = self._infer_distributed(inputs, x)
-        self._past_len = past_len(feed)
         return {"logits": x.astype(np.float32, copy=False)}  # no second copy of [batch, seq, vocab] fp32 logits
 
     def _infer_distributed(self, inputs: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:

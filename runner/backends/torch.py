@@ -14,7 +14,7 @@ from export.checkpoint import Checkpoint
 from export.model import ModelOptions, build_rank_module, load_rank_weights
 from export.rank_tensors import rank_module_tensors
 from export.sharding import all_ranks, kv_heads_local, validate_parallelism
-from runner.backends.base import check_feed, logical_kv, past_len
+from runner.backends.base import check_feed, logical_kv
 from runner.dist import LocalAllReduce, run_in_lockstep
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,7 +29,7 @@ class TorchBackend:
         cfg = checkpoint.config
         validate_parallelism(cfg, tp, pp)
         self.config, self.tp, self.pp = cfg, tp, pp
-        self.kv_cache, self.max_seq_len = options.kv_cache, options.max_seq_len
+        self.cache_layout, self.max_seq_len = options.cache_layout, options.max_seq_len
         self.options = options
         self.dtype = DTYPES[dtype]
         self.groups = [LocalAllReduce(tp) for _ in range(pp)]
@@ -45,21 +45,19 @@ class TorchBackend:
             load_rank_weights(module, tensors, self.dtype)
             self.modules.append(module)
         self._cache: list[list[torch.Tensor]] = []
-        self._past_len = 0
 
     def start(self, batch: int) -> None:
         cfg = self.config
         kv_local = kv_heads_local(cfg, self.tp)
-        length = self.max_seq_len if self.kv_cache == "static" else 0
+        length = self.cache_layout.buffer_len(self.max_seq_len)
         self._cache = [
             [torch.zeros(batch, kv_local, length, cfg.head_dim, dtype=self.dtype)
              for _ in range(2 * len(module.layer_ids))]
             for module in self.modules]
-        self._past_len = 0
 
     @torch.inference_mode()
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.config, self.max_seq_len, self.kv_cache)
+        check_feed(feed, self.config, self.max_seq_len, self.cache_layout)
         positions = torch.from_numpy(np.ascontiguousarray(feed["position_ids"], dtype=np.int64))
         mask = torch.from_numpy(np.ascontiguousarray(feed["attention_mask"], dtype=np.int64))
         x = torch.from_numpy(np.ascontiguousarray(feed["input_ids"], dtype=np.int64))
@@ -71,7 +69,6 @@ class TorchBackend:
             for r, out in zip(ranks, outs):
                 self._cache[r] = list(out[1:])
             x = outs[0][0]  # identical on every TP rank after the last all-reduce
-        self._past_len = past_len(feed)
         return {"logits": x.float().numpy()}
 
     def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 
 from export.errors import ArtifactError, InputError
+from export.kv_cache import is_past, past_of, present_of
 from export.manifest import Manifest, load_manifest
 from export.trt_flavours import flavour as trt_flavour
 from export.trt_flavours import why_engines_cannot_run
 from export.sharding import kv_heads_local
-from runner.backends.base import check_feed, gather_cache, past_len
+from runner.backends.base import check_feed, gather_cache
 
 _CAPSULE_NAME = b"ncclComm_t"  # module-level: the capsule keeps a pointer to this name
 
@@ -90,7 +91,7 @@ class RankEngine:
                  communicator=None, weight_streaming_budget: int | None = None, cuda_graph: bool = False):
         self.trt, self.torch, self.rank, self.device = trt, torch, rank, torch.device("cuda", device)
         self.entry = manifest.rank(rank)
-        self.kv_cache = manifest.kv_cache
+        self.cache_layout = manifest.cache_layout
         section = manifest.extra.get("engines") or {}
         meta = (section.get("ranks") or {}).get(str(rank))
         path = directory / self.entry.engine_path
@@ -134,7 +135,7 @@ class RankEngine:
         self.max_batch, self.max_input_len = int(hi[0]), int(hi[1])
         self.profile = 0
         self.cache: dict[str, Any] = {}
-        self.cuda_graph = cuda_graph and self.kv_cache == "static"
+        self.cuda_graph = cuda_graph and self.cache_layout.in_place  # graphs capture fixed cache addresses
         self._graphs: dict[int, tuple[Any, dict, dict]] = {}
         self._empty = torch.empty(64, dtype=torch.uint8, device=self.device)  # address for 0-size tensors
 
@@ -153,25 +154,23 @@ class RankEngine:
         if batch > self.max_batch:
             raise InputError(f"batch {batch} exceeds the engine's max batch {self.max_batch}; rebuild with a larger "
                              "--max-batch")
-        length = max_seq_len if self.kv_cache == "static" else 0
+        length = self.cache_layout.buffer_len(max_seq_len)
         self.cache = {}
         for name in self.inputs:
-            if name.startswith("past_key_values."):
+            if is_past(name):
                 self.cache[name] = torch.zeros((batch, kv_heads, length, head_dim), dtype=self.dtypes[name],
                                                device=self.device)
         self._graphs.clear()  # captured graphs point at the previous cache buffers
-        if self.kv_cache == "static" and hasattr(self.engine, "get_aliased_input_tensor"):
+        if self.cache_layout.in_place and hasattr(self.engine, "get_aliased_input_tensor"):
             for name in self.outputs:
-                if name.startswith("present."):
+                expected = past_of(name)
+                if expected is not None:
                     aliased = self.engine.get_aliased_input_tensor(name)
-                    expected = "past_key_values." + name[len("present."):]
                     if aliased not in (None, expected):
                         raise ArtifactError(f"engine output {name} aliases {aliased}, expected {expected}")
 
     def _alias(self, output: str) -> str | None:
-        if self.kv_cache == "static" and output.startswith("present."):
-            return "past_key_values." + output[len("present."):]
-        return None
+        return past_of(output) if self.cache_layout.in_place else None
 
     def _address(self, tensor) -> int:
         return tensor.data_ptr() if tensor.numel() else self._empty.data_ptr()
@@ -233,9 +232,9 @@ class RankEngine:
             if graph_key is not None:
                 outputs = self._capture(graph_key, inputs)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        if self.kv_cache == "concat":
+        if not self.cache_layout.in_place:  # the presents are the next step's pasts
             for name in list(self.cache):
-                self.cache[name] = outputs["present." + name[len("past_key_values."):]]
+                self.cache[name] = outputs[present_of(name)]
         return outputs
 
     def _capture(self, key: int, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -281,7 +280,7 @@ class TrtBackend:
                              f"collectives inside the engines): torchrun --nproc-per-node {m.tp * m.pp} -m runner.cli "
                              "generate --backend trt ...")
         self.config, self.tp, self.pp = m.config, m.tp, m.pp
-        self.kv_cache, self.max_seq_len = m.kv_cache, m.max_seq_len
+        self.cache_layout, self.max_seq_len = m.cache_layout, m.max_seq_len
         self.world = world
         self._nccl = None
         count = torch.cuda.device_count()
@@ -296,7 +295,6 @@ class TrtBackend:
         self.runners = {r: RankEngine(trt, torch, self.directory, m, r, devices[r], self._nccl,
                                       weight_streaming_budget, cuda_graph) for r in ranks}
         self.max_input_len = min(r.max_input_len for r in self.runners.values())
-        self._past = 0
 
     # -- distributed plumbing ----------------------------------------------------------------
 
@@ -342,7 +340,6 @@ class TrtBackend:
         cfg = self.config
         for runner in self.runners.values():
             runner.start(batch, kv_heads_local(cfg, self.tp), cfg.head_dim, self.max_seq_len)
-        self._past = 0
 
     def _device_inputs(self, runner: RankEngine, feed: dict[str, np.ndarray], first) -> dict[str, Any]:
         torch = self.torch
@@ -395,7 +392,8 @@ class TrtBackend:
         start = 0
         while start < seq:
             size = self.max_input_len
-            if self.kv_cache == "concat" and past + start > self.max_seq_len - self.max_input_len:
+            # A growing past is a profile dim: the context profile's past range ends there.
+            if self.cache_layout.past_dim_name and past + start > self.max_seq_len - self.max_input_len:
                 size = 1  # beyond the context profile's past range: the decode profile takes it
             end = min(seq, start + size)
             piece = {"input_ids": feed["input_ids"][:, start:end], "position_ids": feed["position_ids"][:, start:end],
@@ -404,12 +402,11 @@ class TrtBackend:
             start = end
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.config, self.max_seq_len, self.kv_cache)
+        check_feed(feed, self.config, self.max_seq_len, self.cache_layout)
         feed = {k: feed[k].astype(np.int64) for k in ("input_ids", "position_ids", "attention_mask")}
         pieces = [self._step(piece) for piece in self._chunks(feed)]
         logits = pieces[0] if len(pieces) == 1 else (
             np.concatenate(pieces, axis=1) if self.manifest.logits == "all" else pieces[-1])
-        self._past = past_len(feed)
         return {"logits": logits.astype(np.float32)}
 
     def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -22,10 +22,13 @@ from engines.flow import artifact_differences
 from engines.profiles import BuildOptions, optimization_profiles, parse_size, profile_shapes
 from engines.plan import weights_bytes
 from export.errors import ArtifactError, InputError
+from export.kv_cache import KV_CACHE_LAYOUTS
 from export.manifest import RankEntry, TensorSpec, load_manifest
 from export.onnx_export import ExportOptions
 from export.sharding import RankSpec
 from tests.conftest import hf_model, save_hf, tiny_config
+
+STATIC, CONCAT = KV_CACHE_LAYOUTS["static"], KV_CACHE_LAYOUTS["concat"]
 
 MAX_SEQ = 64
 
@@ -48,22 +51,22 @@ OPTIONS = BuildOptions(max_batch=4, max_input_len=16, max_seq_len=MAX_SEQ, opt_b
 
 
 def test_static_profile_shapes():
-    shapes = profile_shapes(_entry("static"), "static", MAX_SEQ, OPTIONS)
+    shapes = profile_shapes(_entry("static"), STATIC, MAX_SEQ, OPTIONS)
     assert shapes["input_ids"] == ((1, 1), (2, 1), (4, 16))
     assert shapes["position_ids"] == shapes["input_ids"]
     assert shapes["attention_mask"] == ((1, 1), (2, MAX_SEQ // 2), (4, MAX_SEQ))  # slots in use after the step
     # the static cache is fixed at max_seq_len: only its batch varies
     assert shapes["past_key_values.1.value"] == ((1, 1, MAX_SEQ, 8), (2, 1, MAX_SEQ, 8), (4, 1, MAX_SEQ, 8))
-    assert len(optimization_profiles(_entry("static"), "static", MAX_SEQ, OPTIONS)) == 1
+    assert len(optimization_profiles(_entry("static"), STATIC, MAX_SEQ, OPTIONS)) == 1
 
 
 def test_later_stage_takes_hidden_states():
-    shapes = profile_shapes(_entry("static", first="hidden_states"), "static", MAX_SEQ, OPTIONS)
+    shapes = profile_shapes(_entry("static", first="hidden_states"), STATIC, MAX_SEQ, OPTIONS)
     assert shapes["hidden_states"] == ((1, 1, 64), (2, 1, 64), (4, 16, 64))
 
 
 def test_concat_profiles_are_consistent():
-    profiles = optimization_profiles(_entry("concat"), "concat", MAX_SEQ, OPTIONS)
+    profiles = optimization_profiles(_entry("concat"), CONCAT, MAX_SEQ, OPTIONS)
     assert len(profiles) == 2  # context (seq up to 16) and decode (seq 1, past up to 63)
     for profile in profiles:
         for point in range(3):
@@ -79,7 +82,7 @@ def test_concat_profiles_are_consistent():
 def test_unknown_symbolic_dim_is_refused():
     entry = RankEntry(0, 0, 0, (0, 1), (TensorSpec("input_ids", "int64", ("batch", "s17")),), (), 0)
     with pytest.raises(ArtifactError, match="s17"):
-        profile_shapes(entry, "static", MAX_SEQ, OPTIONS)
+        profile_shapes(entry, STATIC, MAX_SEQ, OPTIONS)
 
 
 def test_build_options_validation():

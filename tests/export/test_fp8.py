@@ -185,17 +185,19 @@ class Fp8Checkpoint:
 
 
 def write_fp8_checkpoint(model, source: Path, out: Path, weight_scale: str, input_scale: str | None,
-                         seed: int = 0, edit=None) -> Fp8Checkpoint:
+                         seed: int = 0, edit=None, keep: frozenset[str] = frozenset(),
+                         not_converted: tuple[str, tuple[str, ...]] | None = None) -> Fp8Checkpoint:
     """Quantize `model` into the HF FP8 layout: every q/k/v/o/gate/up/down weight float8_e4m3fn
     [out, in] with `weight_scale` ("scalar" [], "one" [1], "row" [out, 1]) and, unless None, an
-    `input_scale` ("scalar" [] or "one" [1]); config.json from `source` plus quantization_config."""
+    `input_scale` ("scalar" [] or "one" [1]); config.json from `source` plus quantization_config.
+    Modules in `keep` stay fp32; `not_converted` = (key, names) is the list the config declares."""
     out.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     tensors, dequantized, scales = {}, {}, {}
     for name, p in model.state_dict().items():
         p = p.detach().float()
         module = name.rsplit(".", 1)[0]
-        if not module.endswith(LINEARS):
+        if not module.endswith(LINEARS) or module in keep:
             tensors[name] = dequantized[name] = p.contiguous()
             continue
         amax = p.abs().amax(dim=1, keepdim=True) if weight_scale == "row" else p.abs().max()
@@ -215,6 +217,8 @@ def write_fp8_checkpoint(model, source: Path, out: Path, weight_scale: str, inpu
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = ({"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
                                      if input_scale is None else {"quant_method": "fp8", "activation_scheme": "static"})
+    if not_converted is not None:
+        config["quantization_config"][not_converted[0]] = list(not_converted[1])
     (out / "config.json").write_text(json.dumps(config))
     return Fp8Checkpoint(out, tensors, dequantized, scales)
 
@@ -708,6 +712,41 @@ def test_per_layer_exclusions(base, fp8_row, tmp_path):
     # 2. --fp8-exclude 'model.layers.1.mlp.*': one layer's MLP only.
     out = _export_fp8_row(fp8_row, tmp_path / "exclude", "--fp8-exclude", "model.layers.1.mlp.*")
     check_against_oracle(out, base[1], fp8_row, _expected(("model.layers.1.mlp.*",)))
+
+
+# Meta's FP8 405B layout: attention everywhere and the first and last layer left unquantized,
+# declared by each producer's key with its own matching rule (export/checkpoint_quant.py).
+META_KEPT = frozenset(m for m in all_linears() if ".self_attn." in m or m.startswith(("model.layers.0.", "model.layers.2.")))
+DECLARED = {
+    "modules_to_not_convert": ("lm_head", *sorted(META_KEPT)),  # transformers: substrings
+    "ignore": ("lm_head", "re:.*self_attn", r"re:model\.layers\.[02]\."),  # compressed-tensors
+    "exclude_modules": ("lm_head", "*.self_attn.*", "model.layers.0.*", "model.layers.2.*"),  # ModelOpt: fnmatch
+}
+
+
+@pytest.mark.parametrize("key", list(DECLARED))
+def test_prequantized_checkpoint_keeps_its_declared_unquantized_modules(base, tmp_path, key, capsys):
+    ckpt = write_fp8_checkpoint(base[1], base[0], tmp_path / "ckpt", "row", "one", seed=3, keep=META_KEPT,
+                                not_converted=(key, DECLARED[key]))
+    out = _export_fp8_row(ckpt, tmp_path / "art")  # default recipe: the checkpoint's list decides
+    fp8 = load_manifest(out).extra["fp8"]
+    assert fp8["checkpoint_exclusions"] == {"quant_method": "fp8", "key": key, "modules": list(DECLARED[key]),
+                                            "honoured": True}
+    check_against_oracle(out, base[1], ckpt, set(all_linears()) - META_KEPT)
+    if key == "exclude_modules":  # opting out quantizes them too: they have no input_scale to use
+        err = one_line_error(capsys, ["export", "--checkpoint", ckpt.path, "--out", tmp_path / "all", "--quant",
+                                      "fp8", "--calib-text", "none", "--fp8-checkpoint-exclusions", "ignore"])
+        assert f"no input_scale for model.layers.0.mlp.down_proj (and {len(META_KEPT) - 1} more)" in err
+
+
+def test_a_malformed_exclusion_list_is_one_line(base, tmp_path, capsys):
+    ckpt = write_fp8_checkpoint(base[1], base[0], tmp_path / "ckpt", "row", "one",
+                                not_converted=("ignore", ("lm_head",)))
+    config = json.loads((ckpt.path / "config.json").read_text())
+    config["quantization_config"]["ignore"] = "lm_head"
+    (ckpt.path / "config.json").write_text(json.dumps(config))
+    err = one_line_error(capsys, ["export", "--checkpoint", ckpt.path, "--out", tmp_path / "art", "--quant", "fp8"])
+    assert "config.json: quantization_config.ignore must be a list of module names" in err
 
 
 # -- bad input: one line, exit 2 ----------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_ort_logits_match_transformers(hf_checkpoint, oracle, tmp_path_factory, 
     checkpoint, _ = hf_checkpoint
     artifact = shared_artifact(tmp_path_factory, checkpoint, max_seq_len=MAX_SEQ_LEN, **layout)
     backend = OrtBackend(artifact)
-    assert (backend.tp, backend.pp, backend.kv_cache) == (layout["tp"], layout["pp"], layout["kv_cache"])
+    assert (backend.tp, backend.pp, backend.cache_layout.name) == (layout["tp"], layout["pp"], layout["kv_cache"])
     prefill, steps = teacher_forced(backend)
     assert prefill.shape == (len(PROMPTS), max(map(len, PROMPTS)), backend.config.vocab_size)
     err = errors_vs_oracle(prefill, steps, oracle)

@@ -1,0 +1,158 @@
+"""How a rank graph keeps each layer's keys and values between steps: one layout object per
+artifact, chosen once from `--kv-cache` (the manifest's `kv_cache` names it), and asked by the
+model, the exporter, the engine builder and every backend instead of branching on the name.
+
+- `static`: one [batch, kv_heads, max_seq_len, head_dim] buffer per layer and K/V, written in
+  place (TensorScatter at the step's slots, `present.*` aliases `past_key_values.*`); attention
+  reads the live prefix, slots [0, attention_mask length). A request must fit max_seq_len.
+- `concat`: the past grows by the step (`present = Concat(past, new)`); the runner hands each
+  step's present back as the next past. Its length is bounded by the engines' profiles only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from export.errors import ConfigError, InputError
+
+if TYPE_CHECKING:  # torch is imported by the updates only: manifest readers and the planner stay light
+    import torch
+
+
+PAST = "past_key_values."  # graph inputs:  past_key_values.{layer}.key / .value
+PRESENT = "present."  # graph outputs: present.{layer}.key / .value (onnxruntime-genai's names too)
+PARTS = ("key", "value")
+
+
+def past_name(layer: int | str, part: str) -> str:
+    return f"{PAST}{layer}.{part}"
+
+
+def present_name(layer: int | str, part: str) -> str:
+    return f"{PRESENT}{layer}.{part}"
+
+
+def is_past(name: str) -> bool:
+    return name.startswith(PAST)
+
+
+def past_of(present: str) -> str | None:
+    """present.{i}.key -> past_key_values.{i}.key (the input it replaces); None for other names."""
+    return PAST + present[len(PRESENT):] if present.startswith(PRESENT) else None
+
+
+def present_of(past: str) -> str:
+    return PRESENT + past[len(PAST):]
+
+
+Range = tuple[int, int, int]  # (min, opt, max)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheLayout:
+    name: str
+    in_place: bool  # present.* is past_key_values.* updated in place: bind both to one buffer
+    past_dim_name: str | None  # the symbolic dim of the past's length in the graph (None: fixed)
+    copies_per_step: int  # full-length caches alive during a step (concat: the past and its present)
+    bounded: bool  # a request must fit max_seq_len slots (concat: only TensorRT's profiles bound it)
+
+    def buffer_len(self, max_seq_len: int) -> int:
+        """Slots of each past buffer when a batch starts."""
+        raise NotImplementedError
+
+    def write_slots(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor | None:
+        """Per-step state the update needs, computed once per rank from the mask [batch, total]."""
+        raise NotImplementedError
+
+    def update(self, past: torch.Tensor, new: torch.Tensor, slots: torch.Tensor | None,
+               total) -> tuple[torch.Tensor, torch.Tensor]:
+        """(present, the keys/values attention reads) for past [batch, kv, len, d] and this
+        step's new [batch, kv, seq, d]; total = slots in use after the step."""
+        raise NotImplementedError
+
+    def check_fits(self, needed: int, max_seq_len: int) -> None:
+        """Refuse a request that needs more cache slots than this layout can hold."""
+
+    def profile_points(self, batch: Range, seq: Range, max_seq_len: int) -> list[tuple[dict, dict, dict]]:
+        """(min, opt, max) values of the graph's symbolic dims, one triple per TensorRT
+        optimization profile, for batch and seq (tokens per step) given as (min, opt, max)."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticCache(KVCacheLayout):
+    name: str = "static"
+    in_place: bool = True
+    past_dim_name: str | None = None
+    copies_per_step: int = 1
+    bounded: bool = True
+
+    def buffer_len(self, max_seq_len: int) -> int:
+        return max_seq_len
+
+    def write_slots(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+        import torch
+        # The step's first slot, the same for every sequence: the mask's length less the step.
+        return torch.zeros_like(attention_mask[:, 0]) + (attention_mask.shape[1] - seq)  # [batch]
+
+    def update(self, past, new, slots, total):
+        from export.cache_ops import kv_cache_write
+        present = kv_cache_write(past, new, slots)  # [batch, kv_heads, max_seq_len, head_dim]
+        # Attend only the live prefix: slots past the mask's length hold nothing yet, and reading
+        # all max_seq_len of them every step would cost more than the weights.
+        return present, present[:, :, :total]  # [batch, kv_heads, total, head_dim]
+
+    def check_fits(self, needed: int, max_seq_len: int) -> None:
+        if self.bounded and needed > max_seq_len:
+            raise InputError(f"the request needs {needed} cache slots but the model was built for "
+                             f"max_seq_len={max_seq_len}; shorten the prompt/--max-new-tokens or "
+                             "re-export with a larger --max-seq-len")
+
+    def profile_points(self, batch, seq, max_seq_len):
+        # One profile: the buffers are fixed at max_seq_len; batch, seq and total_seq (the
+        # attention mask's length: slots in use after the step) vary.
+        return [tuple({"batch": b, "seq": s, "total_seq": t}
+                      for b, s, t in zip(batch, seq, (1, max_seq_len // 2, max_seq_len)))]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConcatCache(KVCacheLayout):
+    name: str = "concat"
+    in_place: bool = False
+    past_dim_name: str | None = "past_seq"
+    copies_per_step: int = 2
+    bounded: bool = False
+
+    def buffer_len(self, max_seq_len: int) -> int:
+        return 0
+
+    def write_slots(self, attention_mask: torch.Tensor, seq: int) -> None:
+        return None
+
+    def update(self, past, new, slots, total):
+        import torch
+        keys = torch.cat((past, new), dim=2)  # [batch, kv_heads, past + seq, head_dim]
+        return keys, keys
+
+    def profile_points(self, batch, seq, max_seq_len):
+        # Each point must be self-consistent (attention_mask = past + seq): a context profile
+        # (seq up to its max, past up to max_seq_len - that) and a decode profile (seq 1, past up
+        # to max_seq_len - 1) cover every step of a generation.
+        length, s_max = max_seq_len, seq[2]
+        ctx_past_max = length - s_max
+        context = tuple({"batch": b, "seq": s, "past_seq": past}
+                        for b, s, past in zip(batch, seq, (0, min(ctx_past_max, length // 2), ctx_past_max)))
+        decode = tuple({"batch": b, "seq": 1, "past_seq": past}
+                       for b, past in zip(batch, (0, length // 2, length - 1)))
+        return [context, decode] if s_max > 1 else [decode]
+
+
+KV_CACHE_LAYOUTS: dict[str, KVCacheLayout] = {layout.name: layout for layout in (StaticCache(), ConcatCache())}
+
+
+def kv_cache_layout(name: str) -> KVCacheLayout:
+    try:
+        return KV_CACHE_LAYOUTS[name]
+    except KeyError:
+        raise ConfigError(f"--kv-cache {name!r}: choose {' or '.join(KV_CACHE_LAYOUTS)}") from None
