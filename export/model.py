@@ -23,6 +23,7 @@ from torch import nn
 from export.attention_op import gqa_attention
 from export.rotary_op import rotary_embedding
 from export.config import LlamaConfig
+from export.errors import InternalError
 from export.fp8 import Fp8Linear, QuantConfig
 from export.kv_cache import KVCacheLayout, kv_cache_layout
 from export.sharding import RankSpec, heads_local, kv_heads_local, stage_layers
@@ -303,21 +304,24 @@ def rank_constants(cfg: LlamaConfig, spec: RankSpec, dtype: torch.dtype) -> dict
 
 
 def load_rank_weights(module: LlamaRank, tensors, dtype: torch.dtype) -> None:
-    """Assign (name, tensor) pairs into a meta-built module, checking every name and shape."""
+    """Assign (name, tensor) pairs into a meta-built module, checking every name and shape.
+
+    The sources check the user's files first (Checkpoint.validate, the artifact reader), so a
+    mismatch here is a llama405 bug."""
     expected = dict(module.state_dict())
     seen = set()
     for name, tensor in tensors:
         if name not in expected:
-            raise KeyError(f"checkpoint tensor {name!r} has no place in rank module")
+            raise InternalError(f"tensor {name!r} has no place in the rank module")
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{name}: shape {list(tensor.shape)} != module {list(expected[name].shape)}")
+            raise InternalError(f"{name}: shape {list(tensor.shape)} != module {list(expected[name].shape)}")
         owner, leaf = _owner(module, name)
         # The module decides each tensor's dtype: compute dtype, or FP8 for quantized weights.
         setattr(owner, leaf, nn.Parameter(tensor.to(expected[name].dtype), requires_grad=False))
         seen.add(name)
     missing = set(expected) - seen
     if missing:
-        raise KeyError(f"rank module tensors not provided: {sorted(missing)[:5]}")
+        raise InternalError(f"rank module tensors not provided: {sorted(missing)[:5]}")
 
 
 def _owner(module: nn.Module, name: str):

@@ -38,7 +38,7 @@ from export.checkpoint import Checkpoint
 from export.kv_cache import PARTS, KVCacheLayout, kv_cache_layout, past_name, present_name
 from export.checkpoint_quant import CHECKPOINT_EXCLUSION_CHOICES, CheckpointQuantization
 from export.config import LlamaConfig
-from export.errors import ArtifactError, CheckpointError, ConfigError
+from export.errors import ArtifactError, CheckpointError, ConfigError, InternalError
 from export.manifest import (Manifest, RankEntry, TensorSpec, config_digest, file_entry, is_finished_artifact,
                              options_digest, write_manifest)
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
@@ -270,9 +270,8 @@ def attach_initializers(model: onnx.ModelProto, written: list[WrittenTensor], cf
     names = {t.name for t in written} | set(constants)
     extra, missing = names - wanted, wanted - names
     if extra or missing:
-        raise ArtifactError(f"rank {spec.rank}: the traced graph and the weights disagree (unused: "
-                            f"{sorted(extra)[:3]}, missing: {sorted(missing)[:3]}); this is a llama405 bug — "
-                            "please report it")
+        raise InternalError(f"rank {spec.rank}: the traced graph and the weights disagree (unused: "
+                            f"{sorted(extra)[:3]}, missing: {sorted(missing)[:3]})")
     model.graph.initializer.extend(_external_initializer(t) for t in written)
     model.graph.initializer.extend(_inline_initializer(name, v) for name, v in constants.items())
 

@@ -23,7 +23,7 @@ import dataclasses
 
 import onnx
 
-from export.errors import ArtifactError
+from export.errors import InternalError
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -72,8 +72,8 @@ def _layer_template(model: onnx.ModelProto, scope: str) -> tuple[_Template, list
     in_layer = [_layer_of(n) == scope and n.op_type != "Constant" for n in all_nodes]
     layer_nodes = [n for n, inside in zip(all_nodes, in_layer) if inside]
     if not layer_nodes:
-        raise ArtifactError(f"traced graph has no nodes scoped {scope!r}; the exporter's name-scope "
-                            "metadata changed — this is a llama405 bug, please report it")
+        raise InternalError(f"traced graph has no nodes scoped {scope!r}; the exporter's name-scope "
+                            "metadata changed")
     produced = dict.fromkeys(o for n in layer_nodes for o in n.output if o)
     external_in = []
     for node in layer_nodes:
@@ -86,8 +86,7 @@ def _layer_template(model: onnx.ModelProto, scope: str) -> tuple[_Template, list
     if not leaving:  # a stage that is not the last: the stream leaves as the hidden_states output
         leaving = [v for v in produced if v in graph_outputs and not v.startswith("present.")]
     if len(leaving) != 1:
-        raise ArtifactError(f"expected one residual stream leaving {scope}, found {sorted(leaving)}; "
-                            "this is a llama405 bug, please report it")
+        raise InternalError(f"expected one residual stream leaving {scope}, found {sorted(leaving)}")
     h_out = leaving[0]
     h_in = _residual_input(layer_nodes, h_out, set(external_in))
     read = set(external_in)
@@ -216,8 +215,8 @@ def _rebase(template: _Template, prefix: str, base: onnx.ModelProto) -> _Templat
         for name in copy.input:
             if name and name not in template.produced and name not in renamed.values() and name != template.h_in \
                     and not name.startswith(("model.layers.", "past_key_values.")) and name not in known:
-                raise ArtifactError(f"a layer pattern's trace reads {name!r}, which the stage's graph does not "
-                                    "define; this is a llama405 bug, please report it")
+                raise InternalError(f"a layer pattern's trace reads {name!r}, which the stage's graph does not "
+                                    "define")
         nodes.append(copy)
     return _Template(nodes, template.produced, template.h_in, template.h_out, constants)
 
@@ -244,8 +243,8 @@ def _residual_input(layer_nodes, h_out: str, external: set[str]) -> str:
         if node is not None and node.op_type == "Add":
             todo.extend(node.input)
     if len(found) != 1:
-        raise ArtifactError(f"could not identify the residual input of the template layer "
-                            f"(candidates {sorted(found)}); this is a llama405 bug, please report it")
+        raise InternalError(f"could not identify the residual input of the template layer "
+                            f"(candidates {sorted(found)})")
     return found.pop()
 
 

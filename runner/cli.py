@@ -17,12 +17,13 @@ import numpy as np
 from export.config import PRESETS
 from export.cli_run import run_command
 from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, export_options_from,
-                              verify_artifact)
+                              positive_int, verify_artifact)
 from export.errors import InputError
 from export.kv_cache import KV_CACHE_LAYOUTS
 from engines import cli as engines_cli
 from runner import parity_cli
 from runner.backend_factory import BACKEND_KINDS, open_backend
+from runner.backends.ort_threads import SPINNING_CHOICES
 from runner.generate import sampling_problem
 
 
@@ -36,8 +37,9 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (torch backend)")
     p.add_argument("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), default="static")
     p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--ort-threads", type=int, help="ort backend: intra-op threads per session (default: the cores, <= 8)")
-    p.add_argument("--ort-spinning", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--ort-threads", type=positive_int,
+                   help="ort backend: intra-op threads per session (default: the cores, <= 8)")
+    p.add_argument("--ort-spinning", choices=SPINNING_CHOICES, default="auto",
                    help="ort backend: spin the thread pool between steps (auto: when the rank graph is one session)")
     add_verify_flag(p)
 
@@ -160,7 +162,7 @@ def _open_backend(args):
             verify_artifact(args.artifact)
         threads = None
         if args.backend == "ort":
-            from runner.backends.ort import OrtThreads
+            from runner.backends.ort_threads import OrtThreads
             threads = OrtThreads(args.ort_threads, args.ort_spinning)
         return open_backend(args.backend, args.artifact, ort_threads=threads)
     if args.backend != "torch":

@@ -12,19 +12,18 @@ instead of copying max_seq_len slots every step.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from pathlib import Path
 from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from export.errors import ArtifactError, InputError
+from export.errors import ArtifactError
 from export.kv_cache import is_past, past_of, present_of
 from export.manifest import Manifest, load_manifest
 from export.sharding import kv_heads_local
 from runner.backends.base import check_feed, gather_cache
+from runner.backends.ort_threads import OrtThreads
 from runner.backends.graph_split import Segment, make_session, split_at_collectives
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -35,35 +34,6 @@ def sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:
     for part in parts[1:]:
         total += part
     return total
-
-
-@dataclasses.dataclass(frozen=True)
-class OrtThreads:
-    """How the segment sessions use the CPU.
-
-    threads: intra-op threads per session (None: the cores, at most 8). spinning: "auto" spins
-    the pool's threads between steps when the rank graph is one session (TP1: +5-20% decode on
-    2 cores, measured) and not when it is cut into many (a 405B rank is ~250 segments run one
-    after the other: idle pools spinning would steal the cores from the one that runs).
-    Per-session pools either way: onnxruntime's process-wide pool would refuse every default
-    session created later in the same process (tests, user code).
-    """
-
-    threads: int | None = None
-    spinning: str = "auto"  # "auto" | "on" | "off"
-
-    def session_options(self, segments: int) -> ort.SessionOptions:
-        if self.spinning not in ("auto", "on", "off"):
-            raise InputError(f"--ort-spinning {self.spinning!r}: choose auto, on or off")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"--ort-threads {self.threads} must be >= 1")
-        spin = self.spinning == "on" or (self.spinning == "auto" and segments == 1)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads or min(os.cpu_count() or 1, 8)
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        options.log_severity_level = 3  # constant-folding chatter about CastLike is not news
-        return options
 
 
 class RankRunner:

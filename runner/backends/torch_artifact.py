@@ -52,7 +52,8 @@ class ArtifactWeights:
             raise ArtifactError(f"{onnx_path}: cannot read the rank graph ({err}); re-export the "
                                 "artifact") from None
         options = artifact_model_options(self.manifest)
-        expected = set(build_rank_module(self.config, spec, options).state_dict())
+        shapes = {name: tuple(t.shape) for name, t in build_rank_module(self.config, spec, options).state_dict().items()}
+        expected = set(shapes)
         # Rank constants (RoPE tables, vocab start, hidden columns) come from the config;
         # build_rank_module computes them itself.
         derived = set(rank_constants(self.config, spec, torch.float32))
@@ -62,6 +63,11 @@ class ArtifactWeights:
             raise ArtifactError(f"{onnx_path}: initializers do not match rank {spec.rank} of the manifest's "
                                 f"config (unexpected {extra[:3]}, missing {missing[:3]}); the artifact is "
                                 "from another configuration or was edited — re-export it")
+        for init in model.graph.initializer:
+            if init.name not in derived and tuple(init.dims) != shapes[init.name]:
+                raise ArtifactError(f"{onnx_path}: initializer {init.name} has shape {list(init.dims)}, rank "
+                                    f"{spec.rank} of the manifest's config needs {list(shapes[init.name])}; the "
+                                    "artifact is from another configuration or was edited — re-export it")
         data: dict[Path, np.memmap] = {}
         for init in model.graph.initializer:
             if init.name in derived:
@@ -116,13 +122,8 @@ def torch_backend_from_artifact(artifact: str | Path, verify_hashes: bool = Fals
     if missing:
         raise ArtifactError(f"{directory}: ranks {missing} were not exported, and the torch backend runs "
                             "every rank in one process; export all ranks (omit --ranks)")
-    try:
-        return TorchBackend(ArtifactWeights(directory, manifest), tp=manifest.tp, pp=manifest.pp,
-                            dtype=manifest.dtype, options=artifact_model_options(manifest))
-    except (KeyError, ValueError) as err:
-        # load_rank_weights' name/shape checks: the graph's weights do not fit the manifest.
-        raise ArtifactError(f"{directory}: {err}; the rank graphs' weights do not fit the manifest's "
-                            "config — re-export the artifact") from None
+    return TorchBackend(ArtifactWeights(directory, manifest), tp=manifest.tp, pp=manifest.pp,
+                        dtype=manifest.dtype, options=artifact_model_options(manifest))
 
 
 def artifact_model_options(manifest: Manifest) -> ModelOptions:

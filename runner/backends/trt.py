@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from export.errors import ArtifactError, InputError
+from export.errors import ArtifactError, InputError, InternalError, MissingRequirement
 from export.kv_cache import is_past, past_of, present_of
 from export.manifest import Manifest, load_manifest
 from export.trt_flavours import flavour as trt_flavour
@@ -49,16 +49,16 @@ _CAPSULE_NAME = b"ncclComm_t"  # module-level: the capsule keeps a pointer to th
 
 
 def _require_runtime(directory: Path, section: dict):
-    """(TensorRT module of the engines' flavour, torch), or InputError saying why this machine
-    cannot run them (flavour not installed, no GPU, another GPU architecture)."""
+    """(TensorRT module of the engines' flavour, torch), or MissingRequirement saying why this
+    machine cannot run them (flavour not installed, no GPU, another GPU architecture)."""
     chosen = trt_flavour(section.get("flavour", "tensorrt"))
     trt = chosen.import_module()
     if trt is None or not hasattr(trt, "Runtime"):
-        raise InputError(f"--backend trt: {directory}'s engines were built with {chosen.title}, which is not "
+        raise MissingRequirement(f"--backend trt: {directory}'s engines were built with {chosen.title}, which is not "
                          f"importable here; install {chosen.pip}, or use --backend ort on the same artifact")
     why = why_engines_cannot_run(section)
     if why is not None:
-        raise InputError(f"--backend trt: {why}; run them on such a GPU, rebuild them here with "
+        raise MissingRequirement(f"--backend trt: {why}; run them on such a GPU, rebuild them here with "
                          f"`llama405 build --artifact {directory}`, or use --backend ort on the same artifact")
     import torch
     return trt, torch
@@ -77,7 +77,7 @@ def _torch_dtype(trt, torch, dtype) -> Any:
 def communicator_capsule(comm) -> object:
     """PyCapsule "ncclComm_t" around an nccl4py Communicator's ncclComm_t (Communicator.ptr)."""
     if not getattr(comm, "ptr", 0):
-        raise InputError("the NCCL communicator is not initialised (ptr 0)")
+        raise InternalError("the NCCL communicator is not initialised (ptr 0)")
     new = ctypes.pythonapi.PyCapsule_New
     new.restype = ctypes.py_object
     new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
@@ -303,7 +303,7 @@ class TrtBackend:
         try:
             import nccl.core as nccl  # nccl4py (PyPI `nccl4py`)
         except ImportError as err:
-            raise InputError(f"--backend trt with tp {self.tp} needs nccl4py for the engines' NCCL communicator "
+            raise MissingRequirement(f"--backend trt with tp {self.tp} needs nccl4py for the engines' NCCL communicator "
                              f"({err}); pip install nccl4py") from None
         world, dist = self.world, self.world.dist
         root = world.stage * self.tp

@@ -146,9 +146,9 @@ def test_inspect_reports_layers_and_engines(built, capsys):
 
 
 def test_trt_backend_refuses_engines_this_machine_cannot_run(built):
-    from export.errors import InputError
+    from export.errors import MissingRequirement
     from runner.backends.trt import TrtBackend
-    with pytest.raises(InputError, match="TensorRT-RTX engines need an NVIDIA GPU"):
+    with pytest.raises(MissingRequirement, match="TensorRT-RTX engines need an NVIDIA GPU"):
         TrtBackend(built)
 
 
