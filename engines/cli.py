@@ -175,8 +175,9 @@ def run_build(args) -> int:
 def plan_request(args):
     from engines.plan import PlanRequest
     from export.config import LlamaConfig, preset
-    defaults = {"tp": 1, "pp": 1, "dtype": "float16", "quant": "none", "kv_cache": "static", "max_batch": 8,
-                "max_seq_len": 4096, "logits": "all", "fp8_recipe": "default", "fp8_exclude": None}
+    from export.options import ExportOptions
+    planned = ("tp", "pp", "dtype", "quant", "kv_cache", "max_batch", "max_seq_len", "logits", "fp8_recipe", "fp8_exclude")
+    exported = ExportOptions()  # what an export would use by default, or (--artifact) what it used
     checkpoint_exclude: tuple[str, ...] = ()
     if args.preset:
         config = preset(args.preset)
@@ -191,15 +192,9 @@ def plan_request(args):
     else:
         from export.manifest import load_manifest
         manifest = load_manifest(args.artifact, only=[])
-        config = manifest.config
-        defaults.update(tp=manifest.tp, pp=manifest.pp, dtype=manifest.dtype, quant=manifest.quant,
-                        kv_cache=manifest.kv_cache, max_batch=manifest.max_batch, max_seq_len=manifest.max_seq_len,
-                        logits=manifest.logits)
-        fp8 = manifest.extra.get("fp8") or {}
-        if fp8:  # the manifest records the resolved patterns (recipe included)
-            defaults.update(fp8_recipe="default", fp8_exclude=list(fp8.get("exclude", [])))
-    chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
-    chosen["fp8_exclude"] = tuple(chosen["fp8_exclude"] or ()) + checkpoint_exclude
+        config, exported = manifest.config, manifest.options
+    chosen = {k: getattr(args, k) if getattr(args, k) is not None else getattr(exported, k) for k in planned}
+    chosen["fp8_exclude"] = tuple(chosen["fp8_exclude"]) + checkpoint_exclude
     return PlanRequest(config=config, max_input_len=args.max_input_len, kv_cache_dtype=args.kv_cache_dtype,
                        attention=args.attention, gpu_bytes=args.gpu_mem, reserve_bytes=args.reserve, **chosen)
 

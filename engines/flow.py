@@ -47,32 +47,14 @@ class CalibrationRequest:
 
 def artifact_differences(manifest: Manifest, config, options,
                          calibration: CalibrationRequest | None = None) -> list[str]:
-    """How an existing artifact differs from what `options` (ExportOptions) would export."""
+    """How an existing artifact differs from what `options` (ExportOptions, the checkpoint's FP8
+    exclusions resolved) would export: the manifest holds the options it was exported with."""
     diffs = []
     if manifest.config != config:
         diffs.append("the model config differs from the checkpoint's")
-    for field in ("tp", "pp", "dtype", "quant", "kv_cache", "max_batch", "max_seq_len", "logits"):
-        have, want = getattr(manifest, field), getattr(options, field)
-        if have != want:
-            diffs.append(f"{field.replace('_', '-')} {have} (requested {want})")
-    wanted_ranks = sorted(options.ranks) if options.ranks is not None else list(range(options.tp * options.pp))
-    have_ranks = sorted(e.rank for e in manifest.ranks)
-    if have_ranks != wanted_ranks:
-        diffs.append(f"ranks {have_ranks} (requested {wanted_ranks})")
-    if manifest.quant == "fp8" and options.quant == "fp8":
-        diffs += _fp8_differences(manifest, config, options, calibration)
-    return diffs
-
-
-def _fp8_differences(manifest: Manifest, config, options, calibration: CalibrationRequest | None) -> list[str]:
+    diffs += manifest.options.differences(options)
     info = manifest.extra.get("fp8") or {}
-    diffs = []
-    if info.get("recipe", "default") != options.fp8_recipe:
-        diffs.append(f"fp8-recipe {info.get('recipe')} (requested {options.fp8_recipe})")
-    wanted = list(options.quant_config.patterns(config.num_hidden_layers))
-    if list(info.get("exclude", [])) != wanted:
-        diffs.append(f"fp8 exclusions {info.get('exclude')} (requested {wanted})")
-    if info.get("scales_from") == "calibration":
+    if manifest.quant == options.quant == "fp8" and info.get("scales_from") == "calibration":
         had = info.get("calibration") or {}
         if calibration is None:
             diffs.append("activation scales from calibration (requested --calib-text none)")

@@ -11,13 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from export.checkpoint_quant import CHECKPOINT_EXCLUSION_CHOICES
-from export.kv_cache import KV_CACHE_LAYOUTS
+from export.options import CHOICES, DTYPE_CHOICES, ExportOptions
 from export.errors import InputError, Llama405Error
 
 T = TypeVar("T")
 
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+DEFAULTS = ExportOptions()  # flag defaults are the options' defaults
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -57,23 +56,22 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
     names, types and defaults. --max-batch / --max-seq-len default to None, which means the
     export's defaults (ExportOptions) or, for `build --artifact`, the artifact's. Sizes are
     checked by ExportOptions.validate (one line naming the flag), not by argparse."""
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float16",
+    p.add_argument("--tp", type=int, default=DEFAULTS.tp, help="tensor-parallel ranks")
+    p.add_argument("--pp", type=int, default=DEFAULTS.pp, help="pipeline stages")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=DEFAULTS.dtype,
                    help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)")
     add_quant_flags(p)
-    p.add_argument("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), default="static",
+    p.add_argument("--kv-cache", choices=CHOICES["kv_cache"], default=DEFAULTS.kv_cache,
                    help="static: max-seq-len buffers written in place; concat: the past grows each step")
-    p.add_argument("--max-batch", type=int, help="largest batch (default 8)")
-    p.add_argument("--max-seq-len", type=int, help="KV-cache length (default 4096)")
-    p.add_argument("--logits", choices=("all", "last"), default="all",
+    p.add_argument("--max-batch", type=int, help=f"largest batch (default {DEFAULTS.max_batch})")
+    p.add_argument("--max-seq-len", type=int, help=f"KV-cache length (default {DEFAULTS.max_seq_len})")
+    p.add_argument("--logits", choices=CHOICES["logits"], default=DEFAULTS.logits,
                    help="return logits for every position or only the last one")
     p.add_argument("--ranks", help="only these ranks, e.g. 0-7 (one node of a multi-node run)")
 
 
 def export_options_from(args: argparse.Namespace):
     """The ExportOptions the export flags ask for (its dataclass defaults where a flag is unset)."""
-    from export.onnx_export import ExportOptions
     from export.sharding import parse_rank_list
     for flag in ("tp", "pp"):
         if getattr(args, flag) < 1:
@@ -87,14 +85,15 @@ def export_options_from(args: argparse.Namespace):
 
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant", choices=("none", "fp8"), default="none",
+    p.add_argument("--quant", choices=CHOICES["quant"], default=DEFAULTS.quant,
                    help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)")
-    p.add_argument("--fp8-recipe", choices=("default", "meta"), default="default",
+    p.add_argument("--fp8-recipe", choices=CHOICES["fp8_recipe"], default=DEFAULTS.fp8_recipe,
                    help="meta: also keep attention and the first/last layer in the compute dtype")
     p.add_argument("--fp8-exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching linears unquantized: an fnmatch pattern such as 'model.layers.0.*', "
                         "or re:REGEX (repeatable)")
-    p.add_argument("--fp8-checkpoint-exclusions", choices=CHECKPOINT_EXCLUSION_CHOICES, default="honour",
+    p.add_argument("--fp8-checkpoint-exclusions", choices=CHOICES["fp8_checkpoint_exclusions"],
+                   default=DEFAULTS.fp8_checkpoint_exclusions,
                    help="a pre-quantized checkpoint's own list of unquantized modules (quantization_config "
                         "modules_to_not_convert / ignore / exclude_modules): honour it (default) or quantize "
                         "those linears too")

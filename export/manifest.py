@@ -16,12 +16,13 @@ from typing import Any
 
 from export.config import LlamaConfig
 from export.errors import ArtifactError, ConfigError
-from export.kv_cache import KV_CACHE_LAYOUTS, KVCacheLayout
+from export.kv_cache import KVCacheLayout
+from export.options import ExportOptions
 
 MANIFEST = "manifest.json"
 ENGINE_FILE = "engine.plan"  # rank{r}/engine.plan, written by `llama405 build`
 FORMAT = "llama405-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the export options as one object ("options")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +54,7 @@ class RankEntry:
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     config: LlamaConfig
-    tp: int
-    pp: int
-    dtype: str
-    quant: str
-    kv_cache: str
-    max_batch: int
-    max_seq_len: int
-    logits: str
+    options: ExportOptions  # exactly what the artifact was exported with (FP8 exclusions resolved)
     opset: int
     ranks: tuple[RankEntry, ...]
     files: dict[str, dict[str, Any]]  # relative path -> {"sha256", "size"}
@@ -68,9 +62,19 @@ class Manifest:
     toolchain: dict[str, str]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    # The layout facts every reader asks for, read from the one options object.
+    tp = property(lambda self: self.options.tp)
+    pp = property(lambda self: self.options.pp)
+    dtype = property(lambda self: self.options.dtype)
+    quant = property(lambda self: self.options.quant)
+    kv_cache = property(lambda self: self.options.kv_cache)
+    max_batch = property(lambda self: self.options.max_batch)
+    max_seq_len = property(lambda self: self.options.max_seq_len)
+    logits = property(lambda self: self.options.logits)
+
     @property
     def cache_layout(self) -> KVCacheLayout:
-        return KV_CACHE_LAYOUTS[self.kv_cache]  # check_schema has refused unknown names
+        return self.options.cache_layout
 
     def rank(self, rank: int) -> RankEntry:
         for entry in self.ranks:
@@ -83,6 +87,7 @@ class Manifest:
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)
         raw["config"] = self.config.to_hf_dict()
+        raw["options"] = self.options.to_dict()
         extra = raw.pop("extra")
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, **raw, **extra}
         return json.dumps(body, indent=2, sort_keys=True) + "\n"
@@ -111,32 +116,25 @@ class Manifest:
                 for r in raw["ranks"])
             known = {f.name for f in dataclasses.fields(cls)}
             extra = {k: v for k, v in raw.items() if k not in known | {"format", "format_version"}}
-            return cls(config=config, tp=raw["tp"], pp=raw["pp"], dtype=raw["dtype"], quant=raw["quant"],
-                       kv_cache=raw["kv_cache"], max_batch=raw["max_batch"], max_seq_len=raw["max_seq_len"],
-                       logits=raw["logits"], opset=raw["opset"], ranks=ranks, files=raw["files"],
-                       source=raw["source"], toolchain=raw["toolchain"], extra=extra)
+            return cls(config=config, options=ExportOptions.from_dict(raw["options"], source), opset=raw["opset"],
+                       ranks=ranks, files=raw["files"], source=raw["source"], toolchain=raw["toolchain"], extra=extra)
         except (KeyError, TypeError, ConfigError) as err:
             raise ArtifactError(f"{source}: malformed manifest ({err!r}); re-export the artifact") from None
 
 
-# Field -> (type, allowed values or None). Checked before anything reads the manifest, so an edited
-# field is one line naming it, not a failure deep inside ONNX Runtime.
-_CHOICES = {"dtype": ("float32", "float16", "bfloat16"), "quant": ("none", "fp8"), "kv_cache": tuple(KV_CACHE_LAYOUTS),
-            "logits": ("all", "last")}
-_POSITIVE = ("tp", "pp", "max_batch", "max_seq_len", "opset")
-
-
 def check_schema(raw: dict[str, Any], source: str) -> None:
+    """Checked before anything reads the manifest, so an edited field is one line naming it, not a
+    failure deep inside ONNX Runtime."""
     def bad(field: str, value: Any, want: str) -> ArtifactError:
         return ArtifactError(f"{source}: {field}={value!r} must be {want}; the manifest was edited or damaged — "
                              "re-export the artifact")
-    for field in _POSITIVE:
-        value = raw.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad(field, value, "a positive integer")
-    for field, choices in _CHOICES.items():
-        if raw.get(field) not in choices:
-            raise bad(field, raw.get(field), f"one of {', '.join(choices)}")
+    try:
+        ExportOptions.from_dict(raw.get("options"), source)  # names, types and choices of every option
+    except ConfigError as err:
+        raise ArtifactError(f"{err}; the manifest was edited or damaged — re-export the artifact") from None
+    opset = raw.get("opset")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 1:
+        raise bad("opset", opset, "a positive integer")
     for field in ("config", "files", "source", "toolchain"):
         if not isinstance(raw.get(field), dict):
             raise bad(field, raw.get(field), "a JSON object")
@@ -154,11 +152,9 @@ def check_schema(raw: dict[str, Any], source: str) -> None:
 
 
 def options_digest(manifest: Manifest) -> str:
-    """Fingerprint of everything that shaped the rank graphs besides the config: the layout, the
-    dtypes, the cache mode and length, the logits option and each rank's place and layers."""
-    shaping = {"tp": manifest.tp, "pp": manifest.pp, "dtype": manifest.dtype, "quant": manifest.quant,
-               "kv_cache": manifest.kv_cache, "max_batch": manifest.max_batch, "max_seq_len": manifest.max_seq_len,
-               "logits": manifest.logits, "opset": manifest.opset,
+    """Fingerprint of everything that shaped the rank graphs besides the config: the export
+    options, the opset and each rank's place and layers."""
+    shaping = {"options": manifest.options.to_dict(), "opset": manifest.opset,
                "ranks": [[e.rank, e.tp_rank, e.pp_rank, list(e.layers), e.collectives] for e in manifest.ranks]}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 

@@ -35,10 +35,11 @@ from export.calibrate import Calibration, calibrate
 from export.fp8 import QuantConfig
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
 from export.checkpoint import Checkpoint
-from export.kv_cache import PARTS, KVCacheLayout, kv_cache_layout, past_name, present_name
-from export.checkpoint_quant import CHECKPOINT_EXCLUSION_CHOICES, CheckpointQuantization
+from export.kv_cache import PARTS, KVCacheLayout, past_name, present_name
+from export.options import ExportOptions
+from export.checkpoint_quant import CheckpointQuantization
 from export.config import LlamaConfig
-from export.errors import ArtifactError, CheckpointError, ConfigError, InternalError
+from export.errors import ArtifactError, CheckpointError, InternalError
 from export.manifest import (Manifest, RankEntry, TensorSpec, config_digest, file_entry, is_finished_artifact,
                              options_digest, write_manifest)
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
@@ -54,59 +55,11 @@ from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, defaul
 from export.weight_stream import ALIGN, BLOCK_BYTES, WrittenTensor, write_weights
 
 OPSET = 24
-MIN_MAX_SEQ_LEN = 16  # the trace's example step (3 new tokens after 5 cached) must fit, with room to spare
 DATA_FILE = "model.onnx.data"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64,
                torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportOptions:
-    tp: int = 1
-    pp: int = 1
-    dtype: str = "float16"
-    quant: str = "none"
-    kv_cache: str = "static"
-    max_batch: int = 8
-    max_seq_len: int = 4096
-    logits: str = "all"
-    ranks: tuple[int, ...] | None = None  # None = every rank
-    fp8_recipe: str = "default"
-    fp8_exclude: tuple[str, ...] = ()
-    fp8_checkpoint_exclusions: str = "honour"  # or "ignore" (export/checkpoint_quant.py)
-
-    def validate(self, cfg: LlamaConfig) -> None:
-        for name in ("tp", "pp", "max_batch", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
-        if self.max_seq_len < MIN_MAX_SEQ_LEN:
-            raise ConfigError(f"--max-seq-len {self.max_seq_len} is below {MIN_MAX_SEQ_LEN}, the shortest cache the "
-                              "exporter traces with")
-        kv_cache_layout(self.kv_cache)  # a ConfigError naming --kv-cache when unknown
-        if self.fp8_checkpoint_exclusions not in CHECKPOINT_EXCLUSION_CHOICES:
-            raise ConfigError(f"--fp8-checkpoint-exclusions {self.fp8_checkpoint_exclusions!r}: choose "
-                              f"{' or '.join(CHECKPOINT_EXCLUSION_CHOICES)}")
-        for pattern in self.fp8_exclude:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as err:
-                    raise ConfigError(f"--fp8-exclude {pattern!r}: not a regular expression ({err})") from None
-        if self.max_seq_len > cfg.max_position_embeddings:
-            raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
-                              f"({cfg.max_position_embeddings}); choose at most that")
-
-    @property
-    def quant_config(self) -> QuantConfig | None:
-        return QuantConfig(self.fp8_recipe, self.fp8_exclude) if self.quant == "fp8" else None
-
-    @property
-    def model_options(self) -> ModelOptions:
-        return ModelOptions(kv_cache=self.kv_cache, max_seq_len=self.max_seq_len, logits=self.logits,
-                            quant=self.quant_config)
 
 
 # -- graph IO --------------------------------------------------------------------------------
@@ -519,9 +472,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
         else:
             extra["genai"] = {"config": None, "why": GENAI_NOT_SUPPORTED}
         manifest = Manifest(
-            config=cfg, tp=options.tp, pp=options.pp, dtype=options.dtype, quant=options.quant,
-            kv_cache=options.kv_cache, max_batch=options.max_batch, max_seq_len=options.max_seq_len,
-            logits=options.logits, opset=OPSET, ranks=tuple(entries), files=dict(sorted(files.items())),
+            config=cfg, options=options, opset=OPSET, ranks=tuple(entries), files=dict(sorted(files.items())),
             source={"config_sha256": config_digest(cfg),
                     "kv_dup_factor": checkpoint.kv_dup_factor,
                     "tokenizer": "checkpoint" if tokenizer_source else "bundled llama3"},

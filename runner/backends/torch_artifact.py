@@ -24,7 +24,6 @@ from onnx import TensorProto, numpy_helper
 
 from export.errors import ArtifactError
 from export.manifest import Manifest, load_manifest
-from export.fp8 import QuantConfig
 from export.model import ModelOptions, build_rank_module, rank_constants
 from export.sharding import RankSpec, all_ranks
 from runner.backends.torch import DTYPES, TorchBackend
@@ -127,9 +126,4 @@ def torch_backend_from_artifact(artifact: str | Path, verify_hashes: bool = Fals
 
 
 def artifact_model_options(manifest: Manifest) -> ModelOptions:
-    quant = None
-    if manifest.quant == "fp8":
-        # The manifest stores the effective exclusion patterns (recipe included).
-        quant = QuantConfig("default", tuple(manifest.extra["fp8"]["exclude"]))
-    return ModelOptions(kv_cache=manifest.kv_cache, max_seq_len=manifest.max_seq_len, logits=manifest.logits,
-                        quant=quant)
+    return manifest.options.model_options

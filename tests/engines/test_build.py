@@ -178,8 +178,7 @@ def test_other_export_options_are_refused_without_force(tiny, capsys):
 def test_differences_list():
     cfg = tiny_config()
     from export.manifest import Manifest
-    manifest = Manifest(config=cfg, tp=1, pp=1, dtype="float16", quant="none", kv_cache="static", max_batch=2,
-                        max_seq_len=MAX_SEQ, logits="all", opset=24,
+    manifest = Manifest(config=cfg, options=ExportOptions(dtype="float16", max_batch=2, max_seq_len=MAX_SEQ), opset=24,
                         ranks=(RankEntry(0, 0, 0, (0, 2), (), (), 0),), files={}, source={}, toolchain={})
     same = ExportOptions(tp=1, dtype="float16", max_batch=2, max_seq_len=MAX_SEQ)
     assert artifact_differences(manifest, cfg, same) == []
@@ -218,8 +217,7 @@ def test_fp8_differences_name_recipe_and_calibration(tiny):
     from export.manifest import Manifest
     info = {"recipe": "default", "exclude": [], "scales_from": "calibration",
             "calibration": {"source": "llama405 default calibration text", "samples": 8, "seq_len": 256}}
-    manifest = Manifest(config=cfg, tp=1, pp=1, dtype="float16", quant="fp8", kv_cache="static", max_batch=2,
-                        max_seq_len=MAX_SEQ, logits="all", opset=24,
+    manifest = Manifest(config=cfg, options=ExportOptions(quant="fp8", max_batch=2, max_seq_len=MAX_SEQ), opset=24,
                         ranks=(RankEntry(0, 0, 0, (0, 2), (), (), 0),), files={}, source={}, toolchain={},
                         extra={"fp8": info})
     options = ExportOptions(quant="fp8", max_batch=2, max_seq_len=MAX_SEQ)
@@ -228,7 +226,9 @@ def test_fp8_differences_name_recipe_and_calibration(tiny):
     meta = ExportOptions(quant="fp8", max_batch=2, max_seq_len=MAX_SEQ, fp8_recipe="meta")
     diffs = artifact_differences(manifest, cfg, meta, CalibrationRequest("my.txt", 8, 256))
     assert diffs[0] == "fp8-recipe default (requested meta)"
-    assert any("exclusions" in d for d in diffs) and any("calibration source" in d for d in diffs)
+    assert any("calibration source" in d for d in diffs)
+    excluded = ExportOptions(quant="fp8", max_batch=2, max_seq_len=MAX_SEQ, fp8_exclude=("*.o_proj",))
+    assert artifact_differences(manifest, cfg, excluded, same) == ["fp8-exclude none (requested *.o_proj)"]
     assert artifact_differences(manifest, cfg, options, None) == [
         "activation scales from calibration (requested --calib-text none)"]
 

@@ -259,11 +259,11 @@ def test_parallel_build_warning_uses_the_factor(monkeypatch):
     from engines.build import host_memory_warning
     from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, builder_host_bytes
     from export.manifest import Manifest, RankEntry
+    from export.options import ExportOptions
     ranks = tuple(RankEntry(r, r, 0, (0, 1), (), (), 0) for r in range(4))
     files = {f"rank{r}/model.onnx.data": {"size": 10 * GiB, "sha256": ""} for r in range(4)}
-    manifest = Manifest(config=tiny_config(), tp=4, pp=1, dtype="float16", quant="none", kv_cache="static",
-                        max_batch=1, max_seq_len=64, logits="all", opset=24, ranks=ranks, files=files, source={},
-                        toolchain={})
+    manifest = Manifest(config=tiny_config(), options=ExportOptions(tp=4, max_batch=1, max_seq_len=64), opset=24,
+                        ranks=ranks, files=files, source={}, toolchain={})
     available = 2 * builder_host_bytes(10 * GiB) + GiB  # two parallel builds fit, three do not
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": available})())
     assert host_memory_warning(manifest, [0, 1, 2, 3], workers=2) is None

@@ -572,3 +572,24 @@ def test_meta_recipe_traces_one_template_per_layer_pattern(tmp_path, monkeypatch
         backend.start(2)
         outputs.append(backend.infer(make_feed(ids, np.tile(np.arange(9), (2, 1)), mask))["logits"])
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_the_manifest_round_trips_the_export_options_exactly(tmp_path):
+    """One options object: written whole into manifest.json, read back equal (ranks and
+    patterns as tuples), and refused by name when edited into something invalid."""
+    import json
+
+    from export.errors import ArtifactError
+    from export.manifest import Manifest, RankEntry
+    from export.options import ExportOptions
+    options = ExportOptions(tp=2, pp=2, dtype="bfloat16", quant="fp8", kv_cache="concat", max_batch=3, max_seq_len=96,
+                            logits="last", ranks=(1, 3), fp8_recipe="meta", fp8_exclude=("re:.*o_proj", "*.mlp.up_proj"),
+                            fp8_checkpoint_exclusions="ignore")
+    manifest = Manifest(config=tiny_config(), options=options, opset=24, ranks=(RankEntry(1, 1, 0, (0, 1), (), (), 2),),
+                        files={}, source={}, toolchain={})
+    back = Manifest.from_json(manifest.to_json(), "m.json")
+    assert back.options == options and (back.tp, back.kv_cache, back.cache_layout.name) == (2, "concat", "concat")
+    raw = json.loads(manifest.to_json())
+    raw["options"]["fp8_recipe"] = "fancy"
+    with pytest.raises(ArtifactError, match=r"m.json: options: --fp8-recipe 'fancy': choose default or meta"):
+        Manifest.from_json(json.dumps(raw), "m.json")

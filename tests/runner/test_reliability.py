@@ -274,7 +274,7 @@ def test_an_edited_manifest_field_is_one_line(artifact, tmp_path, capsys, field,
     copy = tmp_path / "edited"
     shutil.copytree(artifact, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest[field] = value
+    manifest["options"][field] = value  # the export options, one object (export/options.py)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run(capsys, "generate", "--artifact", copy, "--backend", "ort", "--prompt", "hi")
     assert code == 2 and "manifest" in one_line(err) and "re-export" in err

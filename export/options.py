@@ -1,0 +1,137 @@
+"""The export options: one dataclass, validated once, written into the artifact's manifest
+whole and read back exactly (`Manifest.options`), so every later step — build, plan, the
+backends, the check that an existing artifact matches a request — reads the same object.
+
+No torch here: the manifest, the planner and the CLI import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING, Any
+
+from export.checkpoint_quant import CHECKPOINT_EXCLUSION_CHOICES
+from export.errors import ConfigError
+from export.kv_cache import KV_CACHE_LAYOUTS, KVCacheLayout, kv_cache_layout
+
+if TYPE_CHECKING:
+    from export.config import LlamaConfig
+    from export.fp8 import QuantConfig
+    from export.model import ModelOptions
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+QUANT_CHOICES = ("none", "fp8")
+LOGITS_CHOICES = ("all", "last")
+FP8_RECIPE_CHOICES = ("default", "meta")
+MIN_MAX_SEQ_LEN = 16  # the trace's example step (3 new tokens after 5 cached) must fit, with room to spare
+
+# field -> allowed values, for validate() and the manifest's schema check
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": DTYPE_CHOICES, "quant": QUANT_CHOICES, "kv_cache": tuple(KV_CACHE_LAYOUTS), "logits": LOGITS_CHOICES,
+    "fp8_recipe": FP8_RECIPE_CHOICES, "fp8_checkpoint_exclusions": CHECKPOINT_EXCLUSION_CHOICES,
+}
+POSITIVE = ("tp", "pp", "max_batch", "max_seq_len")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "float16"
+    quant: str = "none"
+    kv_cache: str = "static"  # the cache layout's name (export/kv_cache.py)
+    max_batch: int = 8
+    max_seq_len: int = 4096
+    logits: str = "all"
+    ranks: tuple[int, ...] | None = None  # None = every rank
+    fp8_recipe: str = "default"
+    fp8_exclude: tuple[str, ...] = ()  # fnmatch or re: patterns; the checkpoint's own list joins them
+    fp8_checkpoint_exclusions: str = "honour"  # or "ignore" (export/checkpoint_quant.py)
+
+    def validate(self, cfg: LlamaConfig | None = None) -> None:
+        """ConfigError naming the flag; cfg adds the checks against the model's geometry."""
+        for name in POSITIVE:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{_flag(name)} {value!r} must be a positive integer")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--{_flag(name)} {getattr(self, name)!r}: choose {' or '.join(choices)}")
+        if self.max_seq_len < MIN_MAX_SEQ_LEN:
+            raise ConfigError(f"--max-seq-len {self.max_seq_len} is below {MIN_MAX_SEQ_LEN}, the shortest cache the "
+                              "exporter traces with")
+        for pattern in self.fp8_exclude:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise ConfigError(f"--fp8-exclude {pattern!r}: not a regular expression ({err})") from None
+        if cfg is not None and self.max_seq_len > cfg.max_position_embeddings:
+            raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
+                              f"({cfg.max_position_embeddings}); choose at most that")
+
+    @property
+    def cache_layout(self) -> KVCacheLayout:
+        return kv_cache_layout(self.kv_cache)
+
+    @property
+    def quant_config(self) -> QuantConfig | None:
+        from export.fp8 import QuantConfig
+        return QuantConfig(self.fp8_recipe, self.fp8_exclude) if self.quant == "fp8" else None
+
+    @property
+    def model_options(self) -> ModelOptions:
+        from export.model import ModelOptions
+        return ModelOptions(kv_cache=self.kv_cache, max_seq_len=self.max_seq_len, logits=self.logits,
+                            quant=self.quant_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw["ranks"] = list(self.ranks) if self.ranks is not None else None
+        raw["fp8_exclude"] = list(self.fp8_exclude)
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str) -> ExportOptions:
+        """Exactly the options to_dict wrote; ConfigError naming the field otherwise."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != fields:
+            got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+            raise ConfigError(f"{source}: options must hold exactly {sorted(fields)}, got {got}")
+        ranks, exclude = raw["ranks"], raw["fp8_exclude"]
+        if not (ranks is None or (isinstance(ranks, list) and all(isinstance(r, int) and r >= 0 for r in ranks))):
+            raise ConfigError(f"{source}: options.ranks={ranks!r} must be null or a list of rank numbers")
+        if not (isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
+            raise ConfigError(f"{source}: options.fp8_exclude={exclude!r} must be a list of patterns")
+        options = cls(**{**raw, "ranks": tuple(ranks) if ranks is not None else None, "fp8_exclude": tuple(exclude)})
+        try:
+            options.validate()
+        except ConfigError as err:
+            raise ConfigError(f"{source}: options: {err}") from None
+        return options
+
+    def differences(self, other: ExportOptions) -> list[str]:
+        """'field have (requested want)' for every field where self and other differ; ranks
+        compare as rank sets (None = every rank)."""
+        diffs = []
+        for field in dataclasses.fields(self):
+            if field.name.startswith("fp8_") and self.quant == other.quant == "none":
+                continue  # FP8 choices of an export without FP8 shape nothing
+            have, want = getattr(self, field.name), getattr(other, field.name)
+            if field.name == "ranks":
+                have, want = self.rank_list(), other.rank_list()
+            if have != want:
+                diffs.append(f"{_flag(field.name)} {_show(have)} (requested {_show(want)})")
+        return diffs
+
+    def rank_list(self) -> list[int]:
+        return sorted(self.ranks) if self.ranks is not None else list(range(self.tp * self.pp))
+
+
+def _flag(field: str) -> str:
+    return field.replace("_", "-")
+
+
+def _show(value: Any) -> str:
+    return (",".join(map(str, value)) or "none") if isinstance(value, (list, tuple)) else str(value)
