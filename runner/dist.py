@@ -81,6 +81,10 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def _torch_dtype(numpy_dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=numpy_dtype)).dtype
+
+
 class ProcessWorld:
     """One rank per process under torchrun: TP all-reduce, PP send/recv, logits broadcast.
 
@@ -110,28 +114,38 @@ class ProcessWorld:
     def stage(self) -> int:
         return self.rank // self.tp
 
-    def _device(self, array) -> torch.Tensor:
-        # NCCL moves CUDA tensors only; gloo works on host memory.
-        tensor = torch.from_numpy(array)
-        return tensor.to(self.device) if self.device.type == "cuda" else tensor
+    # Tensors: moved to the process group's device (NCCL moves CUDA tensors only; gloo works on
+    # host memory). Arrays: the numpy face of the same calls, for the onnxruntime backend.
+
+    def send_tensor(self, tensor: torch.Tensor, dst: int) -> None:
+        self.dist.send(tensor.to(self.device).contiguous(), dst=dst)
+
+    def recv_tensor(self, shape, dtype: torch.dtype, src: int) -> torch.Tensor:
+        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        self.dist.recv(tensor, src=src)
+        return tensor
+
+    def broadcast_tensor(self, tensor: torch.Tensor | None, shape, dtype: torch.dtype, src: int) -> torch.Tensor:
+        """src's tensor on every process (the others pass None)."""
+        tensor = (torch.empty(shape, dtype=dtype, device=self.device) if tensor is None
+                  else tensor.to(self.device).contiguous())
+        self.dist.broadcast(tensor, src=src)
+        return tensor
 
     def all_reduce(self, array, stage: int):
-        tensor = self._device(array.copy())
+        tensor = torch.from_numpy(array.copy()).to(self.device)
         self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.tp_groups[stage])
         return tensor.cpu().numpy()
 
     def send(self, array, dst: int) -> None:
-        self.dist.send(self._device(array.copy()), dst=dst)
+        self.send_tensor(torch.from_numpy(array.copy()), dst)
 
     def recv(self, shape, dtype, src: int):
-        tensor = self._device(np.empty(shape, dtype=dtype))
-        self.dist.recv(tensor, src=src)
-        return tensor.cpu().numpy()
+        return self.recv_tensor(shape, _torch_dtype(dtype), src).cpu().numpy()
 
     def broadcast(self, array, shape, dtype, src: int):
-        tensor = self._device(array.copy() if array is not None else np.empty(shape, dtype=dtype))
-        self.dist.broadcast(tensor, src=src)
-        return tensor.cpu().numpy()
+        tensor = torch.from_numpy(array.copy()) if array is not None else None
+        return self.broadcast_tensor(tensor, shape, _torch_dtype(dtype), src).cpu().numpy()
 
     def close(self) -> None:
         if self.dist.is_initialized():

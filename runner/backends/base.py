@@ -12,7 +12,6 @@ outputs: logits float32 [batch, seq, vocab] ([batch, 1, vocab] for a logits="las
 
 from __future__ import annotations
 
-from typing import Protocol
 from collections.abc import Callable
 
 import numpy as np
@@ -23,17 +22,77 @@ from export.kv_cache import PARTS, KVCacheLayout, past_name
 from export.sharding import stage_layers
 
 
-class Backend(Protocol):
+FEED_NAMES = ("input_ids", "position_ids", "attention_mask")
+
+
+class Backend:
+    """The lifecycle every backend shares (Polygraphy's BaseRunner): `start(batch)`, then one
+    `infer(feed)` per step, `cache()` to compare, `close()` (or `with backend:`).
+
+    `infer` checks the feed once, here — token ids and positions in range, the cache large
+    enough, the batch the one `start` prepared — and hands the subclass's `infer_impl`
+    contiguous int64 arrays; `cache` gathers every layer through the subclass's `read_cache`.
+    Subclasses set config, tp, pp, cache_layout, max_seq_len (and world, for torchrun) and write
+    start_impl, infer_impl and read_cache.
+    """
+
     name: str
     config: LlamaConfig
+    tp: int
+    pp: int
     cache_layout: KVCacheLayout
     max_seq_len: int
+    world = None  # a runner.dist.ProcessWorld when each process serves one rank
+    batch: int | None = None  # set by start()
 
-    def start(self, batch: int) -> None: ...
+    def start(self, batch: int) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise InputError(f"batch {batch!r} must be a positive integer")
+        self.start_impl(batch)
+        self.batch = batch
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """feed: FEED_NAMES (module docstring); returns {"logits": float32}."""
+        if self.batch is None:
+            raise InputError(f"{self.name} backend: call start(batch) before infer()")
+        missing = [n for n in FEED_NAMES if n not in feed]
+        if missing:
+            raise InputError(f"the feed lacks {', '.join(missing)} (make it with runner.backends.base.make_feed)")
+        check_feed(feed, self.config, self.max_seq_len, self.cache_layout)
+        if feed["input_ids"].shape[0] != self.batch:
+            raise InputError(f"a batch of {feed['input_ids'].shape[0]} but start() prepared the KV cache for "
+                             f"{self.batch}; call start() again for a new batch")
+        feed = {n: np.ascontiguousarray(feed[n], dtype=np.int64) for n in FEED_NAMES}
+        return {"logits": self.infer_impl(feed).astype(np.float32, copy=False)}
 
-    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]: ...
+    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return gather_cache(self.config, self.tp, self.pp, self.read_cache, multi_process=self.world is not None)
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        return [stage * self.tp + t for t in range(self.tp)]
+
+    def close(self) -> None:
+        """Release what the backend holds beyond memory (communicators); idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    # -- what a backend implements ---------------------------------------------------------
+
+    def start_impl(self, batch: int) -> None:
+        raise NotImplementedError
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """One step over checked, contiguous int64 FEED_NAMES; the logits [batch, seq or 1, vocab]."""
+        raise NotImplementedError
+
+    def read_cache(self, rank: int, name: str) -> np.ndarray:
+        """float32 [batch, kv_local, len, head_dim] of one rank's cache tensor past_key_values.{i}.{part}."""
+        raise NotImplementedError
 
 
 def check_feed(feed: dict[str, np.ndarray], cfg: LlamaConfig, max_seq_len: int, cache: KVCacheLayout) -> None:

@@ -22,7 +22,7 @@ from export.errors import ArtifactError
 from export.kv_cache import is_past, past_of, present_of
 from export.manifest import Manifest, load_manifest
 from export.sharding import kv_heads_local
-from runner.backends.base import check_feed, gather_cache
+from runner.backends.base import Backend
 from runner.backends.ort_threads import OrtThreads
 from runner.backends.graph_split import Segment, make_session, split_at_collectives
 
@@ -124,7 +124,7 @@ def _as_numpy(value: np.ndarray | ort.OrtValue) -> np.ndarray:
     return value.numpy() if isinstance(value, ort.OrtValue) else value
 
 
-class OrtBackend:
+class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, artifact: str | Path, providers: Sequence = ("CPUExecutionProvider",),
@@ -144,14 +144,11 @@ class OrtBackend:
         wanted = [world.rank] if world is not None else list(range(m.tp * m.pp))
         self.runners = {r: RankRunner(m, self.directory, r, providers, threads) for r in wanted}
 
-    def start(self, batch: int) -> None:
+    def start_impl(self, batch: int) -> None:
         cfg = self.config
         length = self.cache_layout.buffer_len(self.max_seq_len)
         for runner in self.runners.values():
             runner.start(batch, kv_heads_local(cfg, self.tp), length, cfg.head_dim, self.dtype)
-
-    def _stage_ranks(self, stage: int) -> list[int]:
-        return [stage * self.tp + t for t in range(self.tp)]
 
     def _reduce(self, parts: list[np.ndarray], stage: int) -> np.ndarray:
         if self.world is None:
@@ -160,7 +157,7 @@ class OrtBackend:
 
     def run_stage(self, stage: int, feed: dict[str, np.ndarray], first: np.ndarray) -> np.ndarray:
         """Run this process's TP ranks of one stage in lockstep; returns the stage's output."""
-        ranks = [r for r in self._stage_ranks(stage) if r in self.runners]
+        ranks = [r for r in self.stage_ranks(stage) if r in self.runners]
         base = {k: v for k, v in feed.items() if k != "input_ids"}
         first_name = "input_ids" if stage == 0 else "hidden_states"
         envs = {r: {**base, first_name: first} for r in ranks}
@@ -178,17 +175,14 @@ class OrtBackend:
         out_name = "logits" if stage == self.pp - 1 else "hidden_states"
         return _as_numpy(envs[ranks[0]][out_name])
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.config, self.max_seq_len, self.cache_layout)
-        inputs = {"position_ids": feed["position_ids"].astype(np.int64),
-                  "attention_mask": feed["attention_mask"].astype(np.int64)}
-        x = feed["input_ids"].astype(np.int64)
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = {"position_ids": feed["position_ids"], "attention_mask": feed["attention_mask"]}
+        x = feed["input_ids"]
         if self.world is None:
             for stage in range(self.pp):
                 x = self.run_stage(stage, inputs, x)
-        else:
-            x = self._infer_distributed(inputs, x)
-        return {"logits": x.astype(np.float32, copy=False)}  # no second copy of [batch, seq, vocab] fp32 logits
+            return x
+        return self._infer_distributed(inputs, x)
 
     def _infer_distributed(self, inputs: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
         """This process's stage; hidden states travel down the pipeline, logits back to all."""
@@ -203,6 +197,5 @@ class OrtBackend:
         rows = seq if self.manifest.logits == "all" else 1
         return world.broadcast(out, (batch, rows, cfg.vocab_size), self.dtype, src=(self.pp - 1) * self.tp)
 
-    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        return gather_cache(self.config, self.tp, self.pp, lambda rank, name: self.runners[rank].read_cache(name),
-                            multi_process=self.world is not None)
+    def read_cache(self, rank: int, name: str) -> np.ndarray:
+        return self.runners[rank].read_cache(name)

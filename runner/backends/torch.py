@@ -11,16 +11,17 @@ import numpy as np
 import torch
 
 from export.checkpoint import Checkpoint
+from export.kv_cache import PARTS
 from export.model import ModelOptions, build_rank_module, load_rank_weights
 from export.rank_tensors import rank_module_tensors
 from export.sharding import all_ranks, kv_heads_local, validate_parallelism
-from runner.backends.base import check_feed, logical_kv
+from runner.backends.base import Backend
 from runner.dist import LocalAllReduce, run_in_lockstep
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, checkpoint: Checkpoint, tp: int = 1, pp: int = 1, dtype: str = "float32",
@@ -46,7 +47,7 @@ class TorchBackend:
             self.modules.append(module)
         self._cache: list[list[torch.Tensor]] = []
 
-    def start(self, batch: int) -> None:
+    def start_impl(self, batch: int) -> None:
         cfg = self.config
         kv_local = kv_heads_local(cfg, self.tp)
         length = self.cache_layout.buffer_len(self.max_seq_len)
@@ -56,27 +57,21 @@ class TorchBackend:
             for module in self.modules]
 
     @torch.inference_mode()
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.config, self.max_seq_len, self.cache_layout)
-        positions = torch.from_numpy(np.ascontiguousarray(feed["position_ids"], dtype=np.int64))
-        mask = torch.from_numpy(np.ascontiguousarray(feed["attention_mask"], dtype=np.int64))
-        x = torch.from_numpy(np.ascontiguousarray(feed["input_ids"], dtype=np.int64))
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        positions, mask = torch.from_numpy(feed["position_ids"]), torch.from_numpy(feed["attention_mask"])
+        x = torch.from_numpy(feed["input_ids"])
         for stage in range(self.pp):
-            ranks = [s.rank for s in self.specs if s.pp_rank == stage]
+            ranks = self.stage_ranks(stage)
             outs = run_in_lockstep(
                 [lambda r=r, x=x: self.modules[r](x, positions, mask, *self._cache[r]) for r in ranks],
                 self.groups[stage])
             for r, out in zip(ranks, outs):
                 self._cache[r] = list(out[1:])
             x = outs[0][0]  # identical on every TP rank after the last all-reduce
-        return {"logits": x.float().numpy()}
+        return x.float().numpy()
 
-    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        layers = []
-        for stage in range(self.pp):
-            ranks = [s.rank for s in self.specs if s.pp_rank == stage]
-            for n in range(len(self.modules[ranks[0]].layer_ids)):
-                k = logical_kv([self._cache[r][2 * n].float().numpy() for r in ranks], self.config, self.tp)
-                v = logical_kv([self._cache[r][2 * n + 1].float().numpy() for r in ranks], self.config, self.tp)
-                layers.append((k, v))
-        return layers
+    def read_cache(self, rank: int, name: str) -> np.ndarray:
+        # past_key_values.{layer}.{part} -> the module's past inputs, (key, value) per local layer
+        _, layer, part = name.split(".")
+        index = 2 * self.modules[rank].layer_ids.index(int(layer)) + PARTS.index(part)
+        return self._cache[rank][index].float().numpy()

@@ -43,7 +43,7 @@ from export.manifest import Manifest, load_manifest
 from export.trt_flavours import flavour as trt_flavour
 from export.trt_flavours import why_engines_cannot_run
 from export.sharding import kv_heads_local
-from runner.backends.base import check_feed, gather_cache
+from runner.backends.base import Backend
 
 _CAPSULE_NAME = b"ncclComm_t"  # module-level: the capsule keeps a pointer to this name
 
@@ -256,7 +256,7 @@ class RankEngine:
         self.stream.synchronize()
 
 
-class TrtBackend:
+class TrtBackend(Backend):
     name = "trt"
 
     def __init__(self, artifact: str | Path, world=None, verify_hashes: bool = False, cuda_graph: bool = False,
@@ -313,30 +313,9 @@ class TrtBackend:
         with self.torch.cuda.device(device):
             return nccl.Communicator.init(nranks=self.tp, rank=world.rank % self.tp, unique_id=unique_id)
 
-    def _send(self, tensor, dst: int) -> None:
-        dist = self.world.dist
-        dist.send(tensor if dist.get_backend() == "nccl" else tensor.cpu(), dst=dst)
-
-    def _recv(self, shape, dtype, src: int):
-        torch, dist = self.torch, self.world.dist
-        on_gpu = dist.get_backend() == "nccl"
-        tensor = torch.empty(shape, dtype=dtype, device="cuda" if on_gpu else "cpu")
-        dist.recv(tensor, src=src)
-        return tensor
-
-    def _broadcast(self, tensor, shape, dtype, src: int):
-        torch, dist = self.torch, self.world.dist
-        on_gpu = dist.get_backend() == "nccl"
-        if tensor is None:
-            tensor = torch.empty(shape, dtype=dtype, device="cuda" if on_gpu else "cpu")
-        elif not on_gpu:
-            tensor = tensor.cpu()
-        dist.broadcast(tensor, src=src)
-        return tensor
-
     # -- Backend -----------------------------------------------------------------------------
 
-    def start(self, batch: int) -> None:
+    def start_impl(self, batch: int) -> None:
         cfg = self.config
         for runner in self.runners.values():
             runner.start(batch, kv_heads_local(cfg, self.tp), cfg.head_dim, self.max_seq_len)
@@ -353,15 +332,15 @@ class TrtBackend:
                 inputs[name] = torch.from_numpy(np.ascontiguousarray(feed[name]))
         return inputs
 
-    def _stage_ranks(self, stage: int) -> list[int]:
-        return [r for r in range(stage * self.tp, (stage + 1) * self.tp) if r in self.runners]
+    def _my_stage_ranks(self, stage: int) -> list[int]:
+        return [r for r in self.stage_ranks(stage) if r in self.runners]
 
     def _step(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(feed["input_ids"]))
         if self.world is None:
             for stage in range(self.pp):
-                (rank,) = self._stage_ranks(stage)
+                (rank,) = self._my_stage_ranks(stage)
                 runner = self.runners[rank]
                 x = runner.run(self._device_inputs(runner, feed, x))[_output_name(stage, self.pp)]
             self.runners[rank].synchronize()
@@ -370,15 +349,15 @@ class TrtBackend:
         runner = self.runners[rank]
         batch, seq = feed["input_ids"].shape
         if world.stage > 0:
-            x = self._recv((batch, seq, self.config.hidden_size), runner.dtypes["hidden_states"], src=rank - self.tp)
+            x = world.recv_tensor((batch, seq, self.config.hidden_size), runner.dtypes["hidden_states"], src=rank - self.tp)
         out = runner.run(self._device_inputs(runner, feed, x))[_output_name(world.stage, self.pp)]
         runner.synchronize()
         if world.stage < self.pp - 1:
-            self._send(out, dst=rank + self.tp)
+            world.send_tensor(out, dst=rank + self.tp)
             out = None
         if self.pp > 1:
             rows = seq if self.manifest.logits == "all" else 1
-            out = self._broadcast(out, (batch, rows, self.config.vocab_size), _logits_dtype(self.manifest, torch),
+            out = world.broadcast_tensor(out, (batch, rows, self.config.vocab_size), _logits_dtype(self.manifest, torch),
                                   src=(self.pp - 1) * self.tp)
         return out.float().cpu().numpy()
 
@@ -401,18 +380,14 @@ class TrtBackend:
             yield piece
             start = end
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(feed, self.config, self.max_seq_len, self.cache_layout)
-        feed = {k: feed[k].astype(np.int64) for k in ("input_ids", "position_ids", "attention_mask")}
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         pieces = [self._step(piece) for piece in self._chunks(feed)]
-        logits = pieces[0] if len(pieces) == 1 else (
-            np.concatenate(pieces, axis=1) if self.manifest.logits == "all" else pieces[-1])
-        return {"logits": logits.astype(np.float32)}
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces, axis=1) if self.manifest.logits == "all" else pieces[-1]
 
-    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        def read(rank: int, name: str) -> np.ndarray:
-            return self.runners[rank].cache[name].float().cpu().numpy()
-        return gather_cache(self.config, self.tp, self.pp, read, multi_process=self.world is not None)
+    def read_cache(self, rank: int, name: str) -> np.ndarray:
+        return self.runners[rank].cache[name].float().cpu().numpy()
 
     def close(self) -> None:
         """Release the NCCL communicator (collective: every rank calls it)."""

@@ -64,3 +64,22 @@ def test_top_p_keeps_only_the_nucleus():
     rng = np.random.default_rng(0)
     picks = {int(choose_tokens(logits, SamplingOptions(temperature=1.0, top_p=0.8), rng)[0]) for _ in range(200)}
     assert picks == {0, 1}
+
+
+def test_every_backend_shares_one_lifecycle(hf_checkpoint):
+    """runner/backends/base.py: infer before start, a feed of another batch, a feed missing a
+    tensor and a position past the RoPE tables are refused by the base, for every backend."""
+    from runner.backends.base import make_feed
+    path, _ = hf_checkpoint
+    with backend(path) as b:
+        ids, positions = np.array([[1, 2, 3]]), np.arange(3)[None]
+        with pytest.raises(InputError, match="call start"):
+            b.infer(make_feed(ids, positions, np.ones((1, 3))))
+        b.start(2)
+        with pytest.raises(InputError, match="a batch of 1 but start"):
+            b.infer(make_feed(ids, positions, np.ones((1, 3))))
+        with pytest.raises(InputError, match="lacks attention_mask"):
+            b.infer({"input_ids": ids, "position_ids": positions})
+        far = np.full((2, 1), b.config.max_position_embeddings)
+        with pytest.raises(InputError, match="max_position_embeddings"):
+            b.infer(make_feed(np.ones((2, 1)), far, np.ones((2, 1))))
