@@ -26,15 +26,21 @@ def parsed_layers(onnx_path: Path) -> tuple[dict[str, int], dict[str, dict[str, 
     return layer_summary(trt, network)
 
 
-def parsed_model_layers(model: onnx.ModelProto) -> dict[str, int]:
-    """Layer-type counts of an in-memory model (weights inline)."""
+def _parse_model(model: onnx.ModelProto):
+    """(builder, network, parser, errors) of an in-memory model; the network lives as long as
+    its builder, so the caller holds all three."""
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    ok = parser.parse(model.SerializeToString())
-    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    assert ok, errors
+    parser.parse(model.SerializeToString())
+    return builder, network, parser, [str(parser.get_error(i)) for i in range(parser.num_errors)]
+
+
+def parsed_model_layers(model: onnx.ModelProto) -> dict[str, int]:
+    """Layer-type counts of an in-memory model (weights inline)."""
+    _builder, network, _parser, errors = _parse_model(model)
+    assert not errors, errors
     return layer_summary(trt, network)[0]
 
 
@@ -42,3 +48,8 @@ def assert_artifact_parses(artifact: Path) -> dict[int, dict[str, int]]:
     """Every rank graph parses; returns {rank: layer counts}."""
     manifest = load_manifest(artifact, only=[])
     return {e.rank: parsed_layers(Path(artifact) / e.onnx_path)[0] for e in manifest.ranks}
+
+
+def parse_errors(model: onnx.ModelProto) -> list[str]:
+    """The parser's errors for an in-memory model ([] when it parses)."""
+    return _parse_model(model)[3]

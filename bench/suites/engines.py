@@ -78,12 +78,15 @@ def run_cli_measured(ctx: Context, label: str, cmd: list[str], timeout: float = 
 
 
 def _engine_section(art: Path) -> tuple[dict, dict, int]:
-    """(manifest["engines"], its rank-0 entry, rank 0's weight bytes from the manifest's files)."""
+    """(manifest["engines"], its rank-0 entry, rank 0's weight bytes from the manifest's files:
+    model.onnx.data plus model.onnx, whose inline rank constants — the RoPE tables, 32 MiB in
+    fp16 — the engine carries too)."""
     manifest = json.loads((art / "manifest.json").read_text())
     files = manifest.get("files", {})
-    weights = files.get("rank0/model.onnx.data", {}).get("size")
-    if not weights:
-        raise MeasurementError(f"{art}/manifest.json: no rank0/model.onnx.data in its files")
+    data, graph = (files.get(f"rank0/{name}", {}).get("size") for name in ("model.onnx.data", "model.onnx"))
+    if not data or not graph:
+        raise MeasurementError(f"{art}/manifest.json: no rank0/model.onnx and model.onnx.data in its files")
+    weights = data + graph
     engines = manifest.get("engines")
     if not isinstance(engines, dict):
         return {}, {}, weights
@@ -114,7 +117,7 @@ def run(ctx: Context) -> None:
     """TP8 rank 0 of a 405B-width 1-layer checkpoint (cut vocabulary), float16 and FP8: export,
     then `llama405 build --trt rtx` (TensorRT-RTX, ahead of time, no GPU needed): parse and
     build seconds, the builder's process-tree peak RSS and the engine's size, each against the
-    rank's weight bytes (rank0/model.onnx.data)."""
+    rank's weight bytes (rank0/model.onnx + .data)."""
     cfg = engines_config(ctx.quick)
     width = "hidden 1024 (quick)" if ctx.quick else "405B width"
     label = f"405b-width-1L-v{ENGINES_VOCAB}{'-quick' if ctx.quick else ''}"
@@ -148,7 +151,7 @@ def run(ctx: Context) -> None:
                     f"process wall, cold page cache; process-tree peak RSS {gb(whole_peak(dataclasses.asdict(exp))):.2f} GB"
                     + (f"; FP8 calibration (1 x 16 tokens) holds one unsharded layer in fp32 ({layer_fp32:.1f} GB)"
                        if quant == "fp8" else ""))
-            ctx.add("engines", f"{what}: rank weight bytes (rank0/model.onnx.data)", gb(weights), "GB",
+            ctx.add("engines", f"{what}: rank weight bytes (rank0/model.onnx + .data)", gb(weights), "GB",
                     "float16, max_seq_len 4096, max_batch 1" if quant == "none"
                     else "FP8 E4M3 linears, float16 embedding / lm_head / norms")
             if not has_trt:

@@ -217,3 +217,34 @@ def test_a_405b_width_tp8_rank_parses_and_builds(tmp_path):
     weights = manifest.files["rank0/model.onnx.data"]["size"]
     assert 0.9 < section["ranks"]["0"]["size"] / weights < 1.5
     load_manifest(artifact, verify_hashes=True)
+
+
+def test_an_fp8_kv_cache_is_refused_by_the_parser():
+    """Why there is no --kv-cache-dtype fp8 (docs/engines.md): TensorRT's KV-cache update layer
+    takes float/half/bf16 caches only. An FP8 cache written with TensorScatter after a
+    QuantizeLinear, read through a DequantizeLinear into Attention, is refused at parse time.
+    When a TensorRT version accepts it, this fails and the feature can be built."""
+    import ml_dtypes
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from tests.trt_parser import parse_errors
+    batch, heads, kv_heads, slots, dim = 1, 4, 2, 64, 64
+    inputs = [h.make_tensor_value_info("q", T.FLOAT16, [batch, heads, "seq", dim]),
+              h.make_tensor_value_info("k_new", T.FLOAT16, [batch, kv_heads, "seq", dim]),
+              h.make_tensor_value_info("past_k", T.FLOAT8E4M3FN, [batch, kv_heads, slots, dim]),
+              h.make_tensor_value_info("write_indices", T.INT64, [batch]),
+              h.make_tensor_value_info("mask", T.FLOAT16, [batch, 1, "seq", slots])]
+    nodes = [h.make_node("QuantizeLinear", ["k_new", "scale", "zero"], ["k_fp8"], saturate=1),
+             h.make_node("TensorScatter", ["past_k", "k_fp8", "write_indices"], ["present_k"], axis=-2, mode="linear"),
+             h.make_node("DequantizeLinear", ["present_k", "scale", "zero"], ["k"]),
+             h.make_node("Attention", ["q", "k", "k", "mask"], ["y"], is_causal=0)]
+    outputs = [h.make_tensor_value_info("y", T.FLOAT16, [batch, heads, "seq", dim]),
+               h.make_tensor_value_info("present_k", T.FLOAT8E4M3FN, [batch, kv_heads, slots, dim])]
+    constants = [nh.from_array(np.array(0.05, dtype=np.float16), "scale"),
+                 nh.from_array(np.array(0, dtype=ml_dtypes.float8_e4m3fn), "zero")]
+    model = h.make_model(h.make_graph(nodes, "fp8_cache", inputs, outputs, initializer=constants),
+                         opset_imports=[h.make_opsetid("", 24)], ir_version=10)
+    errors = parse_errors(model)
+    assert any("cache has type FP8 but must have type Float, Half, or BFloat16" in e for e in errors), errors
