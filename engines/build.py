@@ -317,7 +317,7 @@ def host_memory_warning(manifest: Manifest, ranks: Sequence[int], workers: int) 
     """Building a rank holds a fixed part plus ~BUILDER_HOST_BYTES_PER_WEIGHT_BYTE x its weights in
     host memory (engines/plan.py, measured); warn when the parallel set will not fit."""
     import psutil
-    sizes = sorted((manifest.files.get(f"rank{r}/model.onnx.data", {}).get("size", 0) for r in ranks), reverse=True)
+    sizes = sorted((manifest.files.get(manifest.rank(r).data_path, {}).get("size", 0) for r in ranks), reverse=True)
     needed = sum(builder_host_bytes(size) for size in sizes[:workers])
     available = psutil.virtual_memory().available
     if needed > available:

@@ -21,6 +21,7 @@ import math
 import onnxscript
 import torch
 
+from export.custom_ops import define_op
 ATTENTION_OPSET = 24  # the graph's opset; Attention-24 = Attention-23 plus nonpad_kv_seqlen, never used here
 
 
@@ -38,11 +39,6 @@ def _attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.reshape(batch, q_heads, seq, d)  # [batch, q_heads, seq, d]
 
 
-def _define() -> None:
-    if hasattr(torch.ops.llama405, "gqa_attention"):
-        return
-    op = torch.library.custom_op("llama405::gqa_attention", mutates_args=())(_attention_eager)
-    op.register_fake(_attention_fake)
 
 
 def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,7 +53,7 @@ def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return torch.empty_like(q)
 
 
-_define()
+define_op("gqa_attention", _attention_eager, _attention_fake)
 
 
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import onnxscript
 import torch
 
+from export.custom_ops import define_op
 KV_WRITE_OPSET = 24
 
 
@@ -24,14 +25,7 @@ def _kv_write_fake(past: torch.Tensor, new: torch.Tensor, write_indices: torch.T
     return torch.empty_like(past)
 
 
-def _define() -> None:
-    if hasattr(torch.ops.llama405, "kv_cache_write"):
-        return
-    op = torch.library.custom_op("llama405::kv_cache_write", mutates_args=())(_kv_write_eager)
-    op.register_fake(_kv_write_fake)
-
-
-_define()
+define_op("kv_cache_write", _kv_write_eager, _kv_write_fake)
 
 
 def kv_cache_write(past: torch.Tensor, new: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:

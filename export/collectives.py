@@ -42,6 +42,7 @@ import onnxscript
 import torch
 from onnx import helper
 
+from export.custom_ops import define_op
 from export.errors import InternalError, ShardingError
 
 # Private placeholder domain; never present in a finished rank graph.
@@ -75,19 +76,7 @@ def _all_reduce_fake(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def _define_all_reduce_op() -> None:
-    # The registration is process-global, so a second import of this file (a reload, or the
-    # file imported under another module name) must reuse the op instead of re-registering it.
-    try:
-        torch.ops.llama405.all_reduce  # noqa: B018 - attribute lookup is the existence test
-        return
-    except AttributeError:
-        pass
-    op = torch.library.custom_op("llama405::all_reduce", mutates_args=())(_all_reduce_eager)
-    op.register_fake(_all_reduce_fake)
-
-
-_define_all_reduce_op()
+define_op("all_reduce", _all_reduce_eager, _all_reduce_fake)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

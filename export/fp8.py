@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxscript
 import torch
+from export.custom_ops import define_op
 from torch import nn
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -50,16 +51,8 @@ def _dequantize_eager(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.
     return q.to(scale.dtype) * scale.view(shape)
 
 
-def _define_ops() -> None:
-    if hasattr(torch.ops.llama405, "fp8_quantize"):
-        return
-    quantize = torch.library.custom_op("llama405::fp8_quantize", mutates_args=())(_quantize_eager)
-    quantize.register_fake(lambda x, scale: torch.empty_like(x, dtype=FP8))
-    dequantize = torch.library.custom_op("llama405::fp8_dequantize", mutates_args=())(_dequantize_eager)
-    dequantize.register_fake(lambda q, scale, axis: torch.empty_like(q, dtype=scale.dtype))
-
-
-_define_ops()
+define_op("fp8_quantize", _quantize_eager, lambda x, scale: torch.empty_like(x, dtype=FP8))
+define_op("fp8_dequantize", _dequantize_eager, lambda q, scale, axis: torch.empty_like(q, dtype=scale.dtype))
 
 _OP = onnxscript.values.Opset("", 24)
 

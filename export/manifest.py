@@ -20,7 +20,14 @@ from export.kv_cache import KVCacheLayout
 from export.options import ExportOptions
 
 MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"  # rank{r}/model.onnx: the rank graph
+DATA_FILE = "model.onnx.data"  # rank{r}/model.onnx.data: its weights (external data)
 ENGINE_FILE = "engine.plan"  # rank{r}/engine.plan, written by `llama405 build`
+
+
+def rank_folder(rank: int) -> str:
+    """The artifact's folder of one rank, relative to the artifact."""
+    return f"rank{rank}"
 FORMAT = "llama405-artifact"
 FORMAT_VERSION = 2  # 2: the export options as one object ("options")
 
@@ -43,12 +50,20 @@ class RankEntry:
     collectives: int
 
     @property
+    def dir(self) -> str:
+        return rank_folder(self.rank)
+
+    @property
     def onnx_path(self) -> str:
-        return f"rank{self.rank}/model.onnx"
+        return f"{self.dir}/{ONNX_FILE}"
+
+    @property
+    def data_path(self) -> str:
+        return f"{self.dir}/{DATA_FILE}"
 
     @property
     def engine_path(self) -> str:
-        return f"rank{self.rank}/{ENGINE_FILE}"
+        return f"{self.dir}/{ENGINE_FILE}"
 
 
 @dataclasses.dataclass(frozen=True)

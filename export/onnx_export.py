@@ -40,8 +40,8 @@ from export.options import ExportOptions
 from export.checkpoint_quant import CheckpointQuantization
 from export.config import LlamaConfig
 from export.errors import ArtifactError, CheckpointError, InternalError
-from export.manifest import (Manifest, RankEntry, TensorSpec, config_digest, file_entry, is_finished_artifact,
-                             options_digest, write_manifest)
+from export.manifest import (DATA_FILE, ONNX_FILE, Manifest, RankEntry, TensorSpec, config_digest, file_entry,
+                             is_finished_artifact, options_digest, rank_folder, write_manifest)
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
                                temporary_sibling)
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
@@ -55,7 +55,6 @@ from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, defaul
 from export.weight_stream import ALIGN, BLOCK_BYTES, WrittenTensor, write_weights
 
 OPSET = 24
-DATA_FILE = "model.onnx.data"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64,
@@ -308,7 +307,7 @@ def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, 
     model.producer_name, model.producer_version = "llama405", _version()
     model.doc_string = (f"Llama 3.1 rank {spec.rank} (tp {spec.tp_rank}/{spec.tp_size}, "
                         f"pp {spec.pp_rank}/{spec.pp_size})")
-    onnx_path = rank_dir / "model.onnx"
+    onnx_path = rank_dir / ONNX_FILE
     onnx.save_model(model, str(onnx_path))
     collectives.register_dist_collective_schema()
     onnx.checker.check_model(str(onnx_path), full_check=False)
@@ -316,8 +315,7 @@ def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, 
     entry = RankEntry(rank=spec.rank, tp_rank=spec.tp_rank, pp_rank=spec.pp_rank,
                       layers=(layers.start, layers.stop), inputs=_spec_entries(model.graph.input),
                       outputs=_spec_entries(model.graph.output), collectives=n_collectives)
-    files = {f"rank{spec.rank}/model.onnx": file_entry(onnx_path),
-             f"rank{spec.rank}/{DATA_FILE}": file_entry(rank_dir / DATA_FILE, data_sha)}
+    files = {entry.onnx_path: file_entry(onnx_path), entry.data_path: file_entry(rank_dir / DATA_FILE, data_sha)}
     return entry, files
 
 
@@ -458,7 +456,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
         with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="export") as bar:
             for spec in specs:
                 bar.set_postfix_str(f"rank {spec.rank}")
-                entry, rank_files = export_rank(checkpoint, spec, options, tmp / f"rank{spec.rank}", graphs,
+                entry, rank_files = export_rank(checkpoint, spec, options, tmp / rank_folder(spec.rank), graphs,
                                                 input_scales, bar.update, stats)
                 entries.append(entry)
                 files.update(rank_files)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import onnxscript
 import torch
 
+from export.custom_ops import define_op
 ROTARY_OPSET = 23
 
 
@@ -37,14 +38,7 @@ def _rotary_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.empty_like(x)
 
 
-def _define() -> None:
-    if hasattr(torch.ops.llama405, "rotary_embedding"):
-        return
-    op = torch.library.custom_op("llama405::rotary_embedding", mutates_args=())(_rotary_eager)
-    op.register_fake(_rotary_fake)
-
-
-_define()
+define_op("rotary_embedding", _rotary_eager, _rotary_fake)
 
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import dataclasses
 import onnx
 
 from export.errors import InternalError
+from export.kv_cache import PAST, PRESENT
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -84,7 +85,7 @@ def _layer_template(model: onnx.ModelProto, scope: str) -> tuple[_Template, list
     consumed_outside = {i for n, inside in zip(all_nodes, in_layer) if not inside for i in n.input}
     leaving = [v for v in produced if v in consumed_outside and v not in graph_outputs]
     if not leaving:  # a stage that is not the last: the stream leaves as the hidden_states output
-        leaving = [v for v in produced if v in graph_outputs and not v.startswith("present.")]
+        leaving = [v for v in produced if v in graph_outputs and not v.startswith(PRESENT)]
     if len(leaving) != 1:
         raise InternalError(f"expected one residual stream leaving {scope}, found {sorted(leaving)}")
     h_out = leaving[0]
@@ -116,7 +117,7 @@ def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[in
             if source is alternative:
                 templates[layer] = template
     graph_outputs = {o.name for o in graph.output}
-    past_prefix, present_prefix = f"past_key_values.{template_layer}.", f"present.{template_layer}."
+    past_prefix, present_prefix = f"{PAST}{template_layer}.", f"{PRESENT}{template_layer}."
     weight_prefix = scope + "."
 
     after = _downstream(all_nodes, base.h_out)
@@ -125,7 +126,7 @@ def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[in
 
     # Shape lookups outside the layer (the mask reads the cache length) keep reading the first
     # stamped layer's cache input.
-    first_past = f"past_key_values.{layer_ids[0]}."
+    first_past = f"{PAST}{layer_ids[0]}."
     nodes = []
     for node in prologue:
         if any(x.startswith(past_prefix) for x in node.input):
@@ -151,9 +152,9 @@ def stamp_layers(model: onnx.ModelProto, template_layer: int, layer_ids: list[in
             if name.startswith(weight_prefix):
                 return f"model.layers.{i}." + name[len(weight_prefix):]
             if name.startswith(past_prefix):
-                return f"past_key_values.{i}." + name[len(past_prefix):]
+                return f"{PAST}{i}." + name[len(past_prefix):]
             if name.startswith(present_prefix):
-                return f"present.{i}." + name[len(present_prefix):]
+                return f"{PRESENT}{i}." + name[len(present_prefix):]
             if name in t.produced:
                 return f"layers.{i}/{name}"
             return name  # shared: rotary tables, mask, write slots
@@ -214,7 +215,7 @@ def _rebase(template: _Template, prefix: str, base: onnx.ModelProto) -> _Templat
         copy.input[:] = [renamed.get(x, x) for x in node.input]
         for name in copy.input:
             if name and name not in template.produced and name not in renamed.values() and name != template.h_in \
-                    and not name.startswith(("model.layers.", "past_key_values.")) and name not in known:
+                    and not name.startswith(("model.layers.", PAST)) and name not in known:
                 raise InternalError(f"a layer pattern's trace reads {name!r}, which the stage's graph does not "
                                     "define")
         nodes.append(copy)

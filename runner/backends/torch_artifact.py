@@ -42,8 +42,8 @@ class ArtifactWeights:
         self.config = manifest.config
 
     def iter_rank_tensors(self, spec: RankSpec) -> Iterator[tuple[str, torch.Tensor]]:
-        rank_dir = self.directory / f"rank{spec.rank}"
-        onnx_path = rank_dir / "model.onnx"
+        onnx_path = self.directory / self.manifest.rank(spec.rank).onnx_path
+        rank_dir = onnx_path.parent
         try:
             # Graph and initializer records only: the weight bytes stay in model.onnx.data.
             model = onnx.load(str(onnx_path), load_external_data=False)

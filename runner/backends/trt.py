@@ -39,7 +39,7 @@ import numpy as np
 
 from export.errors import ArtifactError, InputError, InternalError, MissingRequirement
 from export.kv_cache import is_past, past_of, present_of
-from export.manifest import Manifest, load_manifest
+from export.manifest import Manifest, load_manifest, rank_folder
 from export.trt_flavours import flavour as trt_flavour
 from export.trt_flavours import why_engines_cannot_run
 from export.sharding import kv_heads_local
@@ -272,7 +272,7 @@ class TrtBackend(Backend):
         trt, torch = _require_runtime(self.directory, section)
         self.trt, self.torch = trt, torch
         ranks = [world.rank] if world is not None else [e.rank for e in manifest.ranks]
-        mine = [f for r in ranks for f in manifest.files if f.startswith(f"rank{r}/")]
+        mine = [f for r in ranks for f in manifest.files if f.startswith(rank_folder(r) + "/")]
         self.manifest = load_manifest(self.directory, verify_hashes=verify_hashes, only=mine)
         m = self.manifest
         if world is None and m.tp > 1:
