@@ -53,17 +53,10 @@ def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return torch.empty_like(q)
 
 
-define_op("gqa_attention", _attention_eager, _attention_fake)
-
-
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.ops.llama405.gqa_attention(q, k, v, mask)
-
-
 _OPSET = onnxscript.values.Opset("", ATTENTION_OPSET)
 
 
-def gqa_attention_onnx(q, k, v, mask):
+def _attention_onnx(q, k, v, mask):
     # The mask is fp32; Attention wants it in Q's type (or bool).
     mask = _OPSET.CastLike(mask, q)
     # onnxscript gives the node all four outputs of Attention's schema; only Y is used, and
@@ -72,5 +65,5 @@ def gqa_attention_onnx(q, k, v, mask):
     return y
 
 
-def custom_translation_table() -> dict:
-    return {torch.ops.llama405.gqa_attention.default: gqa_attention_onnx}
+# gqa_attention(q, k, v, mask) -> [batch, q_heads, seq, head_dim]
+gqa_attention = define_op("gqa_attention", _attention_eager, _attention_fake, _attention_onnx)

@@ -11,7 +11,9 @@ import onnxscript
 import torch
 
 from export.custom_ops import define_op
+
 KV_WRITE_OPSET = 24
+_OPSET = onnxscript.values.Opset("", KV_WRITE_OPSET)
 
 
 def _kv_write_eager(past: torch.Tensor, new: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:
@@ -25,21 +27,11 @@ def _kv_write_fake(past: torch.Tensor, new: torch.Tensor, write_indices: torch.T
     return torch.empty_like(past)
 
 
-define_op("kv_cache_write", _kv_write_eager, _kv_write_fake)
-
-
-def kv_cache_write(past: torch.Tensor, new: torch.Tensor, write_indices: torch.Tensor) -> torch.Tensor:
-    """past with new [batch, kv_heads, seq, head_dim] written at slots write_indices[b] + 0..seq-1."""
-    return torch.ops.llama405.kv_cache_write(past, new, write_indices)
-
-
-_OPSET = onnxscript.values.Opset("", KV_WRITE_OPSET)
-
-
-def kv_cache_write_onnx(past, new, write_indices):
+def _kv_write_onnx(past, new, write_indices):
     # axis -2 (not 2): the form onnx-tensorrt maps to its KV-cache update layer.
     return _OPSET.TensorScatter(past, new, write_indices, axis=-2, mode="linear")
 
 
-def custom_translation_table() -> dict:
-    return {torch.ops.llama405.kv_cache_write.default: kv_cache_write_onnx}
+# kv_cache_write(past, new, write_indices): past with new [batch, kv_heads, seq, head_dim] written
+# at slots write_indices[b] + 0..seq-1.
+kv_cache_write = define_op("kv_cache_write", _kv_write_eager, _kv_write_fake, _kv_write_onnx)

@@ -1,4 +1,4 @@
-"""Tensor-parallel all-reduce in the exported graph (DESIGN.md §5).
+"""Tensor-parallel all-reduce in the exported graph (docs/design-notes.md, docs/engines.md).
 
 Three pieces, used in this order by the exporter:
 
@@ -6,7 +6,7 @@ Three pieces, used in this order by the exporter:
    all-reduce point *while being exported* (eager runs use a real reducer instead). Its eager
    body is a copy and its fake body an ``empty_like``, so ``torch.export`` sees one opaque node
    per collective, on real or meta tensors alike.
-2. :func:`all_reduce_onnx` -- the onnxscript translation that turns that node into
+2. ``_all_reduce_onnx`` -- the onnxscript translation that turns that node into
    ``llama405.AllReduce``. It lives in a private domain because the exporter validates
    default-domain ops against ONNX's own schemas, and ``DistCollective`` is not one of them.
 3. :func:`rewrite_collectives` -- the post-pass that renames every ``llama405.AllReduce`` to
@@ -34,7 +34,6 @@ DistCollective was not in the reference index; the mirrored onnx/onnx-tensorrt s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import onnx
 import onnx.defs
@@ -47,6 +46,7 @@ from export.errors import InternalError, ShardingError
 
 # Private placeholder domain; never present in a finished rank graph.
 PLACEHOLDER_DOMAIN = "llama405"
+_PLACEHOLDER_OPSET = onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1)
 PLACEHOLDER_OP = "AllReduce"
 DIST_COLLECTIVE = "DistCollective"
 
@@ -76,12 +76,13 @@ def _all_reduce_fake(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-define_op("all_reduce", _all_reduce_eager, _all_reduce_fake)
+def _all_reduce_onnx(x):
+    """onnxscript translation of ``llama405::all_reduce`` -> ``llama405.AllReduce``."""
+    return _PLACEHOLDER_OPSET.AllReduce(x)
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Export-time all-reduce(sum) marker: identity in eager, one graph node when exported."""
-    return torch.ops.llama405.all_reduce(x)
+# all_reduce(x): the export-time all-reduce(sum) marker: a copy in eager, one graph node when exported.
+all_reduce = define_op("all_reduce", _all_reduce_eager, _all_reduce_fake, _all_reduce_onnx)
 
 
 # --------------------------------------------------------------------------- ONNX schemas
@@ -188,17 +189,6 @@ _register_placeholder_schema()
 
 # --------------------------------------------------------------------------- export translation
 
-_PLACEHOLDER_OPSET = onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1)
-
-
-def all_reduce_onnx(x):
-    """onnxscript translation of ``llama405::all_reduce`` -> ``llama405.AllReduce``."""
-    return _PLACEHOLDER_OPSET.AllReduce(x)
-
-
-def custom_translation_table() -> dict[Callable, Callable]:
-    """Entries for ``torch.onnx.export(..., custom_translation_table=...)``."""
-    return {torch.ops.llama405.all_reduce.default: all_reduce_onnx}
 
 
 # --------------------------------------------------------------------------- post-pass

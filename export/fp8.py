@@ -51,9 +51,6 @@ def _dequantize_eager(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.
     return q.to(scale.dtype) * scale.view(shape)
 
 
-define_op("fp8_quantize", _quantize_eager, lambda x, scale: torch.empty_like(x, dtype=FP8))
-define_op("fp8_dequantize", _dequantize_eager, lambda q, scale, axis: torch.empty_like(q, dtype=scale.dtype))
-
 _OP = onnxscript.values.Opset("", 24)
 
 
@@ -61,11 +58,11 @@ def _fp8_zero():
     return _OP.Constant(value=ir.tensor(np.array(0, dtype=ml_dtypes.float8_e4m3fn)))
 
 
-def fp8_quantize_onnx(x, scale):
+def _quantize_onnx(x, scale):
     return _OP.QuantizeLinear(x, scale, _fp8_zero(), saturate=1)
 
 
-def fp8_dequantize_onnx(q, scale, axis: int):
+def _dequantize_onnx(q, scale, axis: int):
     # Per-tensor (activation): the fp8 zero point TensorRT expects. Per-channel (weight):
     # no zero point — onnxruntime requires a per-axis zero point to match the scale's length.
     if axis < 0:
@@ -73,9 +70,10 @@ def fp8_dequantize_onnx(q, scale, axis: int):
     return _OP.DequantizeLinear(q, scale, axis=axis)
 
 
-def custom_translation_table() -> dict:
-    return {torch.ops.llama405.fp8_quantize.default: fp8_quantize_onnx,
-            torch.ops.llama405.fp8_dequantize.default: fp8_dequantize_onnx}
+fp8_quantize = define_op("fp8_quantize", _quantize_eager, lambda x, scale: torch.empty_like(x, dtype=FP8),
+                         _quantize_onnx)
+fp8_dequantize = define_op("fp8_dequantize", _dequantize_eager,
+                           lambda q, scale, axis: torch.empty_like(q, dtype=scale.dtype), _dequantize_onnx)
 
 
 # -- the module --------------------------------------------------------------------------------

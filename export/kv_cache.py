@@ -11,6 +11,7 @@ model, the exporter, the engine builder and every backend instead of branching o
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -50,34 +51,38 @@ Range = tuple[int, int, int]  # (min, opt, max)
 
 
 @dataclasses.dataclass(frozen=True)
-class KVCacheLayout:
+class KVCacheLayout(abc.ABC):
     name: str
     in_place: bool  # present.* is past_key_values.* updated in place: bind both to one buffer
     past_dim_name: str | None  # the symbolic dim of the past's length in the graph (None: fixed)
     copies_per_step: int  # full-length caches alive during a step (concat: the past and its present)
     bounded: bool  # a request must fit max_seq_len slots (concat: only TensorRT's profiles bound it)
 
+    @abc.abstractmethod
     def buffer_len(self, max_seq_len: int) -> int:
         """Slots of each past buffer when a batch starts."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write_slots(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor | None:
         """Per-step state the update needs, computed once per rank from the mask [batch, total]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update(self, past: torch.Tensor, new: torch.Tensor, slots: torch.Tensor | None,
                total) -> tuple[torch.Tensor, torch.Tensor]:
         """(present, the keys/values attention reads) for past [batch, kv, len, d] and this
         step's new [batch, kv, seq, d]; total = slots in use after the step."""
-        raise NotImplementedError
 
-    def check_fits(self, needed: int, max_seq_len: int) -> None:
-        """Refuse a request that needs more cache slots than this layout can hold."""
-
+    @abc.abstractmethod
     def profile_points(self, batch: Range, seq: Range, max_seq_len: int) -> list[tuple[dict, dict, dict]]:
         """(min, opt, max) values of the graph's symbolic dims, one triple per TensorRT
         optimization profile, for batch and seq (tokens per step) given as (min, opt, max)."""
-        raise NotImplementedError
+
+    def check_fits(self, needed: int, max_seq_len: int) -> None:
+        """Refuse a request that needs more cache slots than a bounded layout holds."""
+        if self.bounded and needed > max_seq_len:
+            raise InputError(f"the request needs {needed} cache slots but the model was built for "
+                             f"max_seq_len={max_seq_len}; shorten the prompt/--max-new-tokens or "
+                             "re-export with a larger --max-seq-len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +107,6 @@ class StaticCache(KVCacheLayout):
         # Attend only the live prefix: slots past the mask's length hold nothing yet, and reading
         # all max_seq_len of them every step would cost more than the weights.
         return present, present[:, :, :total]  # [batch, kv_heads, total, head_dim]
-
-    def check_fits(self, needed: int, max_seq_len: int) -> None:
-        if self.bounded and needed > max_seq_len:
-            raise InputError(f"the request needs {needed} cache slots but the model was built for "
-                             f"max_seq_len={max_seq_len}; shorten the prompt/--max-new-tokens or "
-                             "re-export with a larger --max-seq-len")
 
     def profile_points(self, batch, seq, max_seq_len):
         # One profile: the buffers are fixed at max_seq_len; batch, seq and total_seq (the

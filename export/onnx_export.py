@@ -31,6 +31,7 @@ from torch.export import Dim
 from tqdm import tqdm
 
 from export import attention_op, cache_ops, collectives, fp8, rotary_op
+from export.custom_ops import translation_table
 from export.calibrate import Calibration, calibrate
 from export.fp8 import QuantConfig
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
@@ -137,9 +138,8 @@ def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dt
         setattr(target, leaf, getattr(target, leaf).to("meta"))
     args, dynamic = _example_inputs(cfg, spec, options, dtype)
     input_names, output_names = io_names(cfg, spec)
-    table = {**collectives.custom_translation_table(), **cache_ops.custom_translation_table(),
-             **fp8.custom_translation_table(), **attention_op.custom_translation_table(),
-             **rotary_op.custom_translation_table()}
+    table = translation_table(collectives.all_reduce, cache_ops.kv_cache_write, fp8.fp8_quantize,
+                              fp8.fp8_dequantize, attention_op.gqa_attention, rotary_op.rotary_embedding)
     with _quiet_exporter():
         program = torch.export.export(module, args, dynamic_shapes=dynamic)
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=OPSET, optimize=False,

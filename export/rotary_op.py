@@ -20,6 +20,7 @@ import torch
 
 from export.custom_ops import define_op
 ROTARY_OPSET = 23
+_OPSET = onnxscript.values.Opset("", ROTARY_OPSET)
 
 
 def _rotary_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -38,19 +39,9 @@ def _rotary_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.empty_like(x)
 
 
-define_op("rotary_embedding", _rotary_eager, _rotary_fake)
-
-
-def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return torch.ops.llama405.rotary_embedding(x, cos, sin)
-
-
-_OPSET = onnxscript.values.Opset("", ROTARY_OPSET)
-
-
-def rotary_embedding_onnx(x, cos, sin):
+def _rotary_onnx(x, cos, sin):
     return _OPSET.RotaryEmbedding(x, cos, sin, interleaved=0)
 
 
-def custom_translation_table() -> dict:
-    return {torch.ops.llama405.rotary_embedding.default: rotary_embedding_onnx}
+# rotary_embedding(x, cos, sin): x [batch, heads, seq, d] rotated, half-split layout.
+rotary_embedding = define_op("rotary_embedding", _rotary_eager, _rotary_fake, _rotary_onnx)

@@ -12,6 +12,7 @@ outputs: logits float32 [batch, seq, vocab] ([batch, 1, vocab] for a logits="las
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import numpy as np
@@ -25,7 +26,7 @@ from export.sharding import stage_layers
 FEED_NAMES = ("input_ids", "position_ids", "attention_mask")
 
 
-class Backend:
+class Backend(abc.ABC):
     """The lifecycle every backend shares (Polygraphy's BaseRunner): `start(batch)`, then one
     `infer(feed)` per step, `cache()` to compare, `close()` (or `with backend:`).
 
@@ -72,7 +73,9 @@ class Backend:
         return [stage * self.tp + t for t in range(self.tp)]
 
     def close(self) -> None:
-        """Release what the backend holds beyond memory (communicators); idempotent."""
+        """End the session: a later infer() needs start() again. Backends holding more than
+        memory (TensorRT's NCCL communicator) release it too; idempotent."""
+        self.batch = None
 
     def __enter__(self):
         return self
@@ -83,16 +86,17 @@ class Backend:
 
     # -- what a backend implements ---------------------------------------------------------
 
+    @abc.abstractmethod
     def start_impl(self, batch: int) -> None:
-        raise NotImplementedError
+        """Empty caches for `batch` sequences (every cache layout's buffer_len slots)."""
 
+    @abc.abstractmethod
     def infer_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """One step over checked, contiguous int64 FEED_NAMES; the logits [batch, seq or 1, vocab]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_cache(self, rank: int, name: str) -> np.ndarray:
         """float32 [batch, kv_local, len, head_dim] of one rank's cache tensor past_key_values.{i}.{part}."""
-        raise NotImplementedError
 
 
 def check_feed(feed: dict[str, np.ndarray], cfg: LlamaConfig, max_seq_len: int, cache: KVCacheLayout) -> None:

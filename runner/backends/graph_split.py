@@ -1,4 +1,4 @@
-"""Cut a rank graph at its DistCollective nodes so onnxruntime can run it (DESIGN.md §5).
+"""Cut a rank graph at its DistCollective nodes so onnxruntime can run it (docs/design-notes.md, Runtime).
 
 onnxruntime has no DistCollective kernel, so the ORT backend runs the *same* rank file that
 TensorRT builds as a chain of segments and performs each all-reduce itself:

@@ -391,6 +391,7 @@ class TrtBackend(Backend):
 
     def close(self) -> None:
         """Release the NCCL communicator (collective: every rank calls it)."""
+        super().close()
         if self._nccl is not None:
             self._nccl.destroy()
             self._nccl = None

@@ -13,10 +13,10 @@ import export.collectives as collectives
 from export.collectives import (
     DIST_COLLECTIVE,
     PLACEHOLDER_DOMAIN,
-    custom_translation_table,
     register_dist_collective_schema,
     rewrite_collectives,
 )
+from export.custom_ops import translation_table
 from export.errors import ShardingError
 from export.trt_support import silent_trt_problems
 from tests.trt_parser import parsed_model_layers
@@ -40,7 +40,7 @@ class TwoLinear(torch.nn.Module):
 def _export(module: torch.nn.Module, args, opset: int, **kwargs) -> onnx.ModelProto:
     program = torch.onnx.export(
         module, args, dynamo=True, opset_version=opset, optimize=False,
-        custom_translation_table=custom_translation_table(), **kwargs,
+        custom_translation_table=translation_table(collectives.all_reduce), **kwargs,
     )
     return program.model_proto
 
@@ -131,13 +131,13 @@ def test_dist_collective_schema_infers_gather_shapes():
 
 
 def test_meta_device_export_keeps_collectives_and_state_dict_names(tmp_path):
-    # The exporter's bounded-memory route (DESIGN.md §4): meta module -> torch.export -> ONNX,
+    # The exporter's bounded-memory route (README, How it works): meta module -> torch.export -> ONNX,
     # saved without initializers (`model_proto` would try to serialize the meta weights).
     with torch.device("meta"):
         module = TwoLinear().eval()
     exported_program = torch.export.export(module, (torch.empty(2, 3, 8, device="meta"),))
     program = torch.onnx.export(exported_program, dynamo=True, opset_version=24, optimize=False,
-                                custom_translation_table=custom_translation_table())
+                                custom_translation_table=translation_table(collectives.all_reduce))
     program.save(tmp_path / "rank.onnx", include_initializers=False)
     model = onnx.load(tmp_path / "rank.onnx", load_external_data=False)
     rewrite_collectives(model, 2)
