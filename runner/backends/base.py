@@ -106,15 +106,20 @@ def check_feed(feed: dict[str, np.ndarray], cfg: LlamaConfig, max_seq_len: int, 
     ids, positions = feed["input_ids"], feed["position_ids"]
     if ids.ndim != 2 or ids.shape != positions.shape:
         raise InputError(f"input_ids {ids.shape} and position_ids {positions.shape} must both be [batch, seq]")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
-        raise InputError(f"token id {bad} is outside the vocabulary 0..{vocab_size - 1}; "
-                         "check the tokenizer matches the checkpoint")
-    if positions.size and (positions.min() < 0 or positions.max() >= positions_end):
-        bad = int(positions.max() if positions.max() >= positions_end else positions.min())
-        raise InputError(f"position id {bad} is outside 0..{positions_end - 1}, the positions this checkpoint "
-                         "supports (max_position_embeddings in config.json)")
+    _check_range(ids, vocab_size, lambda bad: f"token id {bad} is outside the vocabulary 0..{vocab_size - 1}; "
+                 "check the tokenizer matches the checkpoint")
+    _check_range(positions, positions_end, lambda bad: f"position id {bad} is outside 0..{positions_end - 1}, the "
+                 "positions this checkpoint supports (max_position_embeddings in config.json)")
     cache.check_fits(past_len(feed), max_seq_len)
+
+
+def _check_range(values: np.ndarray, end: int, message: Callable[[int], str]) -> None:
+    """values all in 0..end-1, or InputError(message(the value furthest out))."""
+    if not values.size:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= end:
+        raise InputError(message(high if high >= end else low))
 
 
 def past_len(feed: dict[str, np.ndarray]) -> int:

@@ -43,9 +43,13 @@ class RankRunner:
     straight into the next segment (no numpy round trip), a concat cache's presents become the
     next step's pasts as they are, and a static cache is bound once per `start` as both the
     `past_key_values.*` input and the `present.*` output of its segment (TensorScatter writes in
-    place). Only what leaves the rank -- the tensor an all-reduce sums, the last output -- is
-    read back into numpy, as a view of onnxruntime's buffer (its arena reuses those across steps:
-    writing a 512 x 128256 prefill's logits into fresh numpy memory instead was ~2 % slower).
+    place). A decode step's other graph outputs ([batch, 1, ...] logits or hidden states) are
+    written into numpy arrays allocated for that step and handed to the caller as they are, so
+    a static-cache decode step reads no output list back and copies nothing: each Python call
+    right after a run costs several times its warm price (the run has just streamed the weights
+    through the caches): `get_outputs()` plus a copy of the logits was ~0.2 ms of a 14 ms step
+    (docs/genai.md). Prefill outputs come from onnxruntime's arena (writing a 512 x 128256
+    prefill's logits into fresh numpy memory instead was ~2 % slower).
     """
 
     def __init__(self, manifest: Manifest, directory: Path, rank: int, providers: Sequence, threads: OrtThreads):
@@ -59,14 +63,21 @@ class RankRunner:
         self.bindings = [session.io_binding() for session in self.sessions]
         self.cache_names = [t.name for t in self.entry.inputs if is_past(t.name)]
         self.cache: dict[str, ort.OrtValue] = {}  # past_key_values.* -> [batch, kv_local, len, head_dim]
-        self.fresh: list[list[str]] = []  # per segment: the outputs bound anew each step
-        self.output_order: list[list[str]] = []  # per segment: get_outputs()'s order (binding order)
+        self.decode_shapes: dict[str, tuple[tuple[int, ...], type]] = {}  # graph output -> decode (shape, dtype)
+        # Per segment, fixed by start():
+        self.step_inputs: list[list[str]] = []  # bound anew each step (all but an in-place cache)
+        self.arena_outputs: list[list[str]] = []  # onnxruntime allocates them every step
+        self.decode_outputs: list[list[str]] = []  # into fresh numpy on decode steps, the arena otherwise
+        self.output_order: list[list[str]] = []  # binding order, which get_outputs() follows
 
     def start(self, batch: int, kv_heads: int, cache_len: int, head_dim: int, dtype) -> None:
         self.cache = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, kv_heads, cache_len, head_dim), dtype=dtype))
                       for name in self.cache_names}
+        self.decode_shapes = {t.name: (shape, NP_DTYPES[t.dtype]) for t in self.entry.outputs
+                              if past_of(t.name) is None and t.dtype in NP_DTYPES
+                              and (shape := decode_shape(t.shape, batch)) is not None}
         in_place = self.cache_layout.in_place
-        self.fresh, self.output_order = [], []
+        self.step_inputs, self.arena_outputs, self.decode_outputs, self.output_order = [], [], [], []
         for segment, binding in zip(self.segments, self.bindings):
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
@@ -74,26 +85,38 @@ class RankRunner:
             for name in aliased:  # bound once: every step reads and writes the same buffers
                 binding.bind_ortvalue_input(past_of(name), self.cache[past_of(name)])
                 binding.bind_ortvalue_output(name, self.cache[past_of(name)])
-            self.fresh.append([name for name in segment.outputs if name not in aliased])
-            self.output_order.append(aliased + self.fresh[-1])  # a rebound name keeps its place
+            fresh = [name for name in segment.outputs if name not in aliased]
+            for name in fresh:  # fixes the binding order; a rebound name keeps its place
+                binding.bind_output(name, "cpu")
+            bound = {past_of(name) for name in aliased}
+            self.step_inputs.append([name for name in segment.inputs if name not in bound])
+            self.decode_outputs.append([name for name in fresh if name in self.decode_shapes])
+            self.arena_outputs.append([name for name in fresh if name not in self.decode_shapes])
+            self.output_order.append(aliased + fresh)
 
-    def run_segment(self, k: int, env: dict[str, np.ndarray | ort.OrtValue]) -> None:
-        """Run segment k on env's tensors; its fresh outputs land in env as OrtValues."""
-        segment, session, binding = self.segments[k], self.sessions[k], self.bindings[k]
-        for name in segment.inputs:
-            if name in self.cache:
-                if not self.cache_layout.in_place:
-                    binding.bind_ortvalue_input(name, self.cache[name])
-                continue  # in place: bound in start()
-            value = env[name]
+    def run_segment(self, k: int, env: dict[str, np.ndarray | ort.OrtValue], decode: bool) -> None:
+        """Run segment k on env's tensors; its fresh outputs land in env, as OrtValues or (a
+        decode step's graph outputs) numpy arrays. decode: this step's sequence length is 1."""
+        session, binding = self.sessions[k], self.bindings[k]
+        for name in self.step_inputs[k]:
+            value = self.cache[name] if name in self.cache else env[name]
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self.fresh[k]:
+        owned: dict[str, np.ndarray] = {}
+        for name in self.decode_outputs[k]:
+            if decode:  # the caller keeps it: nothing of ours writes it again
+                owned[name] = np.empty(*self.decode_shapes[name])
+                binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(owned[name]))
+            else:
+                binding.bind_output(name, "cpu")
+        for name in self.arena_outputs[k]:
             binding.bind_output(name, "cpu")  # onnxruntime's arena: reused across steps
         session.run_with_iobinding(binding)
-        env.update(zip(self.output_order[k], binding.get_outputs()))
+        if self.arena_outputs[k] or not decode:  # else everything it wrote is bound: nothing to read back
+            env.update(zip(self.output_order[k], binding.get_outputs()))
+        env.update(owned)
 
     def absorb_presents(self, env: dict[str, np.ndarray | ort.OrtValue]) -> None:
         if not self.cache_layout.in_place:  # the presents are the next step's pasts
@@ -102,6 +125,12 @@ class RankRunner:
 
     def read_cache(self, name: str) -> np.ndarray:
         return self.cache[name].numpy().astype(np.float32)
+
+
+def decode_shape(shape: tuple, batch: int) -> tuple[int, ...] | None:
+    """A graph output's shape on a decode step (seq 1), or None if other symbolic dims leave it open."""
+    dims = tuple(batch if d == "batch" else 1 if d == "seq" else d for d in shape)
+    return dims if all(isinstance(d, int) for d in dims) else None
 
 
 def _as_numpy(value: np.ndarray | ort.OrtValue) -> np.ndarray:
@@ -146,9 +175,10 @@ class OrtBackend(Backend):
         first_name = "input_ids" if stage == 0 else "hidden_states"
         envs = {r: {**base, first_name: first} for r in ranks}
         n_segments = len(self.runners[ranks[0]].segments)
+        decode = first.shape[1] == 1
         for k in range(n_segments):
             for r in ranks:
-                self.runners[r].run_segment(k, envs[r])
+                self.runners[r].run_segment(k, envs[r], decode)
             segment = self.runners[ranks[0]].segments[k]
             if segment.collective_input is not None:
                 total = self._reduce([_as_numpy(envs[r][segment.collective_input]) for r in ranks], stage)
