@@ -57,6 +57,7 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
+    step_seconds: list[float] = dataclasses.field(default_factory=list)  # per decode step: sampling + forward
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -112,7 +113,9 @@ def generate(backend: Backend, prompts: list[list[int]], options: SamplingOption
     reasons = ["max_new_tokens"] * batch
     done = np.zeros(batch, dtype=bool)
     steps, started = 0, time.perf_counter()
+    step_seconds: list[float] = []
     for step in range(options.max_new_tokens):
+        step_started = time.perf_counter()
         nxt = choose_tokens(last, options, rng)
         for b in np.flatnonzero(~done):
             tokens[b].append(int(nxt[b]))
@@ -125,4 +128,5 @@ def generate(backend: Backend, prompts: list[list[int]], options: SamplingOption
         feed = make_feed(nxt[:, None], (lengths + step)[:, None], mask)  # slot: mask's length - 1
         last = backend.infer(feed)["logits"][:, -1]
         steps += 1
-    return Generation(prompts, tokens, reasons, prefill_seconds, time.perf_counter() - started, steps)
+        step_seconds.append(time.perf_counter() - step_started)
+    return Generation(prompts, tokens, reasons, prefill_seconds, time.perf_counter() - started, steps, step_seconds)

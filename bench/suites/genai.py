@@ -26,6 +26,7 @@ GENAI_IDLE_WAIT_S = 30  # at most this long, per child, waiting for the machine 
 GENAI_IDLE_WAIT_TOTAL_S = 240  # ...and this long over the whole suite
 GENAI_REPEATS = 3  # clean measurements wanted per variant and kind (decode, prefill)
 GENAI_TIMEOUT = 1800
+OVERHEAD_REPEATS = 4  # profiled decodes per variant in the overhead child (after one warm-up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +55,20 @@ def genai_models(quick: bool) -> dict[str, tuple[str, Any]]:
             "B": (f"genai-{'quick' if quick else '272m'}-v128256", a.replace(vocab_size=128256))}
 
 
-def genai_config_copy(src: Path, dst: Path, threads: int, max_length: int) -> dict[str, Any]:
+def genai_config_copy(src: Path, dst: Path, threads: int, max_length: int,
+                      profile_prefix: str | None = None) -> dict[str, Any]:
     """dst/: src's genai_config.json with session_options.intra_op_num_threads = threads and
-    search.max_length = max_length, every other entry of src symlinked (the graph and its data
+    search.max_length = max_length (and onnxruntime's profiler on, its files named
+    profile_prefix*, where given), every other entry of src symlinked (the graph and its data
     stay where they are); end-of-text ids outside the vocabulary are dropped (the model builder
     adds Llama 3's tokenizer's 128001 to a 32000-token model, which genai refuses). Returns what
     was changed."""
     cfg = json.loads((src / "genai_config.json").read_text())
     model = cfg["model"]
-    model["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    session_options = model["decoder"].setdefault("session_options", {})
+    session_options["intra_op_num_threads"] = threads
+    if profile_prefix is not None:
+        session_options["enable_profiling"] = profile_prefix
     cfg.setdefault("search", {})["max_length"] = max_length
     vocab = model["vocab_size"]
     eos = model.get("eos_token_id")
@@ -224,6 +230,41 @@ def genai_rows(ctx: Context, name: str, cfg, plan: GenaiPlan, result: dict, note
                     "a sanity check that every runtime ran the same weights")
 
 
+def overhead_rows(ctx: Context, model: str, root: Path, variants: list[dict], common: dict) -> None:
+    """Per decode step, the time each runtime spends outside onnxruntime's Run on our graphs
+    (bench/suites/genai_speed.py task_genai_overhead): the part of a step that is the runtime's
+    own, not the kernels both share. Rows per variant, then ours less genai per cache mode."""
+    outside: dict[str, float] = {}
+    for v in variants:
+        key = v["key"]
+        if key not in ("ours_static", "genai_static", "ours_concat", "genai_concat"):
+            continue
+        profile_dir = root / f"profile-{key}"
+        profile_dir.mkdir()
+        path = Path(v["path"])
+        if v["kind"] == "genai":
+            path = root / f"{key}-profiled"
+            genai_config_copy(Path(v["path"]), path, GENAI_THREADS, v["max_len"], str(profile_dir / "genai"))
+        try:
+            m = ctx.measure("genai", f"{model} {key} overhead", "genai_overhead", {
+                **common, "variant": {**v, "path": str(path)}, "repeats": OVERHEAD_REPEATS,
+                "profile_dir": str(profile_dir)}, timeout=GENAI_TIMEOUT)
+        except MeasurementError as err:
+            ctx.fail("genai", f"{model}, {GENAI_TITLES[key]}: decode step outside onnxruntime's Run", err)
+            continue
+        r = m["result"]
+        outside[key] = r["outside_s"]
+        ctx.add("genai", f"{model}, {GENAI_TITLES[key]}: decode step outside onnxruntime's Run",
+                r["outside_s"] * 1e6, "us", f"median of {r['steps']} steps (step {r['step_s'] * 1e3:.1f} ms, Run "
+                f"{r['run_s'] * 1e3:.1f} ms); onnxruntime's profiler on in both runtimes (it slows both)")
+    for mode in ("static", "concat"):
+        ours, theirs = outside.get(f"ours_{mode}"), outside.get(f"genai_{mode}")
+        if ours is not None and theirs is not None:
+            ctx.add("genai", f"{model}: decode step outside Run, ours - genai on our {mode} graph",
+                    (ours - theirs) * 1e6, "us", "what our Python adds per step that genai's C++ does not "
+                    "(feed checks, input binding, output allocation, sampling)")
+
+
 def run(ctx: Context) -> None:
     """Decode tokens/s and long-prompt prefill seconds, batch 1, greedy, fp32, for
     onnxruntime-genai on its own model-builder graph and on our TP1 artifacts (genai_config.json
@@ -304,6 +345,9 @@ def run(ctx: Context) -> None:
                 if key.startswith("ours") and r.get("threads_api") is False:
                     notes[key] = "this checkout's OrtBackend has no OrtThreads: its default threads"
             genai_rows(ctx, name, cfg, plan, result, notes)
+            overhead_rows(ctx, model, root, variants, {
+                "prompt": random_prompt(cfg.vocab_size, plan.prompt_len), "new_tokens": plan.new_tokens,
+                "threads": GENAI_THREADS})
             gate_rows.append({**result["gate"], "others": [o for r in result["variants"].values()
                                                            for o in r["decode_others"] + r["prefill_others"]]})
             for key, r in result["variants"].items():

@@ -4,9 +4,15 @@ runner, each variant loaded in this one process, measured in alternated rounds.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import json
+import statistics
 import time
+from pathlib import Path
 
 from bench.harness import IdleGate, log, one_line
+from runner.backends.ort_threads import OrtThreads
 
 
 class _GenaiRun:
@@ -135,3 +141,70 @@ def task_genai_speed(args: dict) -> dict:
                                       "rounds": rounds, "seconds": time.perf_counter() - started_all}}
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProfiledThreads(OrtThreads):
+    """OrtThreads whose sessions also run onnxruntime's profiler (its files start with prefix)."""
+
+    prefix: str = ""
+
+    def session_options(self, segments: int):
+        options = super().session_options(segments)
+        options.enable_profiling = True
+        options.profile_file_prefix = self.prefix
+        return options
+
+
+def _model_runs(profile_dir: Path) -> list[float]:
+    """Seconds of every `model_run` event (one session Run) in the one profile under profile_dir."""
+    files = sorted(profile_dir.glob("*.json"))
+    if len(files) != 1:
+        raise RuntimeError(f"{profile_dir}: expected one onnxruntime profile, found {len(files)}")
+    return [e["dur"] / 1e6 for e in json.loads(files[0].read_text()) if e.get("name") == "model_run"]
+
+
+def task_genai_overhead(args: dict) -> dict:
+    """Per decode step, the wall time less onnxruntime's own time in Run (its profiler's
+    `model_run` events; the profile is written when the session goes): what a runtime spends
+    around the shared kernels -- feeding, binding, sampling. One variant (ours or genai) per
+    child, `repeats` greedy decodes after one warm-up; the first step of each (it picks from the
+    prefill's logits) runs no forward and is left out."""
+    v, prompt, new_tokens = args["variant"], args["prompt"], args["new_tokens"]
+    profile_dir = Path(args["profile_dir"])
+    walls: list[list[float]] = []
+    if v["kind"] == "genai":
+        run = _GenaiRun(v["path"])
+        for _ in range(args["repeats"] + 1):
+            generator, _ = run._generator(prompt, new_tokens, v["max_len"])
+            generator.generate_next_token()
+            steps = []
+            for _ in range(new_tokens - 1):
+                started = time.perf_counter()
+                generator.generate_next_token()
+                steps.append(time.perf_counter() - started)
+            walls.append(steps)
+            del generator
+        del run
+    else:
+        from runner.backends.ort import OrtBackend
+        from runner.generate import SamplingOptions, generate
+        backend = OrtBackend(v["path"], threads=_ProfiledThreads(threads=args["threads"], prefix=str(profile_dir / "ours")))
+        if len(backend.runners[0].sessions) != 1:
+            raise RuntimeError(f"{v['path']}: a rank cut into segments; the overhead task wants one session")
+        for _ in range(args["repeats"] + 1):
+            walls.append(generate(backend, [prompt], SamplingOptions(max_new_tokens=new_tokens)).step_seconds)
+        del backend
+    gc.collect()  # the sessions end here and write their profiles
+    runs = _model_runs(profile_dir)
+    per_call = 1 + (new_tokens - 1)  # a prefill, then one forward per decode step
+    if len(runs) != per_call * len(walls):
+        raise RuntimeError(f"{len(runs)} onnxruntime runs for {len(walls)} decodes of {new_tokens} tokens")
+    outside, wall, inside = [], [], []
+    for i, steps in enumerate(walls[1:], start=1):  # walls[0]: the warm-up
+        forwards = runs[i * per_call + 1:(i + 1) * per_call]
+        outside += [w - r for w, r in zip(steps, forwards, strict=True)]
+        wall += steps
+        inside += forwards
+    return {"outside_s": statistics.median(outside), "step_s": statistics.median(wall),
+            "run_s": statistics.median(inside), "steps": len(outside)}

@@ -518,6 +518,12 @@ def test_quick_genai_bench_rows(tmp_path):
             assert whats[f"{model}, {title}: decode"] > 0, whats
             assert whats[f"{model}, {title}: 64-token prefill"] > 0, whats
         assert whats[f"{model}: decode, ours / genai on our static graph"] > 0
+        for mode in ("static", "concat"):  # both runtimes profiled: a time around Run, under the step's
+            ours = whats[f"{model}, ours (OrtBackend), {mode} graph: decode step outside onnxruntime's Run"]
+            theirs = whats[f"{model}, onnxruntime-genai, our {mode} graph: decode step outside onnxruntime's Run"]
+            assert 0 < ours < 1e5 and 0 < theirs < 1e5, (ours, theirs)
+            assert whats[f"{model}: decode step outside Run, ours - genai on our {mode} graph"] == pytest.approx(
+                ours - theirs)
         agreed = whats[f"{model}: greedy tokens equal to ours static (prefix)"]
         assert "genai static 8/8" in agreed and "ours concat 8/8" in agreed, agreed
     model_a = next(w for w in whats if w.startswith("model A (") and ":" not in w)
