@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -471,7 +472,8 @@ def test_genai_variants_alternate_over_fresh_children_and_redo_the_noisy_ones(tm
     ctx.measure = fake_measure
     variants = [{"key": k, "kind": "ours", "path": "x", "max_len": 96, "prefill": k != "c"} for k in "abc"]
     waited = [0.0]
-    plan = genai_suite.genai_plan(quick=True)
+    # Two passes of two, three clean wanted (the full plan's procedure, on the quick geometry).
+    plan = dataclasses.replace(genai_suite.genai_plan(quick=True), passes=2, per_pass=2, repeats=3)
     result = genai_suite.measure_genai_variants(ctx, "A", variants, {"idle_cores": 0.25}, plan, waited)
     assert calls == ["A a pass 1", "A b pass 1", "A c pass 1", "A c pass 2", "A b pass 2", "A a pass 2", "A b extra"]
     assert len(result["variants"]["a"]["decode_tps"]) == plan.passes * plan.per_pass
