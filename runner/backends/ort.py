@@ -45,11 +45,12 @@ class RankRunner:
     `past_key_values.*` input and the `present.*` output of its segment (TensorScatter writes in
     place). A decode step's other graph outputs ([batch, 1, ...] logits or hidden states) are
     written into numpy arrays allocated for that step and handed to the caller as they are, so
-    a static-cache decode step reads no output list back and copies nothing: each Python call
+    a static-cache decode step reads no output list back and copies nothing. Each Python call
     right after a run costs several times its warm price (the run has just streamed the weights
-    through the caches): `get_outputs()` plus a copy of the logits was ~0.2 ms of a 14 ms step
-    (docs/genai.md). Prefill outputs come from onnxruntime's arena (writing a 512 x 128256
-    prefill's logits into fresh numpy memory instead was ~2 % slower).
+    through the caches): with every output read back by `get_outputs()` a 125M model's decode
+    step spent 0.48 ms outside the run, now 0.37 ms (docs/genai.md). Prefill outputs come from
+    onnxruntime's arena (writing a 512 x 128256 prefill's logits into fresh numpy memory instead
+    was ~2 % slower).
     """
 
     def __init__(self, manifest: Manifest, directory: Path, rank: int, providers: Sequence, threads: OrtThreads):
