@@ -17,13 +17,12 @@ import numpy as np
 from export.config import PRESETS
 from export.cli_run import run_command
 from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, export_options_from,
-                              positive_int, verify_artifact)
+                              verify_artifact)
 from export.errors import InputError
 from export.kv_cache import KV_CACHE_LAYOUTS
 from engines import cli as engines_cli
 from runner import parity_cli
-from runner.backend_factory import BACKEND_KINDS, open_backend
-from runner.backends.ort_threads import SPINNING_CHOICES
+from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_options, open_backend
 from runner.generate import sampling_problem
 
 
@@ -37,10 +36,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (torch backend)")
     p.add_argument("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), default="static")
     p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--ort-threads", type=positive_int,
-                   help="ort backend: intra-op threads per session (default: the cores, <= 8)")
-    p.add_argument("--ort-spinning", choices=SPINNING_CHOICES, default="auto",
-                   help="ort backend: spin the thread pool between steps (auto: when the rank graph is one session)")
+    add_backend_flags(p)  # --device, --tf32 and each backend's own flags (runner/backends/registry.py)
     add_verify_flag(p)
 
 
@@ -157,14 +153,11 @@ def cmd_export(args) -> int:
 
 def _open_backend(args):
     """The model behind --checkpoint/--artifact as a Backend (runner/backend_factory.py)."""
+    (options,) = backend_options(args, [(args.backend, args.device)])
     if args.artifact is not None:
         if args.verify:
             verify_artifact(args.artifact)
-        threads = None
-        if args.backend == "ort":
-            from runner.backends.ort_threads import OrtThreads
-            threads = OrtThreads(args.ort_threads, args.ort_spinning)
-        return open_backend(args.backend, args.artifact, ort_threads=threads)
+        return open_backend(args.backend, args.artifact, options=options)
     if args.backend != "torch":
         raise InputError(f"--backend {args.backend} runs an exported artifact; pass --artifact ART "
                          "(make one with `llama405 export`) or use --backend torch")
@@ -172,8 +165,8 @@ def _open_backend(args):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
     from export.model import ModelOptions
-    options = ModelOptions(kv_cache=args.kv_cache, max_seq_len=args.max_seq_len)
-    return open_backend("torch", checkpoint=args.checkpoint,
+    run, options = options, ModelOptions(kv_cache=args.kv_cache, max_seq_len=args.max_seq_len)
+    return open_backend("torch", checkpoint=args.checkpoint, options=run,
                         layout={"tp": args.tp, "pp": args.pp, "dtype": args.dtype, "options": options})
 
 

@@ -1,23 +1,35 @@
-"""All-reduce for tensor-parallel ranks: simulated in one process, or across torch.distributed.
+"""How the ranks of a deployment meet: simulated in one process, or one process per rank.
 
-Simulation runs each rank of a TP group in its own thread; `LocalAllReduce` meets them at a
-barrier and hands every rank the same sum, added in rank order so the result is deterministic
-and identical on all ranks — the same numbers a real NCCL/gloo all-reduce would give, up to
-summation order.
+Simulation runs each TP rank of a stage in its own thread; `LocalAllReduce` meets them at a
+barrier and hands every rank the same sum, added once in rank order so the result is
+deterministic and identical on all ranks — the same numbers a real NCCL/gloo all-reduce gives,
+up to summation order. Under torchrun, `ProcessWorld` is the process group: the TP all-reduce,
+the pipeline's send/recv of hidden states and the broadcast of the last stage's logits.
+
+The values are whatever a backend's rank session computes with: numpy arrays (onnxruntime) or
+torch tensors (PyTorch, TensorRT's device buffers), on the CPU or a GPU.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from export.errors import InputError, MissingRequirement
+
 T = TypeVar("T")
+Reduce = Callable[[Any], Any]  # all-reduce(sum) of one rank's array or tensor
+
+
+def _like(value, like):
+    """`value` on the device of `like` (tensors; numpy arrays live on the host already)."""
+    return value.to(like.device) if isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor) else value
 
 
 class LocalAllReduce:
@@ -25,18 +37,23 @@ class LocalAllReduce:
 
     def __init__(self, world: int):
         self.world = world
-        self._slots: list[torch.Tensor | None] = [None] * world
-        self._arrived = threading.Barrier(world)
+        self._slots: list[Any] = [None] * world
+        self._total: Any = None
+        self._arrived = threading.Barrier(world, action=self._sum)  # action: once, by one thread
         self._consumed = threading.Barrier(world)
 
-    def for_rank(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def reduce(x: torch.Tensor) -> torch.Tensor:
+    def _sum(self) -> None:
+        total = self._slots[0]
+        for other in self._slots[1:]:  # rank order: deterministic; ranks may sit on different GPUs
+            total = total + _like(other, total)
+        self._total = total
+
+    def for_rank(self, rank: int) -> Reduce:
+        def reduce(x):
             self._slots[rank] = x
             self._arrived.wait()
-            total = self._slots[0]
-            for other in self._slots[1:]:
-                total = total + other
-            self._consumed.wait()  # nobody overwrites a slot before all ranks have summed
+            total = _like(self._total, x)
+            self._consumed.wait()  # nobody overwrites a slot or the total before all have read it
             return total
         return reduce
 
@@ -66,38 +83,26 @@ def _abort_on_error(fn: Callable[[], T], group: LocalAllReduce | None) -> T:
         raise
 
 
-def torch_distributed_reducer(group=None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """All-reduce(sum) over a torch.distributed process group (gloo on CPU, NCCL on GPU)."""
-    import torch.distributed as dist
-
-    def reduce(x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-    return reduce
-
-
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def _torch_dtype(numpy_dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=numpy_dtype)).dtype
 
 
 class ProcessWorld:
     """One rank per process under torchrun: TP all-reduce, PP send/recv, logits broadcast.
 
-    gloo on CPU, NCCL when CUDA is present. Every process calls every method in the same
-    order (the generation loop is identical on all ranks), which is what collectives need.
+    NCCL when the backend runs on CUDA (each process on the GPU of its LOCAL_RANK), gloo on the
+    CPU. Every process calls every method in the same order (the generation loop is identical
+    on all ranks), which is what collectives need.
     """
 
-    def __init__(self, tp: int, pp: int):
+    def __init__(self, tp: int, pp: int, cuda: bool):
         import torch.distributed as dist
-        from export.errors import InputError
-        cuda = torch.cuda.is_available()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            if not torch.cuda.is_available():
+                raise MissingRequirement(f"a CUDA run under torchrun needs a CUDA build of PyTorch for NCCL "
+                                         f"(this is {torch.__version__}); install one, or use --device cpu")
+            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if cuda else "gloo")
@@ -114,8 +119,19 @@ class ProcessWorld:
     def stage(self) -> int:
         return self.rank // self.tp
 
-    # Tensors: moved to the process group's device (NCCL moves CUDA tensors only; gloo works on
-    # host memory). Arrays: the numpy face of the same calls, for the onnxruntime backend.
+    def reducer(self, stage: int) -> Reduce:
+        """All-reduce(sum) over the stage's TP group, of an array (returned as an array) or a
+        tensor (returned on the tensor's device)."""
+        group = self.tp_groups[stage]
+
+        def reduce(x):
+            host = isinstance(x, np.ndarray)
+            tensor = (torch.from_numpy(x) if host else x).to(self.device, copy=True)
+            self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=group)
+            return tensor.cpu().numpy() if host else tensor.to(x.device)
+        return reduce
+
+    # Tensors move to the process group's device (NCCL moves CUDA tensors only; gloo host memory).
 
     def send_tensor(self, tensor: torch.Tensor, dst: int) -> None:
         self.dist.send(tensor.to(self.device).contiguous(), dst=dst)
@@ -128,24 +144,9 @@ class ProcessWorld:
     def broadcast_tensor(self, tensor: torch.Tensor | None, shape, dtype: torch.dtype, src: int) -> torch.Tensor:
         """src's tensor on every process (the others pass None)."""
         tensor = (torch.empty(shape, dtype=dtype, device=self.device) if tensor is None
-                  else tensor.to(self.device).contiguous())
+                  else tensor.to(self.device, dtype).contiguous())
         self.dist.broadcast(tensor, src=src)
         return tensor
-
-    def all_reduce(self, array, stage: int):
-        tensor = torch.from_numpy(array.copy()).to(self.device)
-        self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.tp_groups[stage])
-        return tensor.cpu().numpy()
-
-    def send(self, array, dst: int) -> None:
-        self.send_tensor(torch.from_numpy(array.copy()), dst)
-
-    def recv(self, shape, dtype, src: int):
-        return self.recv_tensor(shape, _torch_dtype(dtype), src).cpu().numpy()
-
-    def broadcast(self, array, shape, dtype, src: int):
-        tensor = torch.from_numpy(array.copy()) if array is not None else None
-        return self.broadcast_tensor(tensor, shape, _torch_dtype(dtype), src).cpu().numpy()
 
     def close(self) -> None:
         if self.dist.is_initialized():

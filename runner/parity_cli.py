@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.cli_flags import add_verify_flag, verify_artifact
+from export.cli_flags import add_verify_flag, flag_type, verify_artifact
 from export.cli_run import EXIT_OUTSIDE_TOLERANCE
 from export.errors import ArtifactError, InputError, MissingRequirement
-from runner.backend_factory import BACKEND_KINDS, open_backend
+from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_options, open_backend
 from runner.compare import DEFAULT_TOLERANCES, StepRow, default_preset
+from runner.device import parse_device
 from runner.parity import run_parity
 
 DEFAULT_PROMPT = "The capital of France is"
@@ -64,6 +65,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn of the chat format")
     p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill (default: 8)")
     p.add_argument("--report", type=Path, metavar="F.json", help="also write the JSON report here")
+    add_backend_flags(p)  # --device (both sides), --tf32, each backend's own flags
+    for side in ("a", "b"):
+        p.add_argument(f"--{side}-device", type=flag_type(parse_device), metavar="cpu|cuda[:N]",
+                       help=f"backend {side.upper()}'s device, where it differs from --device "
+                            "(e.g. --a ort --b ort --a-device cuda --b-device cpu)")
     add_verify_flag(p)
     p.add_argument("--tolerance-preset", choices=sorted(DEFAULT_TOLERANCES),
                    help="tolerance set (default: the artifact's dtype)")
@@ -142,10 +148,11 @@ def check_backend_runs(kind: str, artifact: Path, manifest) -> None:
         raise MissingRequirement(f"--a/--b trt: {why}; compare --a ort --b torch on this machine")
 
 
-def _describe(kind: str, artifact: Path, reference: Path | None) -> str:
+def _describe(kind: str, artifact: Path, reference: Path | None, device) -> str:
+    where = f" on {device}" if device is not None else ""
     if kind == "torch":
-        return f"torch over checkpoint {reference}" if reference else f"torch over {artifact}'s weights"
-    return f"{kind} over {artifact}"
+        return (f"torch over checkpoint {reference}" if reference else f"torch over {artifact}'s weights") + where
+    return f"{kind} over {artifact}{where}"
 
 
 def _validate(args) -> None:
@@ -183,12 +190,14 @@ def run(args) -> int:
     check_capacity(len(tokens), args.steps, manifest)
     for kind in (args.a, args.b):
         check_backend_runs(kind, args.artifact, manifest)
+    devices = {"a": args.a_device or args.device, "b": args.b_device or args.device}
+    options_a, options_b = backend_options(args, [(args.a, devices["a"]), (args.b, devices["b"])])
     # B first: with --reference it checks the checkpoint before A's sessions are built.
-    backend_b = open_backend(args.b, args.artifact, reference=args.reference)
-    backend_a = open_backend(args.a, args.artifact)
+    backend_b = open_backend(args.b, args.artifact, reference=args.reference, options=options_b)
+    backend_a = open_backend(args.a, args.artifact, options=options_a)
     context = {"artifact": str(args.artifact), "reference": str(args.reference) if args.reference else None,
-               "a": _describe(args.a, args.artifact, None),
-               "b": _describe(args.b, args.artifact, args.reference),
+               "a": _describe(args.a, args.artifact, None, devices["a"]),
+               "b": _describe(args.b, args.artifact, args.reference, devices["b"]),
                "dtype": manifest.dtype, "quant": manifest.quant, "kv_cache": manifest.kv_cache,
                "tp": manifest.tp, "pp": manifest.pp, "tolerance_preset": preset, "token_source": source}
     with _progress(args.steps + 1, enabled=not args.json and sys.stderr.isatty()) as tick:

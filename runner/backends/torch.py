@@ -1,8 +1,10 @@
-"""PyTorch backend: the rank modules of export/model.py, run eagerly on the CPU.
+"""PyTorch backend: the rank modules of export/model.py, run eagerly on the CPU or a CUDA GPU.
 
 Every rank of a tp x pp layout is built in this process and fed its own slices from the
-checkpoint; the TP ranks of a stage run in lockstep threads sharing a LocalAllReduce, and
-stages hand hidden states down the pipeline — the same arithmetic as a multi-process run.
+checkpoint (or the artifact's initializers); the pipeline loop of runner/backends/base.py runs
+the TP ranks of a stage in lockstep threads sharing an all-reduce and hands hidden states down
+the stages — the same arithmetic as a multi-process run. On CUDA each rank's module and cache
+sit on its GPU (`--device cuda`: rank r on GPU r % count).
 """
 
 from __future__ import annotations
@@ -11,67 +13,89 @@ import numpy as np
 import torch
 
 from export.checkpoint import Checkpoint
-from export.kv_cache import PARTS
+from export.dtypes import dtype as dtype_named
+from export.errors import MissingRequirement
 from export.model import ModelOptions, build_rank_module, load_rank_weights
 from export.rank_tensors import rank_module_tensors
-from export.sharding import all_ranks, kv_heads_local, validate_parallelism
-from runner.backends.base import Backend
-from runner.dist import LocalAllReduce, run_in_lockstep
+from export.sharding import all_ranks, validate_parallelism
+from runner.backends.base import Backend, RankSession
+from runner.backends.options import TorchOptions
+from runner.device import CPU, Placement
+from runner.dist import Reduce
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+class TorchRankSession(RankSession):
+    """One rank module on its device; the module's all-reduces call the reduce of the running step."""
+
+    def __init__(self, rank: int, placement: Placement):
+        self.rank, self.device = rank, torch.device(placement.torch)
+        self.module = None  # set once the weights are in (it needs `self.reduce_now` at build time)
+        self._reduce: Reduce | None = None
+
+    def reduce_now(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(x)
+
+    def zeros(self, shape, dtype):
+        return torch.zeros(shape, dtype=dtype.torch, device=self.device)
+
+    @torch.inference_mode()
+    def run(self, first, feed, rows, reduce):
+        self._reduce = reduce
+        x = torch.as_tensor(first).to(self.device)  # [batch, seq] ids or [batch, seq, hidden]
+        positions = torch.from_numpy(feed["position_ids"]).to(self.device)  # [batch, seq]
+        mask = torch.from_numpy(feed["attention_mask"]).to(self.device)  # [batch, W]
+        names = list(self.cache)  # the module's past inputs: (key, value) per local layer
+        pasts = [self.cache[n] if rows is None else self.cache[n][rows] for n in names]  # rows: views
+        out, *presents = self.module(x, positions, mask, *pasts)
+        if rows is None:
+            return out, dict(zip(names, presents))
+        for past, present in zip(pasts, presents):  # the functional cache write, back into the row views
+            past.copy_(present)
+        return out, {}
+
+    def read_cache(self, name: str) -> np.ndarray:
+        return self.cache[name].float().cpu().numpy()
 
 
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, checkpoint: Checkpoint, tp: int = 1, pp: int = 1, dtype: str = "float32",
-                 options: ModelOptions = ModelOptions(), input_scales: dict[str, float] | None = None):
-        """options.quant selects FP8 linears; input_scales are their static activation scales."""
+                 options: ModelOptions = ModelOptions(), input_scales: dict[str, float] | None = None,
+                 run: TorchOptions | None = None):
+        """options: the model (cache layout, length, logits; quant selects FP8 linears, input_scales
+        their static activation scales); run: where and how it runs (device, TF32)."""
+        run = run or TorchOptions()
+        device = run.device or CPU
         cfg = checkpoint.config
         validate_parallelism(cfg, tp, pp)
-        self.config, self.tp, self.pp = cfg, tp, pp
-        self.cache_layout, self.max_seq_len = options.cache_layout, options.max_seq_len
-        self.options = options
-        self.dtype = DTYPES[dtype]
-        self.groups = [LocalAllReduce(tp) for _ in range(pp)]
-        self.specs = all_ranks(tp, pp)
-        self.modules = []
-        for spec in self.specs:
-            module = build_rank_module(cfg, spec, options, self.groups[spec.pp_rank].for_rank(spec.tp_rank),
-                                       dtype=self.dtype, device="meta")
+        if device.is_cuda:
+            require_cuda_torch(device)
+            # A process-wide switch: the torch backend is the only user of CUDA matmuls here.
+            torch.backends.cuda.matmul.allow_tf32 = run.tf32
+        compute = dtype_named(dtype)
+        runners = {}
+        for spec in all_ranks(tp, pp):
+            session = TorchRankSession(spec.rank, device.for_rank(spec.rank))
+            module = build_rank_module(cfg, spec, options, session.reduce_now, dtype=compute.torch, device="meta")
             if isinstance(checkpoint, Checkpoint):
-                tensors = rank_module_tensors(checkpoint, spec, self.dtype, options.quant, input_scales)
+                tensors = rank_module_tensors(checkpoint, spec, compute.torch, options.quant, input_scales)
             else:  # a source already in the module's layout (an artifact's initializers)
                 tensors = checkpoint.iter_rank_tensors(spec)
-            load_rank_weights(module, tensors, self.dtype)
-            self.modules.append(module)
-        self._cache: list[list[torch.Tensor]] = []
+            load_rank_weights(module, tensors, compute.torch)
+            session.module = module.to(session.device)
+            runners[spec.rank] = session
+        super().__init__(config=cfg, tp=tp, pp=pp, cache_layout=options.cache_layout, max_seq_len=options.max_seq_len,
+                         logits=options.logits, dtype=compute, runners=runners)
+        self.options, self.device = options, device
 
-    def start_impl(self, batch: int) -> None:
-        cfg = self.config
-        kv_local = kv_heads_local(cfg, self.tp)
-        length = self.cache_layout.buffer_len(self.max_seq_len)
-        self._cache = [
-            [torch.zeros(batch, kv_local, length, cfg.head_dim, dtype=self.dtype)
-             for _ in range(2 * len(module.layer_ids))]
-            for module in self.modules]
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The rank modules, in rank order."""
+        return [self.runners[r].module for r in sorted(self.runners)]
 
-    @torch.inference_mode()
-    def infer_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        positions, mask = torch.from_numpy(feed["position_ids"]), torch.from_numpy(feed["attention_mask"])
-        x = torch.from_numpy(feed["input_ids"])
-        for stage in range(self.pp):
-            ranks = self.stage_ranks(stage)
-            outs = run_in_lockstep(
-                [lambda r=r, x=x: self.modules[r](x, positions, mask, *self._cache[r]) for r in ranks],
-                self.groups[stage])
-            for r, out in zip(ranks, outs):
-                self._cache[r] = list(out[1:])
-            x = outs[0][0]  # identical on every TP rank after the last all-reduce
-        return x.float().numpy()
 
-    def read_cache(self, rank: int, name: str) -> np.ndarray:
-        # past_key_values.{layer}.{part} -> the module's past inputs, (key, value) per local layer
-        _, layer, part = name.split(".")
-        index = 2 * self.modules[rank].layer_ids.index(int(layer)) + PARTS.index(part)
-        return self._cache[rank][index].float().numpy()
+def require_cuda_torch(device) -> None:
+    if not torch.cuda.is_available():
+        raise MissingRequirement(f"--device {device}: this PyTorch ({torch.__version__}) has no CUDA (a CPU build, or "
+                                 "no GPU visible); install a CUDA build of PyTorch, or use --device cpu")

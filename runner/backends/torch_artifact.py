@@ -13,8 +13,9 @@ TorchBackend only asks its weight source for `.config` and `.iter_rank_tensors(s
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,15 +23,16 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
-from export.errors import ArtifactError
+from export.dtypes import COMPUTE_DTYPE_NAMES, dtype_of_onnx
+from export.errors import ArtifactError, InputError
 from export.manifest import Manifest, load_manifest
 from export.model import ModelOptions, build_rank_module, rank_constants
 from export.sharding import RankSpec, all_ranks
-from runner.backends.torch import DTYPES, TorchBackend
+from runner.backends.options import TorchOptions
+from runner.backends.torch import TorchBackend
 
 
-_TORCH_FROM_ONNX = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
-                    TensorProto.BFLOAT16: torch.bfloat16, TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn}
+_WEIGHT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN)
 
 
 class ArtifactWeights:
@@ -76,17 +78,17 @@ class ArtifactWeights:
 
 def _read_initializer(init: TensorProto, rank_dir: Path, onnx_path: Path,
                       data: dict[Path, np.memmap]) -> torch.Tensor:
-    dtype = _TORCH_FROM_ONNX.get(init.data_type)
-    if dtype is None:
+    if init.data_type not in _WEIGHT_TYPES:
         kind = TensorProto.DataType.Name(init.data_type)
         raise ArtifactError(f"{onnx_path}: initializer {init.name} is {kind}; the torch backend reads "
                             "float32/float16/bfloat16 artifacts (FP8 artifacts are compared with "
                             "--a ort --b trt, or against --reference CHECKPOINT at the compute dtype)")
+    element = dtype_of_onnx(init.data_type)
     shape = tuple(init.dims)
     if init.data_location != TensorProto.EXTERNAL:
-        if dtype == torch.bfloat16:
+        if element.name == "bfloat16":
             raw = bytearray(init.raw_data)
-            return torch.frombuffer(raw, dtype=torch.bfloat16).reshape(shape).clone()
+            return torch.frombuffer(raw, dtype=element.torch).reshape(shape).clone()
         return torch.from_numpy(numpy_helper.to_array(init).copy())
     info = {entry.key: entry.value for entry in init.external_data}
     location = info.get("location", "")
@@ -97,7 +99,7 @@ def _read_initializer(init: TensorProto, rank_dir: Path, onnx_path: Path,
     if path not in data:
         data[path] = np.memmap(path, dtype=np.uint8, mode="r")
     blob = data[path]
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = element.itemsize
     offset = int(info.get("offset", 0))
     length = int(info.get("length", int(np.prod(shape, dtype=np.int64)) * itemsize))
     if length != int(np.prod(shape, dtype=np.int64)) * itemsize or offset + length > blob.size:
@@ -106,23 +108,38 @@ def _read_initializer(init: TensorProto, rank_dir: Path, onnx_path: Path,
                             "file was truncated or replaced — re-export the artifact")
     # One tensor copied out of the mapping; bytearray so torch owns writable memory.
     raw = bytearray(blob[offset:offset + length])
-    return torch.frombuffer(raw, dtype=dtype).reshape(shape)
+    return torch.frombuffer(raw, dtype=element.torch).reshape(shape)
 
 
-def torch_backend_from_artifact(artifact: str | Path, verify_hashes: bool = False) -> TorchBackend:
+def torch_backend_from_artifact(artifact: str | Path, verify_hashes: bool = False,
+                                options: TorchOptions | None = None) -> TorchBackend:
     """TorchBackend with the artifact's layout (tp/pp/dtype/kv-cache/logits) and its weights."""
     directory = Path(artifact)
     manifest = load_manifest(directory, verify_hashes=verify_hashes)
-    if manifest.dtype not in DTYPES:
+    if manifest.dtype not in COMPUTE_DTYPE_NAMES:
         raise ArtifactError(f"{directory}: manifest dtype {manifest.dtype!r} is not one of "
-                            f"{', '.join(DTYPES)}; re-export the artifact")
+                            f"{', '.join(COMPUTE_DTYPE_NAMES)}; re-export the artifact")
     held = {entry.rank for entry in manifest.ranks}
     missing = [s.rank for s in all_ranks(manifest.tp, manifest.pp) if s.rank not in held]
     if missing:
         raise ArtifactError(f"{directory}: ranks {missing} were not exported, and the torch backend runs "
                             "every rank in one process; export all ranks (omit --ranks)")
     return TorchBackend(ArtifactWeights(directory, manifest), tp=manifest.tp, pp=manifest.pp,
-                        dtype=manifest.dtype, options=artifact_model_options(manifest))
+                        dtype=manifest.dtype, options=artifact_model_options(manifest), run=options)
+
+
+def reference_backend(artifact: Path, reference: Path, options: TorchOptions | None = None) -> TorchBackend:
+    """The checkpoint the artifact was exported from, unquantized, at the artifact's layout:
+    parity's reference, so an FP8 artifact is measured against what it approximates."""
+    from export.checkpoint import Checkpoint
+    manifest = load_manifest(artifact)
+    checkpoint = Checkpoint(reference)
+    if checkpoint.config != manifest.config:
+        raise InputError(f"checkpoint {reference}: its config.json describes another model than the "
+                         f"artifact {artifact} was exported from (geometry, rope or vocab differ); compare "
+                         "against the checkpoint the artifact came from")
+    model = dataclasses.replace(artifact_model_options(manifest), quant=None)
+    return TorchBackend(checkpoint, tp=manifest.tp, pp=manifest.pp, dtype=manifest.dtype, options=model, run=options)
 
 
 def artifact_model_options(manifest: Manifest) -> ModelOptions:
