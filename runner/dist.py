@@ -126,7 +126,7 @@ class ProcessWorld:
 
         def reduce(x):
             host = isinstance(x, np.ndarray)
-            tensor = (torch.from_numpy(x) if host else x).to(self.device, copy=True)
+            tensor = torch.tensor(x, device=self.device) if host else x.to(self.device, copy=True)  # a copy
             self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=group)
             return tensor.cpu().numpy() if host else tensor.to(x.device)
         return reduce

@@ -186,11 +186,11 @@ class Backend(abc.ABC):
             if world is None:
                 self._check_finite(x, stage)
             elif stage < self.pp - 1:
-                world.send_tensor(torch.as_tensor(x), dst=world.rank + self.tp)
+                world.send_tensor(as_tensor(x), dst=world.rank + self.tp)
                 x = None
         if world is not None and self.pp > 1:  # the last stage's logits to every process
             shape = (batch, logits_positions(self.logits, seq), self.config.vocab_size)
-            x = world.broadcast_tensor(None if x is None else torch.as_tensor(x), shape, self.logits_dtype.torch,
+            x = world.broadcast_tensor(None if x is None else as_tensor(x), shape, self.logits_dtype.torch,
                                        src=(self.pp - 1) * self.tp)
         if world is not None:  # every process holds the same logits: every one stops alike
             self._check_finite(x, self.pp - 1)
@@ -243,6 +243,11 @@ class Backend(abc.ABC):
 def cache_names(cfg: LlamaConfig, spec: RankSpec) -> list[str]:
     """The rank graph's cache inputs past_key_values.{i}.key/value, in input order."""
     return [name for name in io_names(cfg, spec)[0] if is_past(name)]
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """A stage output as a torch tensor (arrays copied: onnxruntime's may be read-only)."""
+    return torch.tensor(x) if isinstance(x, np.ndarray) else x
 
 
 def host_float32(x: Any) -> np.ndarray:
