@@ -122,7 +122,7 @@ class OrtRankSession(RankSession):
         self.rank, self.placement = rank, placement
         self.entry = manifest.rank(rank)
         self.in_place = manifest.cache_layout.in_place
-        spec = next(s for s in _specs(manifest) if s.rank == rank)
+        spec = all_ranks(manifest.tp, manifest.pp)[rank]
         inputs, outputs = io_names(manifest.config, spec)
         self.first_name, self.output_name = inputs[0], outputs[0]
         onnx_path = directory / self.entry.onnx_path
@@ -238,10 +238,6 @@ class OrtRankSession(RankSession):
         env.update(owned)
 
 
-def _specs(manifest: Manifest):
-    return all_ranks(manifest.tp, manifest.pp)
-
-
 class OrtBackend(Backend):
     name = "ort"
 
@@ -262,7 +258,7 @@ class OrtBackend(Backend):
             raise ArtifactError(f"{self.directory}: a {m.dtype} artifact cannot run on onnxruntime's CPU "
                                 "provider (no bfloat16 MatMul); export with --dtype float16 or float32, or "
                                 "run it with --device cuda")
-        wanted = [world.rank] if world is not None else [s.rank for s in _specs(m)]
+        wanted = [world.rank] if world is not None else [s.rank for s in all_ranks(m.tp, m.pp)]
         local = local_rank() if world is not None else None
         runners = {r: OrtRankSession(m, self.directory, r, device.for_rank(r, local), options) for r in wanted}
         logits = next((t for e in m.ranks for t in e.outputs if t.name == "logits"), None)
