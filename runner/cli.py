@@ -152,7 +152,7 @@ def cmd_export(args) -> int:
 
 
 def _open_backend(args):
-    """The model behind --checkpoint/--artifact as a Backend (runner/backend_factory.py)."""
+    """The model behind --checkpoint/--artifact as a Backend (runner/backends/registry.py)."""
     (options,) = backend_options(args, [(args.backend, args.device)])
     if args.artifact is not None:
         if args.verify:

@@ -166,8 +166,8 @@ class Backend(abc.ABC):
                              "writing some rows needs a static-cache artifact (--kv-cache static)")
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise InputError(f"rows={rows!r}: pass a slice of consecutive cache rows, e.g. slice(r, r + 1)")
-        start, stop, _ = rows.indices(self.batch)
-        if rows.start is None or rows.stop is None or not 0 <= rows.start < rows.stop <= self.batch:
+        start, stop = rows.start, rows.stop
+        if start is None or stop is None or not 0 <= start < stop <= self.batch:
             raise InputError(f"rows={rows}: the cache holds rows 0..{self.batch - 1} (start() made {self.batch})")
         if stop - start != batch:
             raise InputError(f"a batch of {batch} for rows {start}..{stop - 1} ({stop - start} rows)")
