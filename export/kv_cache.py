@@ -3,10 +3,18 @@ artifact, chosen once from `--kv-cache` (the manifest's `kv_cache` names it), an
 model, the exporter, the engine builder and every backend instead of branching on the name.
 
 - `static`: one [batch, kv_heads, max_seq_len, head_dim] buffer per layer and K/V, written in
-  place (TensorScatter at the step's slots, `present.*` aliases `past_key_values.*`); attention
-  reads the live prefix, slots [0, attention_mask length). A request must fit max_seq_len.
+  place (TensorScatter, `present.*` aliases `past_key_values.*`). Each row writes at its own
+  slot: row b's `seq` new keys/values go to slots [s_b, s_b + seq), s_b = max(0, last_b + 1 - seq),
+  last_b = the last nonzero slot of attention_mask row b ([batch, W], this step included), so
+  one step can carry rows at different lengths (continuous batching). Attention reads slots
+  [0, W), masked per row; W is the runner's choice (the longest live row, or max_seq_len for
+  fixed decode shapes: docs/batching.md). A request must fit max_seq_len.
 - `concat`: the past grows by the step (`present = Concat(past, new)`); the runner hands each
-  step's present back as the next past. Its length is bounded by the engines' profiles only.
+  step's present back as the next past. Every row writes at W - seq (lockstep). Its length is
+  bounded by the engines' profiles only.
+
+Right-padded rows at their own lengths and onnxruntime-genai's left-padded lockstep batches
+both satisfy the static rule (genai's new tokens are always the mask's last columns).
 """
 
 from __future__ import annotations
@@ -49,6 +57,30 @@ def present_of(past: str) -> str:
 
 Range = tuple[int, int, int]  # (min, opt, max)
 
+# How a layout's graph places a step's keys/values, as the manifest records it
+# (`Manifest.cache_writes`): artifacts from before per-sequence slots record nothing = lockstep.
+PER_SEQUENCE = "per_sequence"  # row b at max(0, last_b + 1 - seq): rows at different lengths
+LOCKSTEP = "lockstep"  # every row at the mask's width less the step: rows advance together
+
+
+def lockstep_slots(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """Every row's step at the mask's last `seq` slots: [batch] of W - seq."""
+    import torch
+    return torch.zeros_like(attention_mask[:, 0]) + (attention_mask.shape[1] - seq)  # [batch]
+
+
+def per_sequence_slots(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """Row b's first slot of the step, max(0, last_b + 1 - seq), last_b = its last nonzero slot
+    (an all-zero row, a free one, writes at 0): [batch]."""
+    import torch
+    width = attention_mask.shape[1]
+    slot_ends = torch.arange(1, width + 1, device=attention_mask.device)  # [W]: slot + 1
+    # ReduceMax over a constant axis (TensorRT needs reduce axes at build time) of slot + 1
+    # where the mask is set: last_b + 1, or 0 for an empty row.
+    ends = torch.where(attention_mask != 0, slot_ends, 0).amax(dim=1)  # [batch]
+    # Max, not clamp: TensorRT's Clip takes float types only.
+    return torch.maximum(ends - seq, torch.zeros_like(ends))  # [batch]
+
 
 @dataclasses.dataclass(frozen=True)
 class KVCacheLayout(abc.ABC):
@@ -57,14 +89,17 @@ class KVCacheLayout(abc.ABC):
     past_dim_name: str | None  # the symbolic dim of the past's length in the graph (None: fixed)
     copies_per_step: int  # full-length caches alive during a step (concat: the past and its present)
     bounded: bool  # a request must fit max_seq_len slots (concat: only TensorRT's profiles bound it)
+    writes: str  # PER_SEQUENCE or LOCKSTEP: where each row's step lands (the manifest records it)
 
     @abc.abstractmethod
     def buffer_len(self, max_seq_len: int) -> int:
         """Slots of each past buffer when a batch starts."""
 
     @abc.abstractmethod
-    def write_slots(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor | None:
-        """Per-step state the update needs, computed once per rank from the mask [batch, total]."""
+    def write_slots(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+        """Each row's first cache slot of this step, [batch], computed once per rank from the
+        mask [batch, W]: where the update writes the step and where its queries sit (the
+        causal part of the attention mask)."""
 
     @abc.abstractmethod
     def update(self, past: torch.Tensor, new: torch.Tensor, slots: torch.Tensor | None,
@@ -92,20 +127,19 @@ class StaticCache(KVCacheLayout):
     past_dim_name: str | None = None
     copies_per_step: int = 1
     bounded: bool = True
+    writes: str = PER_SEQUENCE
 
     def buffer_len(self, max_seq_len: int) -> int:
         return max_seq_len
 
     def write_slots(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
-        import torch
-        # The step's first slot, the same for every sequence: the mask's length less the step.
-        return torch.zeros_like(attention_mask[:, 0]) + (attention_mask.shape[1] - seq)  # [batch]
+        return per_sequence_slots(attention_mask, seq)  # [batch]
 
     def update(self, past, new, slots, total):
         from export.cache_ops import kv_cache_write
         present = kv_cache_write(past, new, slots)  # [batch, kv_heads, max_seq_len, head_dim]
-        # Attend only the live prefix: slots past the mask's length hold nothing yet, and reading
-        # all max_seq_len of them every step would cost more than the weights.
+        # Attend slots [0, W) only: the runner picks W (the longest live row reads less than all
+        # max_seq_len slots; W = max_seq_len keeps decode shapes fixed).
         return present, present[:, :, :total]  # [batch, kv_heads, total, head_dim]
 
     def profile_points(self, batch, seq, max_seq_len):
@@ -122,12 +156,13 @@ class ConcatCache(KVCacheLayout):
     past_dim_name: str | None = "past_seq"
     copies_per_step: int = 2
     bounded: bool = False
+    writes: str = LOCKSTEP
 
     def buffer_len(self, max_seq_len: int) -> int:
         return 0
 
-    def write_slots(self, attention_mask: torch.Tensor, seq: int) -> None:
-        return None
+    def write_slots(self, attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+        return lockstep_slots(attention_mask, seq)  # [batch]; the update appends, ignoring them
 
     def update(self, past, new, slots, total):
         import torch

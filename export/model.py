@@ -207,16 +207,18 @@ class Body(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def additive_mask(attention_mask: torch.Tensor, seq: int):
+def additive_mask(attention_mask: torch.Tensor, seq: int, slots: torch.Tensor | None = None):
     """Additive attention mask [batch, 1, seq, total] in fp32 from attention_mask [batch, total]
-    (1 = a real token in that cache slot). The step's queries sit in the last `seq` slots; each
-    sees every real slot up to its own (both cache modes: slots are positions in the cache, and
-    padding slots of shorter sequences stay masked for good)."""
+    (1 = a real token in that cache slot). Row b's queries sit at slots[b] .. slots[b] + seq - 1
+    (the cache layout's write_slots; None: every row's in the last `seq` slots); each sees every
+    real slot up to its own (slots are positions in the cache, and padding slots stay masked)."""
     total = attention_mask.shape[1]
-    slots = torch.arange(total, device=attention_mask.device)  # [total]
-    query_slots = (total - seq) + torch.arange(seq, device=attention_mask.device)  # [seq]
-    causal = slots[None, :] <= query_slots[:, None]  # [seq, total]
-    allowed = causal[None] & (attention_mask[:, None, :] != 0)  # [batch, seq, total]
+    key_slots = torch.arange(total, device=attention_mask.device)  # [total]
+    step = torch.arange(seq, device=attention_mask.device)  # [seq]
+    starts = slots if slots is not None else torch.zeros_like(attention_mask[:, 0]) + (total - seq)  # [batch]
+    query_slots = starts[:, None] + step  # [batch, seq]
+    causal = key_slots <= query_slots[:, :, None]  # [batch, seq, total]
+    allowed = causal & (attention_mask[:, None, :] != 0)  # [batch, seq, total]
     # finfo.min rather than -inf: a fully padded query row must give zeros, not NaN.
     neg = torch.finfo(torch.float32).min
     return torch.where(allowed, 0.0, neg)[:, None]  # [batch, 1, seq, total]
@@ -230,8 +232,10 @@ class LlamaRank(nn.Module):
                       [batch, seq, hidden] from the previous stage
       position_ids    int64 [batch, seq]
       attention_mask  int64 [batch, total]: 1 for a real token in each cache slot so far, this
-                      step's included (total = past + seq). Static mode writes the step at slots
-                      total - seq .. total - 1 of every sequence and attends slots [0, total).
+                      step's included. Static mode writes row b's step at its own slots
+                      s_b .. s_b + seq - 1, s_b = max(0, last_b + 1 - seq), last_b = the row's
+                      last nonzero slot, and attends slots [0, total) (export/kv_cache.py);
+                      concat appends at total - seq (total = past + seq).
       past            key, value per local layer: [batch, kv_heads_local, cache_len, head_dim]
     """
 
@@ -257,8 +261,8 @@ class LlamaRank(nn.Module):
         h = self.model.embed_tokens(first) if spec.is_first_stage else first  # [batch, seq, hidden]
         seq = position_ids.shape[1]
         rope = rope_at(self.rope_cos, self.rope_sin, position_ids)
-        mask = additive_mask(attention_mask, seq)
-        slots = self.cache.write_slots(attention_mask, seq)  # static: [batch]; concat: None
+        slots = self.cache.write_slots(attention_mask, seq)  # [batch]: each row's first slot of the step
+        mask = additive_mask(attention_mask, seq, slots)  # [batch, 1, seq, total]
         presents = []
         for n, layer_id in enumerate(self.layer_ids):
             h, k, v = self.model.layers[str(layer_id)](
