@@ -1,6 +1,6 @@
 """`make bench`: load, export, peer-exporter, decode, engine-build, graph-size and genai-runtime benchmarks.
 
-    python -m bench [--quick] [--only plan,load,export,fp8,recipes,peers,decode,engines,graph,genai]
+    python -m bench [--quick] [--only plan,load,export,fp8,recipes,peers,decode,engines,graph,genai,batching]
                     [--workdir DIR] [--no-keep]
 
 Prints one Markdown table (what | figure | unit | against what) on stdout and writes the same

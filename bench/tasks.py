@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench.harness import dir_bytes, evict_from_page_cache, run_child
 from bench.report import GB
+from bench.suites.batching import prep_decode_width, task_decode_width
 from bench.suites.genai_speed import prep_genai_speed, task_genai_overhead, task_genai_speed
 
 
@@ -348,6 +349,7 @@ TASKS: dict[str, tuple[Callable[[], None], Callable[[dict], dict]]] = {
     "genai_speed": (prep_genai_speed, task_genai_speed),
     "genai_overhead": (prep_genai_speed, task_genai_overhead),
     "graph_counts": (_prep_graph_counts, task_graph_counts),
+    "decode_width": (prep_decode_width, task_decode_width),
 }
 UNSAMPLED_TASKS = {"genai_speed", "genai_overhead"}
 

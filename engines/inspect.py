@@ -49,8 +49,36 @@ def layer_summary(trt, network) -> tuple[dict[str, int], dict[str, dict[str, int
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))), {k: dict(v) for k, v in sorted(dtypes.items())}
 
 
+def kv_write_index_sources(trt, network) -> list[str]:
+    """Network inputs whose values reach the write indices (input 2) of the KV_CACHE_UPDATE
+    layers: ["attention_mask"] when each row's slot is computed from its own mask row; [] when
+    the slots come from shapes alone (every row at the same slot). A SHAPE layer passes on a
+    tensor's dimensions, not its values, so the walk stops there."""
+    producer = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_outputs):
+            producer[layer.get_output(j).name] = layer
+    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+    stack = [layer.get_input(2).name for layer in (network.get_layer(i) for i in range(network.num_layers))
+             if layer.type == trt.LayerType.KV_CACHE_UPDATE]
+    sources, seen = set(), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        layer = producer.get(name)
+        if name in inputs:
+            sources.add(name)
+        elif layer is not None and layer.type != trt.LayerType.SHAPE:
+            stack += [t.name for t in (layer.get_input(k) for k in range(layer.num_inputs)) if t is not None]
+    return sorted(sources)
+
+
 def inspect_artifact(directory: str | Path, ranks: list[int] | None = None) -> dict[str, Any]:
-    """{"parser": ..., "ranks": [{"rank", "layers", "dtypes", "parse_s", "engine"}...], "engines": ...}."""
+    """{"parser": ..., "ranks": [{"rank", "layers", "dtypes", "kv_write_indices_from", "parse_s", "engine"}...],
+    "engines": ...}."""
     directory = Path(directory)
     manifest = load_manifest(directory)
     name, trt = parser_module()
@@ -66,11 +94,12 @@ def inspect_artifact(directory: str | Path, ranks: list[int] | None = None) -> d
             raise EngineBuildError(f"rank {entry.rank}: {err}") from None
         layers, dtypes = layer_summary(trt, network)
         out.append({"rank": entry.rank, "layers": layers, "dtypes": dtypes, "num_layers": sum(layers.values()),
+                    "kv_write_indices_from": kv_write_index_sources(trt, network),
                     "parse_s": round(time.perf_counter() - started, 3),
                     "engine": (engines.get("ranks") or {}).get(str(entry.rank))})
     summary = {"artifact": str(directory), "parser": {"flavour": name, "version": trt.__version__},
                "tp": manifest.tp, "pp": manifest.pp, "dtype": manifest.dtype, "quant": manifest.quant,
-               "kv_cache": manifest.kv_cache, "ranks": out}
+               "kv_cache": manifest.kv_cache, "kv_cache_writes": manifest.cache_writes, "ranks": out}
     if engines:
         summary["engines"] = {k: engines.get(k) for k in ("flavour", "version", "targets", "gpu", "flags") if k in engines}
     return summary
@@ -79,7 +108,7 @@ def inspect_artifact(directory: str | Path, ranks: list[int] | None = None) -> d
 def format_summary(summary: dict[str, Any]) -> str:
     parser = summary["parser"]
     lines = [f"{summary['artifact']}: tp {summary['tp']} x pp {summary['pp']}, {summary['dtype']}, "
-             f"quant {summary['quant']}, {summary['kv_cache']} KV cache — parsed by {FLAVOURS[parser['flavour']].title} "
+             f"quant {summary['quant']}, {summary['kv_cache']} KV cache ({summary['kv_cache_writes']} writes) — parsed by {FLAVOURS[parser['flavour']].title} "
              f"{parser['version']}"]
     for rank in summary["ranks"]:
         key = ", ".join(f"{k} {rank['layers'][k]}" for k in KEY_LAYERS if k in rank["layers"])
@@ -87,6 +116,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         for kind, dtypes in rank["dtypes"].items():
             if kind in ("MATRIX_MULTIPLY", "QUANTIZE", "DEQUANTIZE", "KV_CACHE_UPDATE"):
                 lines.append(f"  {kind} outputs: " + ", ".join(f"{d} {n}" for d, n in dtypes.items()))
+        if rank["layers"].get("KV_CACHE_UPDATE"):
+            sources = rank["kv_write_indices_from"]
+            lines.append("  KV_CACHE_UPDATE write indices: " + (f"from the values of {', '.join(sources)} (a slot per row)"
+                                                              if sources else "from shapes only (every row at one slot)"))
         engine = rank.get("engine")
         if engine:
             lines.append(f"  engine {engine['file']}: {engine['size'] / 2**20:.1f} MiB")

@@ -155,6 +155,23 @@ def fits_gpu(memory: RankMemory, request: PlanRequest) -> bool:
     return memory.total_bytes + request.reserve_bytes <= request.gpu_bytes
 
 
+# A GPU decodes at the attention mask width W = max_seq_len (every step one shape: CUDA graphs)
+# while reading every cache slot adds at most this share to the bytes a step reads anyway (the
+# weights); past it, W goes in power-of-two buckets (export/kv_cache.py:decode_width, the
+# measurements in docs/batching.md).
+FIXED_WIDTH_MAX_KV_SHARE = 0.10
+
+
+def gpu_decode_width(result: Plan) -> dict[str, Any] | None:
+    """{"policy": "max" | "buckets", "kv_read_share": full-width KV bytes / weight bytes on the
+    rank where that share is largest} for a static cache (its whole buffer is what a step at
+    W = max_seq_len reads); None for concat, whose width is its past (no choice)."""
+    if KV_CACHE_LAYOUTS[result.request.kv_cache].past_dim_name is not None:
+        return None
+    share = max(m.kv_cache_bytes / m.weights_bytes for m in result.ranks)
+    return {"policy": "max" if share <= FIXED_WIDTH_MAX_KV_SHARE else "buckets", "kv_read_share": share}
+
+
 # -- the three terms -------------------------------------------------------------------------
 
 def _local_shape(cfg: LlamaConfig, spec: RankSpec, name: str) -> tuple[int, ...]:
@@ -314,6 +331,7 @@ def plan_json(result: Plan) -> dict[str, Any]:
                     "fp8_recipe": r.fp8_recipe, "fp8_exclude": list(r.fp8_exclude),
                     "parameters": r.config.num_parameters()},
         "suggestion": suggestion(result),
+        "gpu_decode_width": gpu_decode_width(result),
     }
 
 
@@ -335,6 +353,13 @@ def format_table(result: Plan) -> str:
     lines.append(f"engine build: ~{biggest.build_host_bytes / GiB:.1f} GiB of host memory per rank built at once "
                  f"({BUILDER_HOST_FIXED_BYTES / GiB:.1f} GiB + {BUILDER_HOST_BYTES_PER_WEIGHT_BYTE:g}x its weights; "
                  "--workers W needs W times that)")
+    width = gpu_decode_width(result)
+    if width is not None:
+        why = (f"reading all {r.max_seq_len} slots of {r.max_batch} rows adds {100 * width['kv_read_share']:.1f} % "
+               "to the weights' bytes")
+        lines.append(f"GPU decode: attention over all max_seq_len slots every step (one shape: CUDA graphs); {why}"
+                     if width["policy"] == "max" else
+                     f"GPU decode: attention width in power-of-two buckets of the longest live row; {why}")
     hint = suggestion(result)
     if hint:
         parts = [f"--{k.replace('_', '-')} {v}" for k, v in hint.items() if k != "note" and v is not None]

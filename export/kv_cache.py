@@ -63,6 +63,29 @@ PER_SEQUENCE = "per_sequence"  # row b at max(0, last_b + 1 - seq): rows at diff
 LOCKSTEP = "lockstep"  # every row at the mask's width less the step: rows advance together
 
 
+# The attention mask's width W of a static-cache decode step: the runner's choice each step
+# (docs/batching.md has the measurements behind the choice per device).
+DECODE_WIDTHS = ("live", "buckets", "max")
+MIN_WIDTH_BUCKET = 128
+
+
+def decode_width(policy: str, longest: int, max_seq_len: int) -> int:
+    """W for a step after which the longest live row holds `longest` slots: "live" = longest
+    (reads the fewest slots: onnxruntime on CPUs), "max" = max_seq_len (every decode step one
+    shape: CUDA graphs), "buckets" = longest rounded up to a power of two, at least
+    MIN_WIDTH_BUCKET, at most max_seq_len (a few shapes, each capturable, at most twice the
+    live read: GPUs whose full cache is large next to the weights)."""
+    if policy not in DECODE_WIDTHS:
+        raise ConfigError(f"decode width {policy!r}: choose one of {', '.join(DECODE_WIDTHS)}")
+    if not 1 <= longest <= max_seq_len:
+        raise InputError(f"a row holding {longest} cache slots does not fit max_seq_len={max_seq_len}")
+    if policy == "live":
+        return longest
+    if policy == "max":
+        return max_seq_len
+    return min(max_seq_len, max(MIN_WIDTH_BUCKET, 1 << (longest - 1).bit_length()))
+
+
 def lockstep_slots(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
     """Every row's step at the mask's last `seq` slots: [batch] of W - seq."""
     import torch
@@ -144,9 +167,12 @@ class StaticCache(KVCacheLayout):
 
     def profile_points(self, batch, seq, max_seq_len):
         # One profile: the buffers are fixed at max_seq_len; batch, seq and total_seq (the
-        # attention mask's length: slots in use after the step) vary.
+        # attention mask's width W) vary: a newcomer's prefill (batch 1, W = its prompt), a
+        # decode step over every row at the longest live row's width or at max_seq_len. The
+        # tuned point is a full-batch fixed-width decode step (W = max_seq_len, the GPU choice
+        # when the cache is small next to the weights: docs/batching.md).
         return [tuple({"batch": b, "seq": s, "total_seq": t}
-                      for b, s, t in zip(batch, seq, (1, max_seq_len // 2, max_seq_len)))]
+                      for b, s, t in zip(batch, seq, (1, max_seq_len, max_seq_len)))]
 
 
 @dataclasses.dataclass(frozen=True)

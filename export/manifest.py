@@ -16,7 +16,7 @@ from typing import Any
 
 from export.config import LlamaConfig
 from export.errors import ArtifactError, ConfigError
-from export.kv_cache import KVCacheLayout
+from export.kv_cache import LOCKSTEP, PER_SEQUENCE, KVCacheLayout
 from export.options import ExportOptions
 
 MANIFEST = "manifest.json"
@@ -30,6 +30,10 @@ def rank_folder(rank: int) -> str:
     return f"rank{rank}"
 FORMAT = "llama405-artifact"
 FORMAT_VERSION = 2  # 2: the export options as one object ("options")
+# Where the rank graphs write each row's step (export/kv_cache.py: per_sequence or lockstep).
+# Recorded since per-sequence slots; an artifact without it (older ones on users' disks) writes
+# every row in lockstep, so a runner that batches rows at different lengths refuses it.
+CACHE_WRITES = "kv_cache_writes"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,20 @@ class Manifest:
     def cache_layout(self) -> KVCacheLayout:
         return self.options.cache_layout
 
+    @property
+    def cache_writes(self) -> str:
+        """PER_SEQUENCE or LOCKSTEP (export/kv_cache.py): what the graphs were exported with."""
+        return self.extra.get(CACHE_WRITES, LOCKSTEP)
+
+    def require_per_sequence_writes(self, directory: str | Path, what: str) -> None:
+        """Refuse an artifact whose graphs write every row at the same slot, for `what` (e.g.
+        "continuous batching"), which needs rows at their own lengths."""
+        if self.cache_writes != PER_SEQUENCE:
+            why = ("a concat KV cache appends every row's step at the same slot" if self.cache_layout.writes == LOCKSTEP
+                   else "it was exported before per-sequence cache slots: every row writes at the same slot")
+            raise ArtifactError(f"{directory}: {what} needs each row to write its own cache slot, but {why}; "
+                                "re-export with --kv-cache static using this llama405")
+
     def rank(self, rank: int) -> RankEntry:
         for entry in self.ranks:
             if entry.rank == rank:
@@ -147,6 +165,8 @@ def check_schema(raw: dict[str, Any], source: str) -> None:
         ExportOptions.from_dict(raw.get("options"), source)  # names, types and choices of every option
     except ConfigError as err:
         raise ArtifactError(f"{err}; the manifest was edited or damaged — re-export the artifact") from None
+    if CACHE_WRITES in raw and raw[CACHE_WRITES] not in (PER_SEQUENCE, LOCKSTEP):
+        raise bad(CACHE_WRITES, raw[CACHE_WRITES], f"{PER_SEQUENCE!r} or {LOCKSTEP!r}")
     opset = raw.get("opset")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 1:
         raise bad("opset", opset, "a positive integer")
@@ -171,6 +191,8 @@ def options_digest(manifest: Manifest) -> str:
     options, the opset and each rank's place and layers."""
     shaping = {"options": manifest.options.to_dict(), "opset": manifest.opset,
                "ranks": [[e.rank, e.tp_rank, e.pp_rank, list(e.layers), e.collectives] for e in manifest.ranks]}
+    if CACHE_WRITES in manifest.extra:  # older artifacts' fingerprints stay what they were
+        shaping[CACHE_WRITES] = manifest.extra[CACHE_WRITES]
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 

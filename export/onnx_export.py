@@ -41,8 +41,8 @@ from export.options import ExportOptions
 from export.checkpoint_quant import CheckpointQuantization
 from export.config import LlamaConfig
 from export.errors import ArtifactError, CheckpointError, InternalError
-from export.manifest import (DATA_FILE, ONNX_FILE, Manifest, RankEntry, TensorSpec, config_digest, file_entry,
-                             is_finished_artifact, options_digest, rank_folder, write_manifest)
+from export.manifest import (CACHE_WRITES, DATA_FILE, ONNX_FILE, Manifest, RankEntry, TensorSpec, config_digest,
+                             file_entry, is_finished_artifact, options_digest, rank_folder, write_manifest)
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
                                temporary_sibling)
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
@@ -463,6 +463,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
         for path in copy_tokenizer_files(tmp, source=tokenizer_source):
             files[path.name] = file_entry(path)
         extra = {"fp8": fp8_info} if fp8_info else {}
+        extra[CACHE_WRITES] = options.cache_layout.writes
         if genai_supported(options.tp, options.pp):
             path = write_genai_config(tmp, cfg, options.kv_cache, options.max_seq_len, checkpoint.directory)
             files[path.name] = file_entry(path)

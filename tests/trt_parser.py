@@ -13,7 +13,7 @@ import onnx
 import tensorrt_rtx_bindings as trt
 
 from engines.build import EngineBuildError, make_logger, parse_rank
-from engines.inspect import layer_summary
+from engines.inspect import kv_write_index_sources, layer_summary
 from export.manifest import load_manifest
 
 
@@ -24,6 +24,41 @@ def parsed_layers(onnx_path: Path) -> tuple[dict[str, int], dict[str, dict[str, 
     except EngineBuildError as err:
         raise AssertionError(str(err)) from None
     return layer_summary(trt, network)
+
+
+def write_index_sources(onnx_path: Path) -> list[str]:
+    """The graph inputs whose values reach the KV_CACHE_UPDATE layers' write indices."""
+    try:
+        _builder, network, _parser = parse_rank(trt, Path(onnx_path), make_logger(trt))
+    except EngineBuildError as err:
+        raise AssertionError(str(err)) from None
+    return kv_write_index_sources(trt, network)
+
+
+def parsed_forms(model: onnx.ModelProto) -> dict[str, list[dict[str, object]]]:
+    """What the parser makes of an in-memory model's KV-cache updates and attentions, as the
+    layers' own attributes: {"errors": [...], "kv_cache_update": [{"update_form",
+    "update_lengths"}], "attention": [{"query_form", "key_value_form", "query_lengths",
+    "key_value_lengths", "mask", "causal_kind"}]} (forms as TensorRT names them, lengths and
+    mask as whether they are set)."""
+    _builder, network, _parser, errors = _parse_model(model)
+    out: dict[str, list] = {"errors": errors, "kv_cache_update": [], "attention": []}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.KV_CACHE_UPDATE:
+            layer.__class__ = trt.IKVCacheUpdateLayer  # the bindings hand out the base class
+            out["kv_cache_update"].append({"update_form": layer.update_form.name,
+                                           "update_lengths": layer.update_lengths is not None})
+        elif layer.type == trt.LayerType.ATTENTION_INPUT:
+            layer.__class__ = trt.IAttentionInputLayer
+            attention = layer.attention
+            out["attention"].append({"query_form": attention.query_form.name,
+                                     "key_value_form": attention.key_value_form.name,
+                                     "query_lengths": attention.query_lengths is not None,
+                                     "key_value_lengths": attention.key_value_lengths is not None,
+                                     "mask": attention.mask is not None,
+                                     "causal_kind": attention.causal_kind.name})
+    return out
 
 
 def _parse_model(model: onnx.ModelProto):

@@ -269,3 +269,18 @@ def test_parallel_build_warning_uses_the_factor(monkeypatch):
     assert host_memory_warning(manifest, [0, 1, 2, 3], workers=2) is None
     warning = host_memory_warning(manifest, [0, 1, 2, 3], workers=3)
     assert warning and "lower --workers" in warning and f"{BUILDER_HOST_BYTES_PER_WEIGHT_BYTE:g}x" in warning
+
+
+def test_gpu_decode_width_follows_the_cache_read_against_the_weights():
+    """Fixed-width decode (one shape: CUDA graphs) while reading all max_seq_len slots adds at
+    most 10 % to a step's bytes; power-of-two buckets beyond (docs/batching.md)."""
+    from engines.plan import format_table, gpu_decode_width
+    short = plan(PlanRequest(B405, tp=8, quant="fp8", max_batch=8, max_seq_len=4096))
+    width = gpu_decode_width(short)
+    # per rank: 126 layers x 1 KV head x 128 x 2 (K, V) x 2 bytes x 4096 slots x 8 rows, over FP8 weights
+    assert width["policy"] == "max" and 0.03 < width["kv_read_share"] < 0.05
+    assert "GPU decode: attention over all max_seq_len slots every step" in format_table(short)
+    long = plan(PlanRequest(B405, tp=8, quant="fp8", max_batch=8, max_seq_len=131072))
+    assert gpu_decode_width(long)["policy"] == "buckets" and gpu_decode_width(long)["kv_read_share"] > 1
+    assert plan_json(long)["gpu_decode_width"]["policy"] == "buckets"
+    assert gpu_decode_width(plan(PlanRequest(B405, tp=8, quant="fp8", kv_cache="concat"))) is None  # no choice

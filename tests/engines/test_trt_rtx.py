@@ -24,7 +24,7 @@ from export.onnx_export import ExportOptions, export_artifact
 from export.sharding import stage_layers
 from runner.cli import main as llama405
 from tests.conftest import hf_model, save_hf, tiny_config
-from tests.trt_parser import parsed_layers
+from tests.trt_parser import parsed_layers, write_index_sources
 
 pytestmark = pytest.mark.rtx
 
@@ -68,6 +68,9 @@ def test_every_rank_of_every_variant_parses_and_builds(checkpoint, tmp_path, var
         assert n_layers == len(stage_layers(manifest.config.num_hidden_layers, manifest.pp, entry.pp_rank))
         static = manifest.kv_cache == "static"
         assert layers.get("KV_CACHE_UPDATE", 0) == (2 * n_layers if static else 0), (entry.rank, layers)
+        if static:  # each row's write slot computed from its own mask row (per-sequence writeIndices)
+            assert write_index_sources(artifact / entry.onnx_path) == ["attention_mask"], entry.rank
+            assert manifest.cache_writes == "per_sequence"
         assert layers.get("DIST_COLLECTIVE", 0) == entry.collectives, (entry.rank, layers)
         # One fused attention per decoder layer (ONNX Attention -> IAttention), none decomposed by us.
         assert layers.get("ATTENTION_INPUT", 0) == layers.get("ATTENTION_OUTPUT", 0) == n_layers, layers
@@ -135,13 +138,17 @@ def test_inspect_reports_layers_and_engines(built, capsys):
     assert llama405(["inspect", str(built), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["parser"]["flavour"] == "rtx" and [r["rank"] for r in summary["ranks"]] == [0, 1]
+    assert summary["kv_cache_writes"] == "per_sequence"
     for rank in summary["ranks"]:
         assert rank["layers"]["KV_CACHE_UPDATE"] == 8 and rank["layers"]["DIST_COLLECTIVE"] == 10
+        assert rank["kv_write_indices_from"] == ["attention_mask"]
         assert rank["engine"]["file"] == f"rank{rank['rank']}/engine.plan"
     assert summary["engines"]["targets"] == ["sm86", "sm120"]
     assert llama405(["inspect", str(built), "--ranks", "1"]) == 0
     text = capsys.readouterr().out
     assert "rank 1:" in text and "rank 0:" not in text and "KV_CACHE_UPDATE 8" in text
+    assert "static KV cache (per_sequence writes)" in text
+    assert "KV_CACHE_UPDATE write indices: from the values of attention_mask (a slot per row)" in text
     assert "TensorRT-RTX 1.7.1.116, targets sm86, sm120" in text
 
 
@@ -248,3 +255,52 @@ def test_an_fp8_kv_cache_is_refused_by_the_parser():
                          opset_imports=[h.make_opsetid("", 24)], ir_version=10)
     errors = parse_errors(model)
     assert any("cache has type FP8 but must have type Float, Half, or BFloat16" in e for e in errors), errors
+
+
+def test_no_standard_onnx_form_reaches_the_packed_kv_update_or_attention(built):
+    """Why prefill stays padded (docs/batching.md): TensorRT's KV-cache update and attention
+    take packed tokens ([total_tokens, heads, head_dim] with cumulative lengths [batch + 1]),
+    but NVIDIA's ONNX parser (TensorRT-RTX 1.7) builds every ONNX TensorScatter and Attention it
+    accepts in the padded form with no lengths: a packed 3-D update is refused, and Attention's
+    per-row `nonpad_kv_seqlen` is dropped rather than mapped onto the per-row key/value lengths.
+    The day a parser maps either, this fails and packed prefill (or fixed-width decode that
+    reads only each row's slots) can be built."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from tests.trt_parser import parsed_forms
+    batch, heads, kv_heads, slots, dim, f16 = 2, 4, 2, 64, 64, T.FLOAT16
+
+    def model(nodes, inputs, outputs):
+        return h.make_model(h.make_graph(nodes, "probe", inputs, outputs), opset_imports=[h.make_opsetid("", 24)],
+                            ir_version=10)
+
+    cache = h.make_tensor_value_info("cache", f16, [batch, kv_heads, slots, dim])
+    present = h.make_tensor_value_info("present", f16, [batch, kv_heads, slots, dim])
+    write_indices = h.make_tensor_value_info("write_indices", T.INT64, [batch])
+    scatter = h.make_node("TensorScatter", ["cache", "update", "write_indices"], ["present"], axis=-2, mode="linear")
+    # A packed update: every sequence's tokens end to end, [total_tokens, kv_heads, head_dim].
+    packed = parsed_forms(model([scatter], [cache, h.make_tensor_value_info("update", f16, ["total", kv_heads, dim]),
+                                            write_indices], [present]))
+    assert any("The update tensor is required to be 4D, got 3D" in e for e in packed["errors"]), packed
+    padded = parsed_forms(model([scatter], [cache, h.make_tensor_value_info("update", f16, [batch, kv_heads, "seq", dim]),
+                                            write_indices], [present]))
+    assert not padded["errors"]
+    assert padded["kv_cache_update"] == [{"update_form": "PADDED_BHND", "update_lengths": False}]
+
+    q = h.make_tensor_value_info("q", f16, [batch, heads, "seq", dim])
+    kv = [h.make_tensor_value_info(n, f16, [batch, kv_heads, slots, dim]) for n in ("k", "v")]
+    y = h.make_tensor_value_info("y", f16, [batch, heads, "seq", dim])
+    lengths = parsed_forms(model([h.make_node("Attention", ["q", "k", "v", "", "", "", "valid"], ["y"], is_causal=0)],
+                                 [q, *kv, h.make_tensor_value_info("valid", T.INT64, [batch])], [y]))
+    padded_no_lengths = {"query_form": "PADDED_BHND", "key_value_form": "PADDED_BHND", "query_lengths": False,
+                         "key_value_lengths": False}
+    assert not lengths["errors"]
+    assert lengths["attention"] == [{**padded_no_lengths, "mask": False, "causal_kind": "NONE"}]  # valid: dropped
+
+    # What our rank graphs give it: the padded forms, the per-row mask, no lengths.
+    ours = parsed_forms(onnx.load(str(built / "rank0" / "model.onnx")))  # 4 layers, weights inline
+    assert not ours["errors"] and len(ours["kv_cache_update"]) == 8 and len(ours["attention"]) == 4
+    assert all(u == {"update_form": "PADDED_BHND", "update_lengths": False} for u in ours["kv_cache_update"])
+    assert all(a == {**padded_no_lengths, "mask": True, "causal_kind": "NONE"} for a in ours["attention"])

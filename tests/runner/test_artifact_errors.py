@@ -133,3 +133,37 @@ def test_token_id_outside_the_vocabulary(artifact, tmp_path, capsys, tokens, bad
     code, err = logits(capsys, artifact, tmp_path / "l.npy", tokens)
     assert code == 2 and one_line(err), err
     assert f"token id {bad} is outside the vocabulary 0..255" in err
+
+
+def _rewrite(copy: Path, change) -> None:
+    raw = json.loads((copy / "manifest.json").read_text())
+    change(raw)
+    (copy / "manifest.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def test_per_sequence_writes_are_recorded_and_an_artifact_without_them_is_refused_for_them(copy):
+    """Artifacts from before per-sequence cache slots (on users' disks) record no write layout:
+    they read as lockstep, and what needs rows at their own lengths refuses them."""
+    from export.manifest import CACHE_WRITES, Manifest, options_digest
+    manifest = load_manifest(copy)
+    assert manifest.cache_writes == "per_sequence"
+    manifest.require_per_sequence_writes(copy, "continuous batching")
+
+    def as_older_export(raw):  # no record, and the fingerprint such an exporter wrote
+        del raw[CACHE_WRITES]
+        raw["source"]["options_sha256"] = options_digest(Manifest.from_json(json.dumps(raw), "old"))
+    _rewrite(copy, as_older_export)
+    older = load_manifest(copy)
+    assert older.cache_writes == "lockstep"
+    with pytest.raises(ArtifactError, match="exported before per-sequence cache slots.*re-export") as caught:
+        older.require_per_sequence_writes(copy, "continuous batching")
+    assert str(copy) in str(caught.value) and "continuous batching" in str(caught.value)
+
+
+@pytest.mark.parametrize("value,message", [("lockstep", "differ from what the rank graphs were exported with"),
+                                           ("sideways", "kv_cache_writes='sideways' must be")])
+def test_an_edited_write_layout_is_refused(copy, value, message):
+    from export.manifest import CACHE_WRITES
+    _rewrite(copy, lambda raw: raw.update({CACHE_WRITES: value}))
+    with pytest.raises(ArtifactError, match=message):
+        load_manifest(copy)
