@@ -108,8 +108,8 @@ def inspect_artifact(directory: str | Path, ranks: list[int] | None = None) -> d
 def format_summary(summary: dict[str, Any]) -> str:
     parser = summary["parser"]
     lines = [f"{summary['artifact']}: tp {summary['tp']} x pp {summary['pp']}, {summary['dtype']}, "
-             f"quant {summary['quant']}, {summary['kv_cache']} KV cache ({summary['kv_cache_writes']} writes) — parsed by {FLAVOURS[parser['flavour']].title} "
-             f"{parser['version']}"]
+             f"quant {summary['quant']}, {summary['kv_cache']} KV cache ({summary['kv_cache_writes']} writes) — "
+             f"parsed by {FLAVOURS[parser['flavour']].title} {parser['version']}"]
     for rank in summary["ranks"]:
         key = ", ".join(f"{k} {rank['layers'][k]}" for k in KEY_LAYERS if k in rank["layers"])
         lines.append(f"rank {rank['rank']}: {rank['num_layers']} layers; {key}")

@@ -3,8 +3,9 @@
 onnxruntime-genai's "llama" decoder feeds input_ids, attention_mask and position_ids and reads
 logits, with caches named past_key_values.%d.key|value / present.%d.key|value — the rank graph's
 own IO names, so the config only points at rank0/model.onnx and states the geometry. Both cache
-modes work: the static graph derives its write slot from attention_mask's length (export/model.py),
-so genai's buffer-sharing mode (`past_present_share_buffer: true`) drives it with the feeds it
+modes work: the static graph derives each row's write slot from its attention_mask row (after its
+last real slot: for genai's rows the mask's width less the step; export/kv_cache.py), so genai's
+buffer-sharing mode (`past_present_share_buffer: true`) drives it with the feeds it
 already makes; the concat graph is genai's ordinary growing cache.
 
 Artifacts with TP or PP > 1 get no config: their rank graphs hold TensorRT's DistCollective

@@ -94,7 +94,7 @@ def lockstep_slots(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
 
 def per_sequence_slots(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
     """Row b's first slot of the step, max(0, last_b + 1 - seq), last_b = its last nonzero slot
-    (an all-zero row, a free one, writes at 0): [batch]."""
+    (an all-zero row, an idle one, writes at 0): [batch]."""
     import torch
     width = attention_mask.shape[1]
     slot_ends = torch.arange(1, width + 1, device=attention_mask.device)  # [W]: slot + 1
@@ -125,10 +125,11 @@ class KVCacheLayout(abc.ABC):
         causal part of the attention mask)."""
 
     @abc.abstractmethod
-    def update(self, past: torch.Tensor, new: torch.Tensor, slots: torch.Tensor | None,
+    def update(self, past: torch.Tensor, new: torch.Tensor, slots: torch.Tensor,
                total) -> tuple[torch.Tensor, torch.Tensor]:
         """(present, the keys/values attention reads) for past [batch, kv, len, d] and this
-        step's new [batch, kv, seq, d]; total = slots in use after the step."""
+        step's new [batch, kv, seq, d] written from slots [batch] (write_slots); total = W,
+        the slots attention reads."""
 
     @abc.abstractmethod
     def profile_points(self, batch: Range, seq: Range, max_seq_len: int) -> list[tuple[dict, dict, dict]]:

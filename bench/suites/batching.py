@@ -1,12 +1,15 @@
 """batching: what the attention mask's width W costs a static-cache decode step (docs/batching.md).
 
 With per-sequence write slots the live length is the runner's choice each step: W = the longest
-live row (attention reads W slots: less bandwidth) or W = max_seq_len (every decode step the
-same shapes: CUDA graphs). One child (task_decode_width) loads our TP1 fp32 static artifact of
-the decode suite's ~100M model once and times decode steps at several live lengths L with
-W = L and W = max_seq_len, alternated round by round so both share the machine's drift, each
-measurement idle-gated and tagged with the CPU other processes used meanwhile (as the genai
-suite does); the table gives medians of the clean measurements.
+live row (attention reads W slots: less bandwidth), W = max_seq_len (every decode step the same
+shapes: CUDA graphs) or power-of-two buckets between (export/kv_cache.py:decode_width). One child
+(task_decode_width) loads our TP1 fp32 static artifact of the decode suite's 125M model once and
+times decode steps at several live lengths L with each width, alternated round by round so all
+share the machine's drift, each measurement idle-gated and tagged with the CPU other processes used meanwhile (as the genai
+suite does); the table gives medians of the clean measurements. Beside the wall time it
+records the CPU time the process spent per step, with onnxruntime's threads not spinning (a
+spinning pool burns CPU time while it waits): on a machine others keep busy the wall time
+stretches, the work done per step much less.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class WidthPlan:
 def width_plan(quick: bool) -> WidthPlan:
     if quick:
         return WidthPlan(max_seq_len=256, lengths=(16, 200), batch=(1,), steps=4, rounds=2, idle_wait_s=5)
-    return WidthPlan(max_seq_len=4096, lengths=(64, 512, 2048, 4000), batch=(1, 4), steps=16, rounds=5,
+    return WidthPlan(max_seq_len=4096, lengths=(100, 600, 2100, 4000), batch=(1, 4), steps=12, rounds=4,
                      idle_wait_s=120)
 
 
@@ -48,15 +51,18 @@ def prep_decode_width():
 
 
 def task_decode_width(args: dict) -> dict:
-    """ms per decode step {batch: {L: {"live"|"max": [ms...], others: [...]}}}. Each step feeds
-    one token per row at slot L - 1 of that row (the cache's contents do not change the time),
-    the mask's first L columns set, W = L ("live") or max_seq_len ("max")."""
+    """ms per decode step {batch: {L: {policy: [wall ms], policy_cpu: [CPU ms], policy_others:
+    [cores others used]}}} for each of export/kv_cache.py's DECODE_WIDTHS (live: W = L, buckets:
+    L rounded up to a power of two, max: W = max_seq_len). Each step feeds one token per row at
+    slot L - 1 of that row (the cache's contents do not change the time), the mask's first L
+    columns set."""
     import numpy as np
 
+    from export.kv_cache import DECODE_WIDTHS, decode_width
     from runner.backends.base import make_feed
     from runner.backends.ort import OrtBackend
     from runner.backends.ort_threads import OrtThreads
-    backend = OrtBackend(args["artifact"], threads=OrtThreads(threads=args["threads"]))
+    backend = OrtBackend(args["artifact"], threads=OrtThreads(threads=args["threads"], spinning="off"))
     gate = IdleGate(args["idle_cores"], args["idle_wait_s"])
     out: dict[str, dict] = {}
 
@@ -65,28 +71,33 @@ def task_decode_width(args: dict) -> dict:
         mask[:, :live] = 1
         return make_feed(np.full((batch, 1), 5), np.full((batch, 1), live - 1), mask)
 
-    def steps(batch: int, live: int, width: int) -> float:
+    def steps(batch: int, live: int, width: int) -> tuple[float, float]:
+        """(wall ms, CPU ms) per step."""
         step = feed(batch, live, width)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for _ in range(args["steps"]):
             backend.infer(step)
-        return (time.perf_counter() - started) / args["steps"] * 1e3
+        n = args["steps"]
+        return (time.perf_counter() - started) / n * 1e3, (time.process_time() - cpu) / n * 1e3
 
     for batch in args["batch"]:
         backend.start(batch)
         per_len = out[str(batch)] = {}
         for live in args["lengths"]:
-            widths = {"live": live, "max": args["max_seq_len"]}
-            r = per_len[str(live)] = {"live": [], "max": [], "live_others": [], "max_others": []}
-            for kind, width in widths.items():
+            widths = {kind: decode_width(kind, live, args["max_seq_len"]) for kind in DECODE_WIDTHS}
+            r = per_len[str(live)] = {f"{kind}{part}": [] for kind in widths for part in ("", "_cpu", "_others")}
+            r["widths"] = widths
+            for width in widths.values():
                 steps(batch, live, width)  # warm-up: onnxruntime plans each new shape once
             for round_ in range(args["rounds"]):
-                for kind in ("live", "max") if round_ % 2 == 0 else ("max", "live"):
-                    ms, others = gate.measure(lambda: steps(batch, live, widths[kind]))  # noqa: B023
-                    r[kind].append(ms)
+                for kind in DECODE_WIDTHS if round_ % 2 == 0 else DECODE_WIDTHS[::-1]:
+                    (wall, cpu), others = gate.measure(lambda: steps(batch, live, widths[kind]))  # noqa: B023
+                    r[kind].append(wall)
+                    r[f"{kind}_cpu"].append(cpu)
                     r[f"{kind}_others"].append(others)
-            log(f"  batching: batch {batch}, L {live}: W=L {statistics.median(r['live']):.1f} ms, "
-                f"W={args['max_seq_len']} {statistics.median(r['max']):.1f} ms")
+            log(f"  batching: batch {batch}, L {live}: " + ", ".join(
+                f"W={w} {statistics.median(r[k]):.1f} ms (CPU {statistics.median(r[k + '_cpu']):.1f})"
+                for k, w in widths.items()))
     return {"widths": out, "gate": {"cores": gate.cores, "waited_s": gate.waited}}
 
 
@@ -107,7 +118,7 @@ def run(ctx: Context) -> None:
     ctx.add("batching", "model", cfg.num_parameters() / 1e6, "M params",
             f"fp32, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads}/"
             f"{cfg.num_key_value_heads} heads; TP1 static cache, max_seq_len {plan.max_seq_len}, "
-            f"onnxruntime CPU, {WIDTH_THREADS} threads")
+            f"onnxruntime CPU, {WIDTH_THREADS} threads, not spinning")
     try:
         log(f"batching: export TP1 fp32 static cache, max_seq_len {plan.max_seq_len}")
         ctx.measure("batching", "export", "export", {"checkpoint": str(ckpt), "out": str(artifact), "options": {
@@ -124,9 +135,12 @@ def run(ctx: Context) -> None:
         shutil.rmtree(artifact, ignore_errors=True)
     for batch, per_len in m["result"]["widths"].items():
         for live, r in per_len.items():
-            live_ms, live_note = _clean_median(r["live"], r["live_others"], WIDTH_IDLE_CORES)
-            max_ms, max_note = _clean_median(r["max"], r["max_others"], WIDTH_IDLE_CORES)
-            what = f"decode, batch {batch}, {live} live slots"
-            ctx.add("batching", f"{what}, W = live", live_ms, "ms/step", live_note)
-            ctx.add("batching", f"{what}, W = max_seq_len {plan.max_seq_len}", max_ms, "ms/step",
-                    f"{max_ms / live_ms:.2f}x W = live; {max_note}")
+            live_ms, _ = _clean_median(r["live"], r["live_others"], WIDTH_IDLE_CORES)
+            live_cpu = statistics.median(r["live_cpu"])
+            for kind, width in r["widths"].items():
+                ms, note = _clean_median(r[kind], r[f"{kind}_others"], WIDTH_IDLE_CORES)
+                cpu = statistics.median(r[f"{kind}_cpu"])
+                against = "" if kind == "live" else f"{ms / live_ms:.2f}x W = live; "
+                against += f"CPU {cpu:.1f} ms/step" + ("" if kind == "live" else f" ({cpu / live_cpu:.2f}x)")
+                ctx.add("batching", f"decode, batch {batch}, {live} live slots, W = {width} ({kind})", ms, "ms/step",
+                        f"{against}; {note}")

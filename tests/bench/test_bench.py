@@ -531,3 +531,18 @@ def test_quick_genai_bench_rows(tmp_path):
     model_a = next(w for w in whats if w.startswith("model A (") and ":" not in w)
     assert whats[f"{model_a}: static decode, max_seq_len 4096 / 128 (ours)"] > 0
     assert not (tmp_path / "scratch").exists()
+
+
+# -- batching suite --------------------------------------------------------------------------------
+
+
+def test_batching_suite_times_every_decode_width_on_the_decode_model():
+    from bench.suites import batching as batching_suite
+    from export.kv_cache import DECODE_WIDTHS, decode_width
+    assert "batching" in BENCHES and tasks.TASKS["decode_width"][1] is batching_suite.task_decode_width
+    plan = batching_suite.width_plan(quick=False)
+    assert plan.max_seq_len == 4096 and max(plan.lengths) <= plan.max_seq_len and plan.rounds >= 3
+    # The lengths tell the three widths apart: a bucket above the live width, and max above both.
+    assert any(len({decode_width(k, n, plan.max_seq_len) for k in DECODE_WIDTHS}) == 3 for n in plan.lengths)
+    quick = batching_suite.width_plan(quick=True)
+    assert max(quick.lengths) <= quick.max_seq_len
