@@ -1,4 +1,4 @@
-"""`make bench`: load, export, peer-exporter, decode, engine-build, graph-size, genai-runtime and decode-width (batching) benchmarks.
+"""`make bench`: load, export, peer-exporter, decode, engine-build, graph-size, genai-runtime and decode-width benchmarks.
 
     python -m bench [--quick] [--only plan,load,export,fp8,recipes,peers,decode,engines,graph,genai,batching]
                     [--workdir DIR] [--no-keep]
