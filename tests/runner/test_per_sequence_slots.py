@@ -6,7 +6,8 @@ three cache rows, right-padded prompts each at its own length, one row idle (an 
 row) until a request joins it, decode steps where every row writes at its own slot, a
 multi-token step where a newcomer's prompt (from slot 0, right-padded) runs beside rows that
 feed several teacher-forced tokens at their own slots, and a finished row refilled by a
-one-token prompt while its old keys/values are still in the buffer. Every row's mask is a prefix
+one-token prompt while its old keys/values are still in the buffer; then the same arrivals
+through the runner's rows API (each newcomer prefilled alone on its row, batch 1). Every row's mask is a prefix
 of ones; the mask's width W is either the longest live row or max_seq_len (fixed decode shapes),
 and both must give the same logits.
 
@@ -42,8 +43,10 @@ SEQUENCES = {name: [int(t) for t in _rng.integers(3, 256, size=n)]
 @dataclasses.dataclass
 class Step:
     """Tokens each row feeds this step: (sequence, how many of its next tokens), or None (idle).
-    A row's first feed is its prompt: it starts from slot 0 with an empty mask."""
+    A row's first feed is its prompt: it starts from slot 0 with an empty mask. rows: the cache
+    rows the feeds map to (the runner's rows API: a newcomer's batch-1 prefill); None = all."""
     feeds: list[tuple[str, int] | None]
+    rows: slice | None = None
 
 
 # prompts a (7) and b (3) right-padded, row 2 idle; decode; c (3) joins row 2 in a 4-token step
@@ -51,19 +54,25 @@ class Step:
 SCHEDULE = ([Step([("a", 7), ("b", 3), None])] + [Step([("a", 1), ("b", 1), None])] * 2
             + [Step([("a", 4), ("b", 4), ("c", 3)])] + [Step([("a", 1), ("b", 1), ("c", 1)])] * 3
             + [Step([("a", 1), ("d", 1), ("c", 1)])] + [Step([("a", 1), ("d", 1), ("c", 1)])] * 2)
+# The same arrivals through the rows API: each newcomer prefilled alone on its row (batch 1),
+# the others' decode steps over every row.
+ROWS_SCHEDULE = ([Step([("a", 7), ("b", 3), None])] + [Step([("a", 1), ("b", 1), None])] * 2
+                 + [Step([("c", 3)], rows=slice(2, 3))] + [Step([("a", 1), ("b", 1), ("c", 1)])] * 3
+                 + [Step([("d", 1)], rows=slice(1, 2))] + [Step([("a", 1), ("d", 1), ("c", 1)])] * 2)
 
 
 def run_schedule(backend, schedule: list[Step], width: str) -> dict[str, dict[int, np.ndarray]]:
     """{sequence: {position: logits [vocab]}} of every real token fed. width: "live" (W = the
     longest live row, at least the step) or "max" (W = max_seq_len)."""
     backend.start(len(schedule[0].feeds))
-    owner: list[str | None] = [None] * len(schedule[0].feeds)  # the sequence each row holds
+    owner: list[str | None] = [None] * len(schedule[0].feeds)  # the sequence each cache row holds
     done = {name: 0 for name in SEQUENCES}  # tokens of each sequence fed so far
     out: dict[str, dict[int, np.ndarray]] = {name: {} for name in SEQUENCES}
     for step in schedule:
         seq = max(n for feed in step.feeds if feed for _, n in [feed])
+        first_row = step.rows.start if step.rows else 0
         lengths = []
-        for row, feed in enumerate(step.feeds):
+        for row, feed in enumerate(step.feeds, start=first_row):
             if feed is not None and feed[0] != owner[row]:
                 owner[row] = feed[0]  # a newcomer: its own slots from 0, the old ones masked out
             lengths.append(done[feed[0]] + feed[1] if feed else 0)
@@ -80,7 +89,7 @@ def run_schedule(backend, schedule: list[Step], width: str) -> dict[str, dict[in
             ids[row, :n] = SEQUENCES[name][start:start + n]
             positions[row] = np.arange(start, start + seq)
             mask[row, :start + n] = 1
-        logits = backend.infer(make_feed(ids, positions, mask))["logits"]
+        logits = backend.infer(make_feed(ids, positions, mask), rows=step.rows)["logits"]
         for row, feed in enumerate(step.feeds):
             if feed is None:
                 continue
@@ -148,8 +157,10 @@ def test_rows_at_their_own_lengths_match_transformers_and_each_row_alone(hf_chec
     alone = {}
     for name, prompt in schedule_prompts().items():
         alone.update({name: run_schedule(backend, alone_schedule(name, prompt), "live")[name]})
+    rows = run_schedule(backend, ROWS_SCHEDULE, "live")
     errors = {"live vs HF": max_error(live, oracle), "max_seq_len vs HF": max_error(fixed, oracle),
-              "live vs alone": max_error(live, alone), "max_seq_len vs live": max_error(fixed, live)}
+              "live vs alone": max_error(live, alone), "max_seq_len vs live": max_error(fixed, live),
+              "rows API vs HF": max_error(rows, oracle), "rows API vs alone": max_error(rows, alone)}
     print(kind, layout, {k: f"{v:.2g}" for k, v in errors.items()})
     assert all(e <= FP32_MAX_ABS for e in errors.values()), errors
     assert max(float(np.abs(o).max()) for o in oracle.values()) > 1.0  # logits that would show a slot error
