@@ -142,9 +142,9 @@ def read_calibration_text(path: str | Path | None) -> tuple[str, str]:
 def checkpoint_calibration_tokens(checkpoint_dir: str | Path, text_path: str | Path | None, samples: int,
                                   seq_len: int) -> tuple[np.ndarray, str]:
     """([samples, seq_len] token windows, source) of the calibration text (None: the shipped
-    default), tokenized with the checkpoint's own tokenizer.model, else the bundled Llama 3 one."""
-    from export.tokenizer import Llama3Tokenizer
+    default), tokenized with the checkpoint's own tokenizer (export/tokenizer.py:model_tokenizer;
+    the bundled Llama 3 one for a checkpoint that has none), checked against its vocab_size."""
+    from export.tokenizer import model_tokenizer
     text, source = read_calibration_text(text_path)
-    model = Path(checkpoint_dir) / "tokenizer.model"
-    tokenizer = Llama3Tokenizer.from_path(model) if model.is_file() else Llama3Tokenizer.default()
+    tokenizer = model_tokenizer(checkpoint_dir)
     return calibration_tokens(tokenizer.encode(text, bos=False), samples, seq_len), source

@@ -52,7 +52,7 @@ from export.genai_config import NOT_SUPPORTED as GENAI_NOT_SUPPORTED
 from export.genai_config import genai_supported, write_genai_config
 from export.graph_passes import fold_constant_arithmetic
 from export.stamp import stamp_layers, strip_metadata
-from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, default_tokenizer_dir
+from export.tokenizer import checkpoint_tokenizer, check_vocab
 from export.weight_stream import ALIGN, BLOCK_BYTES, WrittenTensor, write_weights
 
 OPSET = 24
@@ -440,9 +440,10 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
                    stats: dict[str, float] | None) -> None:
     cfg = checkpoint.config
     dtype = TORCH_DTYPES[options.dtype]
-    tokenizer_source = _tokenizer_source(checkpoint.directory)
-    tokenizer_bytes = sum((Path(tokenizer_source or default_tokenizer_dir()) / name).stat().st_size
-                          for name in TOKENIZER_FILES)
+    tokenizer = checkpoint_tokenizer(checkpoint.directory)
+    if not tokenizer.bundled:  # the checkpoint's own tokenizer must fit its embedding
+        check_vocab(tokenizer, tokenizer.vocab_size(), cfg.vocab_size, str(checkpoint.directory / "config.json"))
+    tokenizer_bytes = sum(p.stat().st_size for p in tokenizer.sources())
     graph_bytes = len(specs) * GRAPH_BYTES_PER_LAYER * (cfg.num_hidden_layers + 2)
     total = sum(rank_bytes(checkpoint, s, dtype) for s in specs)
     check_disk(out.parent, total + tokenizer_bytes + graph_bytes)
@@ -460,7 +461,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
                                                 input_scales, bar.update, stats)
                 entries.append(entry)
                 files.update(rank_files)
-        for path in copy_tokenizer_files(tmp, source=tokenizer_source):
+        for path in tokenizer.copy_to(tmp):  # the artifact carries the tokenizer it was exported with
             files[path.name] = file_entry(path)
         extra = {"fp8": fp8_info} if fp8_info else {}
         extra[CACHE_WRITES] = options.cache_layout.writes
@@ -474,7 +475,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
             config=cfg, options=options, opset=OPSET, ranks=tuple(entries), files=dict(sorted(files.items())),
             source={"config_sha256": config_digest(cfg),
                     "kv_dup_factor": checkpoint.kv_dup_factor,
-                    "tokenizer": "checkpoint" if tokenizer_source else "bundled llama3"},
+                    "tokenizer": tokenizer.description},
             toolchain=_toolchain(), extra=extra)
         manifest.source["options_sha256"] = options_digest(manifest)
         write_manifest(tmp, manifest)
@@ -482,11 +483,3 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _tokenizer_source(checkpoint_dir: Path) -> Path | None:
-    """The checkpoint's own tokenizer files when it has all of them; else the bundled Llama 3
-    tokenizer (the same for 8B/70B/405B; hub checkpoints keep tokenizer.model in original/)."""
-    if all((checkpoint_dir / name).is_file() for name in TOKENIZER_FILES):
-        return checkpoint_dir
-    return None

@@ -1,5 +1,7 @@
-"""The Llama 3 / 3.1 tokenizer: tiktoken BPE over the 128000-rank tokenizer.model, plus the
-256 special tokens at 128000..128255, and the Llama 3.1 chat format.
+"""Tokenizers: which one a model directory holds (`load_tokenizer`), and the Llama 3 / 3.1
+tokenizer itself: tiktoken BPE over the 128000-rank tokenizer.model, plus the 256 special tokens
+at 128000..128255, and the Llama 3.1 chat format. Any other checkpoint's tokenizer is its own
+tokenizer.json (export/hf_tokenizer.py); both answer to the same names.
 
 Plain text never turns into special tokens (a prompt containing "<|eot_id|>" is tokenized as
 those characters), so user text cannot forge turn boundaries; the chat format adds the
@@ -8,8 +10,10 @@ specials itself.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -18,8 +22,9 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from export.errors import ConfigError, InputError
-from export.tokenizer_files import (PIP_NAME, TOKENIZER_MODEL, TOKENIZER_MODEL_SHA256,
-                                    VOCAB_SIZE, default_tokenizer_dir)
+from export.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
+from export.tokenizer_files import (PIP_NAME, TOKENIZER_FILES, TOKENIZER_MODEL, TOKENIZER_MODEL_SHA256,
+                                    VOCAB_SIZE, copy_tokenizer_files, default_tokenizer_dir)
 
 NUM_BASE_TOKENS = 128000
 NUM_SPECIAL_TOKENS = VOCAB_SIZE - NUM_BASE_TOKENS
@@ -190,11 +195,138 @@ def _role_and_content(index: int, message: Mapping[str, str]) -> tuple[str, str]
     return role, content
 
 
+# -- which tokenizer a model directory holds ------------------------------------------------------
+
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    """Content, not name: a tiktoken BPE file is lines of `base64 rank`; a SentencePiece
+    tokenizer.model (Llama 2, Mistral) is a binary protobuf."""
+    with open(path, "rb") as f:
+        return _TIKTOKEN_LINE.match(f.readline(512)) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerFiles:
+    """The tokenizer a directory holds: Llama 3's tiktoken tokenizer.model, or a Hugging Face
+    tokenizer.json (with its tokenizer_config.json / chat_template.jinja when present)."""
+
+    main: Path  # tokenizer.model (tiktoken) or tokenizer.json: the file an error names
+    tiktoken: bool
+    bundled: bool = False  # the shipped Llama 3 files, for a checkpoint that has none
+
+    @property
+    def directory(self) -> Path:
+        return self.main.parent
+
+    @property
+    def description(self) -> str:
+        kind = "Llama 3 tiktoken tokenizer.model" if self.tiktoken else "Hugging Face tokenizer.json"
+        return f"{kind} ({'bundled' if self.bundled else 'checkpoint'})"
+
+    def load(self) -> Llama3Tokenizer | HFTokenizer:
+        return Llama3Tokenizer.from_path(self.main) if self.tiktoken else HFTokenizer(self.directory)
+
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can produce (Llama 3's is fixed: nothing to parse)."""
+        return Llama3Tokenizer.vocab_size if self.tiktoken else self.load().vocab_size
+
+    def sources(self) -> list[Path]:
+        """The files this tokenizer reads (what an artifact carries)."""
+        if self.tiktoken:
+            complete = all((self.directory / name).is_file() for name in TOKENIZER_FILES)
+            return [self.directory / name for name in TOKENIZER_FILES] if complete else [self.main]
+        return list(HFTokenizer(self.directory).files)
+
+    def copy_to(self, dest: Path) -> list[Path]:
+        """Write the files this tokenizer reads into `dest` (Llama 3's JSON files repaired, see
+        export/tokenizer_files.py); returns the written paths."""
+        sources = self.sources()
+        if self.tiktoken and len(sources) == len(TOKENIZER_FILES):
+            return copy_tokenizer_files(dest, source=self.directory)
+        dest.mkdir(parents=True, exist_ok=True)
+        # Content only (copyfile): modes and mtimes are not the artifact's business. A tiktoken
+        # file of another name lands as tokenizer.model, where load_tokenizer looks.
+        names = [TOKENIZER_MODEL] if self.tiktoken else [p.name for p in sources]
+        return [Path(shutil.copyfile(source, dest / name)) for source, name in zip(sources, names)]
+
+
+def find_tokenizer(path: str | Path) -> TokenizerFiles:
+    """The tokenizer at `path` (a directory, or its tokenizer.model / tokenizer.json), decided by
+    what the files are; one ConfigError naming the file when there is none."""
+    path = Path(path)
+    if path.is_file():
+        if _is_tiktoken_file(path):
+            return TokenizerFiles(path, tiktoken=True)
+        if path.name == TOKENIZER_JSON:
+            return TokenizerFiles(path, tiktoken=False)
+        raise ConfigError(f"{path} is neither Llama 3's tiktoken {TOKENIZER_MODEL} nor a {TOKENIZER_JSON}; "
+                          f"pass the model's {TOKENIZER_JSON} (or the directory holding it)")
+    if not path.is_dir():
+        raise ConfigError(f"tokenizer {path} not found; pass a checkpoint or artifact directory, its "
+                          f"{TOKENIZER_JSON}, or Llama 3's {TOKENIZER_MODEL}")
+    model, hf = path / TOKENIZER_MODEL, path / TOKENIZER_JSON
+    if model.is_file() and _is_tiktoken_file(model):
+        return TokenizerFiles(model, tiktoken=True)
+    if hf.is_file():
+        return TokenizerFiles(hf, tiktoken=False)
+    if model.is_file():
+        raise ConfigError(f"{model} is not Llama 3's tiktoken file (a SentencePiece model?) and there is no "
+                          f"{TOKENIZER_JSON} beside it; add the checkpoint's {TOKENIZER_JSON}")
+    raise ConfigError(f"{path / TOKENIZER_JSON} not found (nor Llama 3's {TOKENIZER_MODEL}); copy the model's "
+                      "tokenizer files into that directory or pass --tokenizer")
+
+
+def checkpoint_tokenizer(checkpoint_dir: str | Path) -> TokenizerFiles:
+    """A checkpoint's own tokenizer; one with no tokenizer files at all gets the bundled Llama 3
+    tokenizer (the same for 8B/70B/405B; hub checkpoints keep tokenizer.model in original/)."""
+    directory = Path(checkpoint_dir)
+    if any((directory / name).is_file() for name in (TOKENIZER_MODEL, TOKENIZER_JSON)):
+        return find_tokenizer(directory)
+    return TokenizerFiles(default_tokenizer_dir() / TOKENIZER_MODEL, tiktoken=True, bundled=True)
+
+
+def check_vocab(files: TokenizerFiles, tokenizer_vocab: int, vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding rows."""
+    if tokenizer_vocab > vocab_size:
+        raise ConfigError(f"{files.main}: this tokenizer has {tokenizer_vocab} ids but the model's vocab_size is "
+                          f"{vocab_size} ({where}); it is not this model's tokenizer — use the tokenizer the "
+                          "checkpoint was trained with")
+
+
+def load_tokenizer(path: str | Path, vocab_size: int | None = None, where: str = "config.json"):
+    """The tokenizer at `path` (see find_tokenizer), checked against the model's `vocab_size`
+    when given. Returns an object with encode, decode, encode_dialog, stop_ids, bos_id, pad_id
+    and vocab_size, whichever kind it is."""
+    files = find_tokenizer(path)
+    tokenizer = files.load()
+    if vocab_size is not None:
+        check_vocab(files, tokenizer.vocab_size, vocab_size, where)
+    return tokenizer
+
+
+def model_tokenizer(model_dir: str | Path, override: str | Path | None = None):
+    """The tokenizer of a checkpoint or artifact directory (an artifact carries the one it was
+    exported with), or `override`, checked against that model's vocab_size."""
+    from export.config import LlamaConfig
+    from export.manifest import MANIFEST, load_manifest
+    model_dir = Path(model_dir)
+    if (model_dir / MANIFEST).is_file():
+        vocab, where = load_manifest(model_dir, only=[]).config.vocab_size, f"{model_dir / MANIFEST}"
+        files = find_tokenizer(model_dir if override is None else override)
+    else:
+        vocab, where = LlamaConfig.from_hf(model_dir).vocab_size, f"{model_dir / 'config.json'}"
+        files = checkpoint_tokenizer(model_dir) if override is None else find_tokenizer(override)
+    tokenizer = files.load()
+    check_vocab(files, tokenizer.vocab_size, vocab, where)
+    return tokenizer
+
+
 def token_ids_for_cli(tokenizer_path: str | Path | None, text: str, chat: bool) -> list[int]:
-    """Ids printed by `llama405 tokenize`: BOS + text, or with `chat` the text as one user turn
-    followed by the assistant header (what `generate --chat` feeds the model)."""
-    tokenizer = (Llama3Tokenizer.default() if tokenizer_path is None
-                 else Llama3Tokenizer.from_path(tokenizer_path))
+    """Ids printed by `llama405 tokenize`: the text as `generate` feeds it (BOS where the tokenizer
+    adds one), or with `chat` the text as one user turn followed by the assistant header."""
+    tokenizer = (Llama3Tokenizer.default() if tokenizer_path is None else load_tokenizer(tokenizer_path))
     if chat:
         return tokenizer.encode_dialog([{"role": "user", "content": text}])
     return tokenizer.encode(text)

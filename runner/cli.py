@@ -18,6 +18,7 @@ from export.config import PRESETS
 from export.cli_run import run_command
 from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, export_options_from,
                               verify_artifact)
+from export import convert_cli
 from export.errors import InputError
 from export.kv_cache import KV_CACHE_LAYOUTS
 from engines import cli as engines_cli
@@ -82,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_source(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat format")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one beside the model)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="tokenizer.json / tokenizer.model or their directory (default: the model's own)")
     p.add_argument("--max-new-tokens", type=_sampling_flag("max_new_tokens", int), default=32)
     p.add_argument("--temperature", type=_sampling_flag("temperature", float), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=_sampling_flag("top_p", float), default=1.0)
@@ -95,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="a .npy file")
 
     parity_cli.add_parser(sub)
+    convert_cli.add_parser(sub)
 
     p = sub.add_parser("verify", help="check every file of an artifact (engines too) against the manifest's sha256")
     p.add_argument("artifact", type=Path)
@@ -102,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     engines_cli.add_parsers(sub)  # build, plan, inspect
 
     p = sub.add_parser("tokenize", help="print the token ids of a text as JSON")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.model or its directory (default: bundled Llama 3)")
+    p.add_argument("--tokenizer", type=Path, help="a checkpoint or artifact directory, its tokenizer.json, or Llama 3's "
+                                                  "tokenizer.model (default: the bundled Llama 3 tokenizer)")
     p.add_argument("--text", required=True)
     p.add_argument("--chat", action="store_true")
     return parser
@@ -176,13 +180,10 @@ def _is_primary(backend) -> bool:
 
 
 def _tokenizer_for(args):
-    from export.tokenizer import Llama3Tokenizer
-    if args.tokenizer is not None:
-        return Llama3Tokenizer.from_path(args.tokenizer)
-    source = args.checkpoint or args.artifact
-    if (source / "tokenizer.model").is_file():
-        return Llama3Tokenizer.from_path(source / "tokenizer.model")
-    return Llama3Tokenizer.default()
+    """The model's own tokenizer (an artifact carries the one it was exported with) or --tokenizer,
+    checked against the model's vocab_size."""
+    from export.tokenizer import model_tokenizer
+    return model_tokenizer(args.checkpoint or args.artifact, override=args.tokenizer)
 
 
 def cmd_generate(args) -> int:
@@ -248,7 +249,7 @@ def cmd_tokenize(args) -> int:
 
 COMMANDS = {"synth": cmd_synth, "export": cmd_export, "generate": cmd_generate, "logits": cmd_logits, "parity": parity_cli.run,
             "tokenize": cmd_tokenize, "verify": cmd_verify, "plan": engines_cli.run_plan, "inspect": engines_cli.run_inspect,
-            "build": engines_cli.run_build}
+            "build": engines_cli.run_build, "convert-gguf": convert_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

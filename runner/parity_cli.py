@@ -58,11 +58,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --b torch: load B from this checkpoint (the one the artifact was exported "
                         "from) instead of the artifact's weights, to catch altered or mis-exported weights")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help=f"text, tokenized with the artifact's tokenizer.model "
+    source.add_argument("--prompt", help=f"text, tokenized with the artifact's tokenizer "
                                          f"(default: {DEFAULT_PROMPT!r}, or seeded random ids when "
                                          "the model's vocab is smaller than the tokenizer's)")
     source.add_argument("--tokens", nargs="+", metavar="ID", help="token ids: 128000,9906,1917 or 128000 9906 1917")
     p.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn of the chat format")
+    p.add_argument("--fidelity-text", metavar="FILE",
+                   help="with --reference on an FP8 artifact: measure perplexity and top-1 agreement on this UTF-8 "
+                        "text (tokenized with the artifact's tokenizer) instead of the prompt; 'heldout' = the "
+                        "shipped held-out English text (never used for calibration)")
     p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill (default: 8)")
     p.add_argument("--report", type=Path, metavar="F.json", help="also write the JSON report here")
     add_backend_flags(p)  # --device (both sides), --tf32, each backend's own flags
@@ -111,14 +115,15 @@ def prompt_tokens(args, manifest) -> tuple[list[int], str]:
 def _prompt_ids(args, vocab: int) -> tuple[list[int], str]:
     if args.tokens is not None:
         return parse_token_ids(args.tokens), "--tokens"
-    from export.tokenizer import Llama3Tokenizer
-    if args.prompt is None and vocab < Llama3Tokenizer.default().vocab_size:
+    from export.tokenizer import check_vocab, find_tokenizer
+    files = find_tokenizer(args.artifact)  # the tokenizer the artifact was exported with
+    tokenizer = files.load()
+    if args.prompt is None and vocab < tokenizer.vocab_size:
         # A synthetic model with a toy vocabulary cannot take real text; any ids exercise the
         # same arithmetic, and a fixed seed keeps reports comparable run to run.
         rng = np.random.default_rng(0)
         return [int(t) for t in rng.integers(0, vocab, SYNTHETIC_PROMPT_LEN)], "seeded random ids"
-    path = args.artifact / "tokenizer.model"
-    tokenizer = Llama3Tokenizer.from_path(path) if path.is_file() else Llama3Tokenizer.default()
+    check_vocab(files, tokenizer.vocab_size, vocab, str(args.artifact / "manifest.json"))
     text = DEFAULT_PROMPT if args.prompt is None else args.prompt
     ids = (tokenizer.encode_dialog([{"role": "user", "content": text}]) if args.chat
            else tokenizer.encode(text, bos=True))
@@ -166,6 +171,34 @@ def _validate(args) -> None:
                          "use --b torch with --reference")
     if args.chat and args.prompt is None:
         raise InputError("--chat wraps --prompt TEXT in the chat format; pass --prompt too")
+    if args.fidelity_text is not None and args.reference is None:
+        raise InputError("--fidelity-text measures the artifact against its --reference CKPT; pass --reference too")
+
+
+HELDOUT = "heldout"
+
+
+def fidelity_tokens(args, manifest) -> list[int] | None:
+    """The --fidelity-text ids (None: measure on the prompt), checked to fit the artifact's cache."""
+    if args.fidelity_text is None:
+        return None
+    from importlib import resources
+
+    from export.tokenizer import model_tokenizer
+    if args.fidelity_text == HELDOUT:
+        text = resources.files("export").joinpath("data/heldout.txt").read_text(encoding="utf-8")
+    else:
+        path = Path(args.fidelity_text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"--fidelity-text {path}: cannot read it as UTF-8 text ({err})") from None
+    ids = model_tokenizer(args.artifact).encode(text, bos=True)
+    if manifest.cache_layout.bounded and len(ids) > manifest.max_seq_len:
+        raise InputError(f"--fidelity-text {args.fidelity_text}: {len(ids)} tokens do not fit the artifact's "
+                         f"max_seq_len={manifest.max_seq_len}; pass a shorter text or re-export with a larger "
+                         "--max-seq-len")
+    return ids
 
 
 def tolerance_for(args, manifest):
@@ -188,6 +221,7 @@ def run(args) -> int:
     preset, tolerance = tolerance_for(args, manifest)
     tokens, source = prompt_tokens(args, manifest)
     check_capacity(len(tokens), args.steps, manifest)
+    text_ids = fidelity_tokens(args, manifest)
     for kind in (args.a, args.b):
         check_backend_runs(kind, args.artifact, manifest)
     devices = {"a": args.a_device or args.device, "b": args.b_device or args.device}
@@ -204,9 +238,10 @@ def run(args) -> int:
         report = run_parity(backend_a, backend_b, tokens, args.steps, tolerance, context, on_step=tick)
     if args.reference is not None and manifest.quant == "fp8":
         from runner.fidelity import fidelity_report
-        text = report.prompt + [row.tokens[0] for row in report.rows[1:]]  # what both were fed
+        text = text_ids or report.prompt + [row.tokens[0] for row in report.rows[1:]]  # else what both were fed
         if len(text) >= 2:
             report.context["fidelity"] = fidelity_report(backend_a, backend_b, text, window=len(text))
+            report.context["fidelity"]["text"] = args.fidelity_text or "the prompt and the decoded tokens"
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(report.to_json() + "\n")
