@@ -10,6 +10,7 @@ from export.checkpoint import Checkpoint
 from export.model import ModelOptions
 from runner.backends.base import make_feed
 from runner.backends.torch import TorchBackend
+from export.config import RopeScaling
 from tests.conftest import hf_model, save_hf, tiny_config
 
 
@@ -105,3 +106,24 @@ def test_duplicated_kv_heads_are_detected_and_removed(tmp_path, inputs):
     assert checkpoint.kv_dup_factor == 2 and checkpoint.config.num_key_value_heads == 2
     for tp in (1, 4):
         assert np.abs(run_ours(path, ids, positions, tp=tp) - reference).max() <= 1e-4
+
+
+# Llama 3.2 1B / 3B geometry at toy width: tied embeddings, llama3 RoPE scaling (factor 32), 8 KV
+# heads of 32 / 24 query heads; the 3B shape has head_dim != hidden / heads.
+LLAMA32 = {
+    "1b": dict(hidden_size=256, intermediate_size=512, num_attention_heads=32, num_key_value_heads=8, head_dim=8),
+    "3b": dict(hidden_size=192, intermediate_size=384, num_attention_heads=24, num_key_value_heads=8, head_dim=16),
+}
+LLAMA32_ROPE = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("size", sorted(LLAMA32))
+def test_llama32_geometry_tied_with_llama3_rope(tmp_path, inputs, size):
+    cfg = tiny_config(tie_word_embeddings=True, rope_scaling=LLAMA32_ROPE, rope_theta=500000.0, **LLAMA32[size])
+    model = hf_model(cfg, seed=4)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    path = save_hf(model, tmp_path / size, max_shard_size="10MB")
+    ids, positions = inputs
+    reference = run_hf(model, ids, positions)
+    for tp in (1, 2, 8):  # 8: one KV head per rank
+        assert np.abs(run_ours(path, ids, positions, tp=tp) - reference).max() <= 1e-4, tp
