@@ -147,7 +147,11 @@ def task_export(args: dict) -> dict:
                                   for k, v in args["options"].items()})
     started = time.perf_counter()
     tokens = None
-    if args.get("calibrate"):
+    if args.get("calib_text"):  # the shipped calibration text, tokenized with the model's own tokenizer
+        from export.calibrate import checkpoint_calibration_tokens
+        samples, seq_len = args["calib_text"]
+        tokens, args["calib_source"] = checkpoint_calibration_tokens(args["checkpoint"], None, samples, seq_len)
+    elif args.get("calibrate"):
         from export.checkpoint import Checkpoint
         vocab = Checkpoint(args["checkpoint"]).config.vocab_size
         shape = (4, 128) if args["calibrate"] is True else args["calibrate"]
@@ -336,7 +340,17 @@ def _prep_none():
     pass
 
 
+def task_convert_smollm2(args: dict) -> dict:
+    """The demo model's checkpoint (convert-gguf --smollm2), written once into args["out"]."""
+    from export.demo_model import GGUF_SHA256, smollm2_gguf
+    from export.gguf_checkpoint import convert_gguf
+    from export.tokenizer import model_tokenizer
+    result = convert_gguf(smollm2_gguf(), args["out"], expected_sha256=GGUF_SHA256, log=lambda line: None)
+    return {"cached": result.cached, "prompt": model_tokenizer(args["out"]).encode(args["prompt"])}
+
+
 TASKS: dict[str, tuple[Callable[[], None], Callable[[dict], dict]]] = {
+    "convert_smollm2": (_prep_export, task_convert_smollm2),
     "load": (_prep_torch, task_load),
     "disk": (_prep_none, task_disk),
     "export": (_prep_export, task_export),
