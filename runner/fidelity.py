@@ -135,7 +135,8 @@ def format_fidelity(report: dict[str, Any]) -> str:
     return "\n".join([
         f"fidelity  perplexity {report['perplexity']:.4g} vs reference {report['reference_perplexity']:.4g}: "
         f"delta {report['perplexity_delta']:+.4g} ({100 * report['perplexity_delta_rel']:+.2f}%) over "
-        f"{report['predictions']} predicted tokens; top-1 agreement {report['top1_agreement']:.3f}",
+        f"{report['predictions']} predicted tokens{' of ' + report['text'] if report.get('text') else ''}; "
+        f"top-1 agreement {report['top1_agreement']:.3f}",
         f"          KV cache worst layer {kv['worst_layer']} (rel_l2 {kv['worst_layer_rel_l2']:.3g}); "
         f"largest |a-b| {kv['max_abs']:.3g} at layer {kv['max_abs_layer']} {kv['max_abs_part']}",
     ])
