@@ -48,7 +48,7 @@ demo: setup
 	$(CLI) generate --artifact $(DEMO)/artifact --backend ort --chat --prompt "$(CHAT_PROMPT)" --max-new-tokens $(NEW_TOKENS)
 	@echo "== 4/6 parity: ONNX Runtime vs PyTorch on the same FP8 artifact"
 	@$(CLI) parity --artifact $(DEMO)/artifact --a ort --b torch --prompt "$(PROMPT)" --steps 8 --report $(DEMO)/parity.json; \
-	rc=$$?; if [ $$rc -eq 1 ]; then echo "(outside the fp8-float16 tolerance: on real activations ORT's float16 x/scale and torch's float32 one round some massive activations to neighbouring FP8 values; see README, FP8 on real text)"; \
+	rc=$$?; if [ $$rc -eq 1 ]; then echo "(outside the fp8-float16 tolerance: on real activations ORT's float16 x/scale and torch's float32 one round some massive activations to neighbouring FP8 values; see README, FP8 on ONNX Runtime CPU)"; \
 	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 	@echo "== 5/6 fidelity: the FP8 artifact (ONNX Runtime) vs the unquantized checkpoint (PyTorch, float16 compute), perplexity on held-out real text"
 	@$(CLI) parity --artifact $(DEMO)/artifact --a ort --b torch --reference $(DEMO)/smollm2 --prompt "$(PROMPT)" \

@@ -189,10 +189,10 @@ def _tokenizer_for(args):
 def cmd_generate(args) -> int:
     from runner.generate import SamplingOptions, generate
     options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    backend = _open_backend(args)  # first: --verify checks the artifact's hashes before its tokenizer is read
     tokenizer = _tokenizer_for(args)
     prompts = [tokenizer.encode_dialog([{"role": "user", "content": text}]) if args.chat
                else tokenizer.encode(text, bos=True) for text in args.prompt]
-    backend = _open_backend(args)
     result = generate(backend, prompts, options, stop_ids=tokenizer.stop_ids)
     texts = [tokenizer.decode([t for t in toks if t not in tokenizer.stop_ids]) for toks in result.tokens]
     if not _is_primary(backend):
