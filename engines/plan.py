@@ -46,7 +46,7 @@ from export.config import LlamaConfig
 from export.errors import ConfigError
 from export.kv_cache import KV_CACHE_LAYOUTS
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shape, heads_local, kv_heads_local,
-                             rank_tensor_names, stage_layers, tensor_slice, validate_parallelism)
+                             stage_layers, stored_tensor_names, tensor_slice, validate_parallelism)
 
 GiB = 1 << 30
 DEFAULT_GPU_BYTES = 80 * GiB  # H100 80 GB (SXM/PCIe)
@@ -185,7 +185,7 @@ def weights_bytes(cfg: LlamaConfig, spec: RankSpec, quant: str = "none", dtype: 
     c = DTYPE_BYTES[dtype]
     quantized = _fp8_selector(cfg, quant, fp8_recipe, fp8_exclude)
     total = rope_table_bytes(cfg, dtype)
-    for name in rank_tensor_names(cfg, spec):
+    for name in stored_tensor_names(cfg, spec):  # a tied head the graph shares is counted once
         shape = _local_shape(cfg, spec, name)  # HF layout [out, in]
         elements = math.prod(shape)
         if quantized(name):

@@ -47,7 +47,7 @@ from export.output_dir import (check_replaceable, exclusive_writer, move_into_pl
                                temporary_sibling)
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
-                             stage_layers, tensor_slice, validate_parallelism)
+                             shares_tied_head, stage_layers, stored_tensor_names, tensor_slice, validate_parallelism)
 from export.genai_config import NOT_SUPPORTED as GENAI_NOT_SUPPORTED
 from export.genai_config import genai_supported, write_genai_config
 from export.graph_passes import fold_constant_arithmetic
@@ -210,6 +210,17 @@ def _external_initializer(tensor: WrittenTensor) -> TensorProto:
     return proto
 
 
+def share_tied_head(model: onnx.ModelProto) -> None:
+    """Point the traced lm_head at the embedding's initializer (export/sharding.py:shares_tied_head):
+    both are [vocab, hidden] in the compute dtype (the embedding and lm_head are never FP8), the
+    Gather reads rows and the head's Transpose -> MatMul reads the same matrix."""
+    readers = [node for node in model.graph.node if "lm_head.weight" in node.input]
+    if not readers:
+        raise InternalError("the traced rank graph has no lm_head.weight reader to share the embedding with")
+    for node in readers:
+        node.input[:] = ["model.embed_tokens.weight" if name == "lm_head.weight" else name for name in node.input]
+
+
 def attach_initializers(model: onnx.ModelProto, written: list[WrittenTensor], cfg: LlamaConfig,
                         spec: RankSpec, dtype: torch.dtype) -> None:
     """Point the graph's weights at the data file and add the rank's constants inline; every
@@ -239,7 +250,7 @@ def rank_bytes(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype) -> in
     """Weight bytes one rank writes (headers only: nothing is read)."""
     cfg, itemsize = checkpoint.config, torch.empty(0, dtype=dtype).element_size()
     total = 0
-    for name in rank_tensor_names(cfg, spec):
+    for name in stored_tensor_names(cfg, spec):
         shape = tensor_slice(cfg, spec, name, checkpoint.kv_dup_factor).local_shape(
             checkpoint.shape(checkpoint_name(cfg, name)))
         total += int(np.prod(shape)) * itemsize + ALIGN
@@ -299,6 +310,9 @@ def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, 
     model, n_collectives = graphs.for_rank(spec)
     started = time.perf_counter()
     tensors = rank_module_blocks(checkpoint, spec, dtype, options.quant_config, input_scales, None, BLOCK_BYTES)
+    if shares_tied_head(cfg, spec):
+        share_tied_head(model)
+        tensors = ((name, blocks) for name, blocks in tensors if name != "lm_head.weight")  # blocks are lazy: unread
     written, data_sha = write_weights(tensors, rank_dir / DATA_FILE, on_bytes=on_bytes)
     if stats is not None:
         stats["weights_s"] = stats.get("weights_s", 0.0) + time.perf_counter() - started

@@ -140,6 +140,19 @@ def rank_tensor_names(cfg: LlamaConfig, spec: RankSpec) -> list[str]:
     return names
 
 
+def shares_tied_head(cfg: LlamaConfig, spec: RankSpec) -> bool:
+    """A tied lm_head is the embedding matrix itself on a rank holding both whole (TP1, one stage
+    for both ends): its graph reads one initializer for both and stores vocab x hidden once. Under
+    TP the embedding is split over vocab rows and lm_head over hidden columns: two slices."""
+    return cfg.tie_word_embeddings and spec.tp_size == 1 and spec.is_first_stage and spec.is_last_stage
+
+
+def stored_tensor_names(cfg: LlamaConfig, spec: RankSpec) -> list[str]:
+    """The rank_tensor_names a rank's data file holds (a shared tied head is the embedding's)."""
+    names = rank_tensor_names(cfg, spec)
+    return [n for n in names if n != "lm_head.weight"] if shares_tied_head(cfg, spec) else names
+
+
 def checkpoint_name(cfg: LlamaConfig, name: str) -> str:
     """Where a module tensor lives in the checkpoint (tied lm_head reads the embedding)."""
     if name == "lm_head.weight" and cfg.tie_word_embeddings:

@@ -27,7 +27,7 @@ from export.dtypes import COMPUTE_DTYPE_NAMES, dtype_of_onnx
 from export.errors import ArtifactError, InputError
 from export.manifest import Manifest, load_manifest
 from export.model import ModelOptions, build_rank_module, rank_constants
-from export.sharding import RankSpec, all_ranks
+from export.sharding import RankSpec, all_ranks, shares_tied_head
 from runner.backends.options import TorchOptions
 from runner.backends.torch import TorchBackend
 
@@ -54,7 +54,9 @@ class ArtifactWeights:
                                 "artifact") from None
         options = artifact_model_options(self.manifest)
         shapes = {name: tuple(t.shape) for name, t in build_rank_module(self.config, spec, options).state_dict().items()}
-        expected = set(shapes)
+        # A tied head the graph shares is the embedding's initializer (export/sharding.py).
+        shared = {"lm_head.weight"} if shares_tied_head(self.config, spec) else set()
+        expected = set(shapes) - shared
         # Rank constants (RoPE tables, vocab start, hidden columns) come from the config;
         # build_rank_module computes them itself.
         derived = set(rank_constants(self.config, spec, torch.float32))
@@ -73,7 +75,10 @@ class ArtifactWeights:
         for init in model.graph.initializer:
             if init.name in derived:
                 continue
-            yield init.name, _read_initializer(init, rank_dir, onnx_path, data)
+            tensor = _read_initializer(init, rank_dir, onnx_path, data)
+            yield init.name, tensor
+            if init.name == "model.embed_tokens.weight" and shares_tied_head(self.config, spec):
+                yield "lm_head.weight", tensor
 
 
 def _read_initializer(init: TensorProto, rank_dir: Path, onnx_path: Path,
