@@ -142,9 +142,17 @@ def read_calibration_text(path: str | Path | None) -> tuple[str, str]:
 def checkpoint_calibration_tokens(checkpoint_dir: str | Path, text_path: str | Path | None, samples: int,
                                   seq_len: int) -> tuple[np.ndarray, str]:
     """([samples, seq_len] token windows, source) of the calibration text (None: the shipped
-    default), tokenized with the checkpoint's own tokenizer (export/tokenizer.py:model_tokenizer;
-    the bundled Llama 3 one for a checkpoint that has none), checked against its vocab_size."""
-    from export.tokenizer import model_tokenizer
+    default), tokenized with the checkpoint's own tokenizer (export/tokenizer.py; the bundled
+    Llama 3 one for a checkpoint that has none). The ids, not the tokenizer's size, must fit the
+    vocabulary: a cut-vocabulary test model calibrates on text whose ids stay inside it; an id
+    past it refuses the tokenizer by file name."""
+    from export.config import LlamaConfig
+    from export.tokenizer import check_vocab, checkpoint_tokenizer
     text, source = read_calibration_text(text_path)
-    tokenizer = model_tokenizer(checkpoint_dir)
-    return calibration_tokens(tokenizer.encode(text, bos=False), samples, seq_len), source
+    files = checkpoint_tokenizer(checkpoint_dir)
+    tokenizer = files.load()
+    ids = tokenizer.encode(text, bos=False)
+    vocab = LlamaConfig.from_hf(checkpoint_dir).vocab_size
+    if ids and max(ids) >= vocab:
+        check_vocab(files, tokenizer.vocab_size, vocab, str(Path(checkpoint_dir) / "config.json"))
+    return calibration_tokens(ids, samples, seq_len), source

@@ -228,10 +228,6 @@ class TokenizerFiles:
     def load(self) -> Llama3Tokenizer | HFTokenizer:
         return Llama3Tokenizer.from_path(self.main) if self.tiktoken else HFTokenizer(self.directory)
 
-    def vocab_size(self) -> int:
-        """Ids the tokenizer can produce (Llama 3's is fixed: nothing to parse)."""
-        return Llama3Tokenizer.vocab_size if self.tiktoken else self.load().vocab_size
-
     def sources(self) -> list[Path]:
         """The files this tokenizer reads (what an artifact carries)."""
         if self.tiktoken:
