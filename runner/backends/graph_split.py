@@ -49,6 +49,7 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 # folder. It refuses symlinks that leave the model's directory and, for bytes without this
 # entry, paths outside the working directory -- so the session config is the way in.
 EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+DISABLE_QDQ_TRANSFORMERS_KEY = "session.disable_quant_qdq"
 
 
 @dataclass
@@ -384,6 +385,13 @@ def make_session(
     """
     options = session_options or ort.SessionOptions()
     options.add_session_config_entry(EXTERNAL_DATA_FOLDER_KEY, str(Path(rank_dir).resolve()))
+    # FP8 weights: with its QDQ transformers on, onnxruntime keeps every weight's
+    # DequantizeLinear in the graph (no kernel fuses FP8 Q/DQ into a GEMM) and dequantizes all
+    # weights on every step (SmolLM2 FP8 decode on 2 cores: 0.22 tokens/s vs 2.56 folded). Off,
+    # constant folding runs each weight's DequantizeLinear once, with the same kernel, at load:
+    # the same logits bit for bit (tests/export/test_fp8.py). Activation Q/DQ pairs have a
+    # runtime input and stay as they are.
+    options.add_session_config_entry(DISABLE_QDQ_TRANSFORMERS_KEY, "1")
     model = str(segment.source) if segment.source is not None else segment.model.SerializeToString()
     try:
         return ort.InferenceSession(model, options, providers=list(providers))

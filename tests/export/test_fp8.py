@@ -811,3 +811,36 @@ def test_calibration_rejects_non_finite_or_zero_ranges(defect, llama3_vocab_mode
                                   "--calib-samples", 1, "--calib-seq-len", 32])
     assert "calibration amax of model.layers.0.self_attn.o_proj is" in err and not out.exists()
     assert ("is 0.0" in err) == (defect == "zero activations")
+
+
+# -- onnxruntime folds each FP8 weight's DequantizeLinear once, with the same numbers ------------
+
+def _rank_session(art: Path, fold_weights: bool, optimized: Path):
+    import onnxruntime as ort
+    from runner.backends.graph_split import DISABLE_QDQ_TRANSFORMERS_KEY
+    options = ort.SessionOptions()
+    options.add_session_config_entry(DISABLE_QDQ_TRANSFORMERS_KEY, "1" if fold_weights else "0")
+    options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(art / "rank0" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def test_ort_folds_fp8_weight_dequantization_without_changing_logits(art_fp16, tmp_path):
+    """runner/backends/graph_split.py turns onnxruntime's QDQ transformers off so constant folding
+    dequantizes each FP8 weight once at load instead of on every step: the logits must be the
+    very same numbers, and the folded graph must have no DequantizeLinear of an initializer left."""
+    ids = PROMPT[None, :8].astype(np.int64)
+    outputs = {}
+    for fold in (False, True):
+        optimized = tmp_path / f"fold{int(fold)}.onnx"
+        session = _rank_session(art_fp16, fold, optimized)
+        feed = {"input_ids": ids, "position_ids": np.arange(8)[None], "attention_mask": np.ones_like(ids)}
+        for value in session.get_inputs():
+            if value.name.startswith("past_key_values."):
+                shape = [1 if d == "batch" else d for d in value.shape]
+                feed[value.name] = np.zeros(shape, dtype=np.float16)
+        outputs[fold] = session.run(["logits"], feed)[0]
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+        constants = {i.name for i in graph.initializer}
+        weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
+        assert (len(weight_dq) == 0) == fold, f"fold={fold}: {len(weight_dq)} weight DequantizeLinear nodes"
+    np.testing.assert_array_equal(outputs[True], outputs[False])
