@@ -126,6 +126,8 @@ def calibration_input(args):
     if args.quant != "fp8" or args.calib_text == "none":
         return None, ""
     from export.calibrate import checkpoint_calibration_tokens
+    from export.checkpoint import Checkpoint
+    Checkpoint(args.checkpoint)  # its config and quantization_config are refused before any text is tokenized
     return checkpoint_calibration_tokens(args.checkpoint, None if args.calib_text == "default" else args.calib_text,
                                          args.calib_samples, args.calib_seq_len)
 
@@ -187,9 +189,10 @@ def _tokenizer_for(args):
 
 
 def cmd_generate(args) -> int:
-    from runner.generate import SamplingOptions, generate
+    from runner.generate import SamplingOptions, check_room, generate
     options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     backend = _open_backend(args)  # first: --verify checks the artifact's hashes before its tokenizer is read
+    check_room(backend, 1, options.max_new_tokens)  # a bound that no prompt can meet, before tokenizing
     tokenizer = _tokenizer_for(args)
     prompts = [tokenizer.encode_dialog([{"role": "user", "content": text}]) if args.chat
                else tokenizer.encode(text, bos=True) for text in args.prompt]

@@ -82,6 +82,15 @@ def choose_tokens(logits: np.ndarray, options: SamplingOptions, rng: np.random.G
     return chosen
 
 
+def check_room(backend: Backend, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a run whose prompt + new tokens cannot fit a bounded cache (checked once with
+    prompt_tokens=1 before any text is tokenized, then with the real width)."""
+    if backend.cache_layout.bounded and prompt_tokens + max_new_tokens > backend.max_seq_len:
+        raise InputError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceeds "
+                         f"max_seq_len={backend.max_seq_len}; shorten the prompt, lower "
+                         "--max-new-tokens or re-export with a larger --max-seq-len")
+
+
 def generate(backend: Backend, prompts: list[list[int]], options: SamplingOptions,
              stop_ids: Iterable[int] = (), pad_id: int = 0) -> Generation:
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -89,10 +98,7 @@ def generate(backend: Backend, prompts: list[list[int]], options: SamplingOption
     stop = set(stop_ids)
     batch, lengths = len(prompts), np.array([len(p) for p in prompts])
     width = int(lengths.max())
-    if backend.cache_layout.bounded and width + options.max_new_tokens > backend.max_seq_len:
-        raise InputError(f"prompt ({width} tokens) + --max-new-tokens {options.max_new_tokens} exceeds "
-                         f"max_seq_len={backend.max_seq_len}; shorten the prompt, lower "
-                         "--max-new-tokens or re-export with a larger --max-seq-len")
+    check_room(backend, width, options.max_new_tokens)
     ids = np.full((batch, width), pad_id, dtype=np.int64)
     mask = np.zeros((batch, width), dtype=np.int64)
     for b, prompt in enumerate(prompts):

@@ -114,6 +114,7 @@ def test_artifact_from_another_config_is_refused(copy, tmp_path, capsys, key, va
 
 
 def test_prompt_too_long_for_max_seq_len(artifact, capsys):
+    # Refused before the prompt is tokenized (this cut-vocabulary model would refuse Llama 3's ids).
     code, err = run(capsys, "generate", "--artifact", artifact, "--backend", "ort", "--prompt", "Hello world",
                     "--max-new-tokens", str(MAX_SEQ_LEN + 8))
     assert code == 2 and one_line(err), err
