@@ -41,6 +41,7 @@ from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, builder_host_bytes
 from engines.profiles import BuildOptions, optimization_profiles
 from export.errors import Llama405Error, MissingRequirement
 from export.manifest import Manifest, load_manifest, write_manifest
+from export.quantization import Quantization
 from export.trt_flavours import cuda_devices, version_tuple
 from export.trt_flavours import flavour as trt_flavour
 
@@ -72,7 +73,7 @@ class EngineBuildError(Llama405Error):
 
 # -- preflight -------------------------------------------------------------------------------
 
-def preflight(flavour: str, quant: str, tp: int = 1, workers: int = 1) -> list[str]:
+def preflight(flavour: str, quant: Quantization, tp: int = 1, workers: int = 1) -> list[str]:
     """What building with `flavour` lacks here, one phrase each; empty when it can run."""
     chosen = trt_flavour(flavour)
     missing: list[str] = []
@@ -95,7 +96,7 @@ def preflight(flavour: str, quant: str, tp: int = 1, workers: int = 1) -> list[s
         return missing + [note]
     if workers > len(devices):
         missing.append(f"--workers {workers} needs {workers} GPUs but {len(devices)} are visible")
-    if quant == "fp8":
+    if quant.fp8_tensor_cores:
         old = [f"GPU {i} is SM{a}{b}" for i, (_, (a, b)) in enumerate(devices[:max(workers, 1)]) if (a, b) < FP8_MIN_SM]
         if old:
             missing.append(f"FP8 engines need SM{FP8_MIN_SM[0]}{FP8_MIN_SM[1]} (Hopper) or newer; " + ", ".join(old))

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from engines.profiles import parse_size
-from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, export_options_from,
-                              flag_type, positive_int)
+from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, calibration_file,
+                              export_options_from, flag_type, positive_int)
 from export.config import PRESETS
 from export.cli_run import run_command
 from export.errors import InputError
@@ -112,13 +112,13 @@ def add_parsers(subparsers) -> None:
 
 # -- build -----------------------------------------------------------------------------------
 
-def _calibration(args):
+def _calibration(args, options):
     """What --calib-text/--calib-samples/--calib-seq-len ask for (None: no calibration)."""
-    if args.quant != "fp8" or args.calib_text == "none":
+    wanted, text = calibration_file(args, options)
+    if not wanted:
         return None
     from engines.flow import CalibrationRequest
     from export.calibrate import read_calibration_text
-    text = None if args.calib_text == "default" else args.calib_text
     _, source = read_calibration_text(text)
     return CalibrationRequest(source=source, samples=args.calib_samples, seq_len=args.calib_seq_len, text=text)
 
@@ -152,12 +152,13 @@ def run_build(args) -> int:
     def log(line: str) -> None:
         print(line, file=stream, flush=True)
 
+    export_options = export_options_from(args) if args.checkpoint is not None else None
     try:
         result = build(checkpoint=args.checkpoint, artifact=args.artifact, out=args.out,
-                       export_options=export_options_from(args) if args.checkpoint is not None else None,
+                       export_options=export_options,
                        build_overrides=_build_overrides(args), stage=args.stage, force=args.force,
                        progress=sys.stderr.isatty() and not args.json, log=log,
-                       calibration=_calibration(args) if args.checkpoint is not None else None,
+                       calibration=_calibration(args, export_options) if export_options is not None else None,
                        verify=args.verify)
     except EnginesNotBuilt as missing:
         if args.json:

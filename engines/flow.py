@@ -53,8 +53,10 @@ def artifact_differences(manifest: Manifest, config, options,
     if manifest.config != config:
         diffs.append("the model config differs from the checkpoint's")
     diffs += manifest.options.differences(options)
-    info = manifest.extra.get("fp8") or {}
-    if manifest.quant == options.quant == "fp8" and info.get("scales_from") == "calibration":
+    quant = manifest.quantization
+    info = manifest.extra.get(quant.record_key or "") or {}
+    if (manifest.quant == options.quant and quant.needs_activation_scales
+            and info.get("scales_from") == "calibration"):
         had = info.get("calibration") or {}
         if calibration is None:
             diffs.append("activation scales from calibration (requested --calib-text none)")
@@ -100,7 +102,7 @@ def prepare_artifact(checkpoint: Path, out: Path, export_options, force: bool = 
 
 
 def _calibration_tokens(checkpoint, export_options, calibration: CalibrationRequest | None) -> tuple[Any, str]:
-    if export_options.quant != "fp8" or calibration is None:
+    if not export_options.quantization.needs_activation_scales or calibration is None:
         return None, ""
     from export.calibrate import checkpoint_calibration_tokens
     from export.rank_tensors import checkpoint_input_scales
@@ -146,7 +148,7 @@ def build(*, checkpoint: Path | None = None, artifact: Path | None = None, out: 
         return result
     manifest = load_manifest(directory, only=[])
     options = BuildOptions.for_artifact(manifest, **overrides)
-    missing = preflight(options.flavour, manifest.quant, manifest.tp, options.workers)
+    missing = preflight(options.flavour, manifest.quantization, manifest.tp, options.workers)
     if missing:
         raise EnginesNotBuilt(missing, directory, options.flavour, verified=verified)
     log(describe_flavour(options))

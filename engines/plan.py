@@ -12,7 +12,7 @@ d = head_dim, V = vocab, n = layers of the stage):
 weights       sum over the rank's tensors of elements x bytes. quant=fp8: q/k/v/o/gate/up/down
               weights take 1 byte per element plus one per-output-channel scale each (c bytes)
               and one per-tensor activation scale per linear (c bytes) — the exporter's layout,
-              honouring its recipe/exclusions (export/fp8.py); embedding, lm_head and norms stay
+              honouring its recipe/exclusions (export/quantization.py); embedding, lm_head and norms stay
               in the compute dtype; the rotary table is fp32 [d/2].
 kv_cache      static: B x L x n x Hkv x d x 2 (key and value) x bytes(kv dtype).
               concat: twice that (past and present are separate tensors: no aliasing).
@@ -44,7 +44,10 @@ from collections.abc import Callable
 
 from export.config import LlamaConfig
 from export.errors import ConfigError
+from export.dtypes import COMPUTE_DTYPE_NAMES, dtype
 from export.kv_cache import KV_CACHE_LAYOUTS
+from export.logits import LOGITS, logits_named
+from export.quantization import QUANTIZATIONS, Quantization, quantization_named
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shape, heads_local, kv_heads_local,
                              stage_layers, stored_tensor_names, tensor_slice, validate_parallelism)
 
@@ -64,12 +67,9 @@ def builder_host_bytes(weight_bytes: int) -> int:
     """Host memory to build one rank's engine from `weight_bytes` of weights."""
     return int(BUILDER_HOST_FIXED_BYTES + BUILDER_HOST_BYTES_PER_WEIGHT_BYTE * weight_bytes)
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
-QUANT_MODES = ("none", "fp8")
+# compute dtypes, and the --kv-cache-dtype "fp8" (float8_e4m3fn): bytes per element
+DTYPE_BYTES = {**{n: dtype(n).itemsize for n in COMPUTE_DTYPE_NAMES}, "fp8": dtype("float8_e4m3fn").itemsize}
 KV_MODES = tuple(KV_CACHE_LAYOUTS)
-FP8_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-               "mlp.down_proj.weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ class PlanRequest:
     attention: str = "unfused"  # "fused": assume TensorRT never materialises the scores
     gpu_bytes: int = DEFAULT_GPU_BYTES
     reserve_bytes: int = DEFAULT_RESERVE_BYTES
-    fp8_recipe: str = "default"  # export/fp8.py QuantConfig: "meta" keeps attention + first/last layer
+    fp8_recipe: str = "default"  # export/quantization.py: "meta" keeps attention + first/last layer
     fp8_exclude: tuple[str, ...] = ()  # fnmatch patterns of linears kept in the compute dtype
 
     @property
@@ -97,14 +97,18 @@ class PlanRequest:
         return min(chosen, self.max_seq_len)
 
     @property
+    def quantization(self) -> Quantization:
+        return quantization_named(self.quant, self.fp8_recipe, tuple(self.fp8_exclude))
+
+    @property
     def kv_dtype(self) -> str:
         return self.kv_cache_dtype or self.dtype
 
     def validate(self) -> None:
         validate_parallelism(self.config, self.tp, self.pp)
-        checks = [("--quant", self.quant, QUANT_MODES), ("--dtype", self.dtype, ("float32", "float16", "bfloat16")),
+        checks = [("--quant", self.quant, tuple(QUANTIZATIONS)), ("--dtype", self.dtype, COMPUTE_DTYPE_NAMES),
                   ("--kv-cache", self.kv_cache, KV_MODES), ("--kv-cache-dtype", self.kv_dtype, tuple(DTYPE_BYTES)),
-                  ("--logits", self.logits, ("all", "last")), ("--attention", self.attention, ("unfused", "fused"))]
+                  ("--logits", self.logits, tuple(LOGITS)), ("--attention", self.attention, ("unfused", "fused"))]
         for flag, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
@@ -179,36 +183,30 @@ def _local_shape(cfg: LlamaConfig, spec: RankSpec, name: str) -> tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=4096)  # independent of batch and context: the suggestion searches reuse it
-def weights_bytes(cfg: LlamaConfig, spec: RankSpec, quant: str = "none", dtype: str = "float16",
+def weights_bytes(cfg: LlamaConfig, spec: RankSpec, quant: str | Quantization = "none", dtype: str = "float16",
                   fp8_recipe: str = "default", fp8_exclude: tuple[str, ...] = ()) -> int:
-    """Bytes of the tensors rank `spec` holds (its real, sharded shapes)."""
+    """Bytes of the tensors rank `spec` holds (its real, sharded shapes); a quantized linear as
+    its scheme stores it (the exporter's own selection: export/quantization.py)."""
     c = DTYPE_BYTES[dtype]
-    quantized = _fp8_selector(cfg, quant, fp8_recipe, fp8_exclude)
+    scheme = _scheme(quant, fp8_recipe, fp8_exclude)
     total = rope_table_bytes(cfg, dtype)
     for name in stored_tensor_names(cfg, spec):  # a tied head the graph shares is counted once
         shape = _local_shape(cfg, spec, name)  # HF layout [out, in]
         elements = math.prod(shape)
-        if quantized(name):
-            # FP8 weight + one scale per output channel + the input's per-tensor scale.
-            total += elements * 1 + shape[0] * c + c
+        if name.endswith(".weight") and scheme.quantizes(name.rsplit(".", 1)[0], cfg.num_hidden_layers):
+            total += scheme.weight_bytes(elements, shape[0], c)
         else:
             total += elements * c
     return total
 
 
+def _scheme(quant: str | Quantization, recipe: str = "default", exclude: tuple[str, ...] = ()) -> Quantization:
+    return quant if isinstance(quant, Quantization) else quantization_named(quant, recipe, tuple(exclude))
+
+
 def rope_table_bytes(cfg: LlamaConfig, dtype: str) -> int:
     """The RoPE cos and sin tables every rank holds: [max_position_embeddings, head_dim / 2] each."""
     return 2 * cfg.max_position_embeddings * (cfg.head_dim // 2) * DTYPE_BYTES[dtype]
-
-
-def _fp8_selector(cfg: LlamaConfig, quant: str, recipe: str, exclude: tuple[str, ...]) -> Callable[[str], bool]:
-    """Which tensors are FP8: the exporter's own rule (export/fp8.py QuantConfig)."""
-    if quant != "fp8":
-        return lambda name: False
-    from export.fp8 import QuantConfig  # imports torch: only when FP8 is asked for
-    config = QuantConfig(recipe, tuple(exclude))
-    return lambda name: (name.endswith(FP8_LINEARS)
-                         and config.is_quantized(name.rsplit(".", 1)[0], cfg.num_hidden_layers))
 
 
 def kv_cache_bytes(cfg: LlamaConfig, spec: RankSpec, max_batch: int, max_seq_len: int,
@@ -219,7 +217,7 @@ def kv_cache_bytes(cfg: LlamaConfig, spec: RankSpec, max_batch: int, max_seq_len
 
 
 def activation_bytes(cfg: LlamaConfig, spec: RankSpec, max_batch: int, max_input_len: int, max_seq_len: int,
-                     dtype: str = "float16", quant: str = "none", logits: str = "all",
+                     dtype: str = "float16", quant: str | Quantization = "none", logits: str = "all",
                      attention: str = "unfused") -> int:
     """Upper bound on one forward step's live activations (see the module docstring)."""
     B, S, L, c = max_batch, max_input_len, max_seq_len, DTYPE_BYTES[dtype]
@@ -232,11 +230,9 @@ def activation_bytes(cfg: LlamaConfig, spec: RankSpec, max_batch: int, max_input
         total += B * hq * S * L * (4 + 4 + c)
         total += B * S * L * 4
     total += 3 * B * S * f * c
-    if quant == "fp8":
-        total += B * S * (2 * h + hq * d + f)
+    total += _scheme(quant).activation_bytes(B * S, h, hq * d, f)
     if spec.is_last_stage:
-        rows = S if logits == "all" else 1
-        total += B * rows * V * (c + 4)
+        total += B * logits_named(logits).rows(S) * V * (c + 4)
     return total
 
 
@@ -244,9 +240,9 @@ def rank_memory(request: PlanRequest, spec: RankSpec) -> RankMemory:
     r, cfg = request, request.config
     return RankMemory(
         rank=spec.rank,
-        weights_bytes=weights_bytes(cfg, spec, r.quant, r.dtype, r.fp8_recipe, tuple(r.fp8_exclude)),
+        weights_bytes=weights_bytes(cfg, spec, r.quantization, r.dtype),
         kv_cache_bytes=kv_cache_bytes(cfg, spec, r.max_batch, r.max_seq_len, r.kv_dtype, r.kv_cache),
-        activation_bytes=activation_bytes(cfg, spec, r.max_batch, r.input_len, r.max_seq_len, r.dtype, r.quant,
+        activation_bytes=activation_bytes(cfg, spec, r.max_batch, r.input_len, r.max_seq_len, r.dtype, r.quantization,
                                           r.logits, r.attention))
 
 
@@ -310,7 +306,8 @@ def suggestion(result: Plan) -> dict[str, Any] | None:
         "max_input_len": largest_max_input_len(request),
     }
     if worst_weights + request.reserve_bytes > request.gpu_bytes:
-        hint = "use --quant fp8 or more ranks (--tp/--pp)" if request.quant == "none" else "use more ranks (--tp/--pp)"
+        hint = ("use more ranks (--tp/--pp)" if request.quantization.quantized
+                else "use --quant fp8 or more ranks (--tp/--pp)")
         out["note"] = (f"the weights alone need {worst_weights / GiB:.2f} GiB per GPU (+ "
                        f"{request.reserve_bytes / GiB:.2f} GiB reserve) of {request.gpu_bytes / GiB:.2f} GiB; {hint}")
     return out
@@ -337,7 +334,7 @@ def plan_json(result: Plan) -> dict[str, Any]:
 
 def format_table(result: Plan) -> str:
     r = result.request
-    weights = f"fp8 weights ({r.dtype} compute)" if r.quant == "fp8" else f"{r.dtype} weights"
+    weights = r.quantization.weights_label(r.dtype)
     title = (f"{r.tp} x {r.pp} ranks, {weights}, {r.kv_cache} KV cache ({r.kv_dtype}), "
              f"batch {r.max_batch}, context {r.max_seq_len}, {r.input_len} tokens/step, {r.attention} attention")
     lines = [title,

@@ -72,7 +72,7 @@ class BuildOptions:
         static cache's length is fixed in the graph, so a different max_seq_len is refused.
         target: the --target text (rtx), resolved against the artifact's quantization."""
         given = {k: v for k, v in given.items() if v is not None}
-        given["targets"] = trt_flavour(given.get("flavour", "tensorrt")).resolve_targets(target, manifest.quant)
+        given["targets"] = trt_flavour(given.get("flavour", "tensorrt")).resolve_targets(target, manifest.quantization)
         seq = given.setdefault("max_seq_len", manifest.max_seq_len)
         if manifest.cache_layout.past_dim_name is None and seq != manifest.max_seq_len:  # length fixed in the graph
             raise InputError(f"--max-seq-len {seq}: the artifact's static KV cache holds {manifest.max_seq_len} "

@@ -11,7 +11,7 @@ Checkpoint producers list the modules they kept in high precision in config.json
 
 The exporter honours the list by default — it is the producer's accuracy decision, e.g. Meta's
 FP8 405B keeps every attention linear and the first and last layer in bf16 — by turning it into
-FP8 exclusion patterns (export/fp8.py `QuantConfig`, which reads fnmatch and `re:` patterns),
+FP8 exclusion patterns (export/quantization.py `Quantization.exclude`, fnmatch and `re:` patterns),
 and records it in the manifest. `--fp8-checkpoint-exclusions ignore` quantizes them anyway.
 """
 
@@ -37,7 +37,7 @@ class CheckpointQuantization:
     not_quantized: tuple[str, ...] = ()  # the list, as written
 
     def fp8_exclude_patterns(self) -> tuple[str, ...]:
-        """The list as QuantConfig exclusion patterns (fnmatch, or `re:` regexes)."""
+        """The list as Quantization exclusion patterns (fnmatch, or `re:` regexes)."""
         if self.key == "modules_to_not_convert":  # transformers: `name in module_path`
             return tuple(f"*{_escape_glob(name)}*" for name in self.not_quantized)
         if self.key == "ignore":  # compressed-tensors: exact path or re:REGEX

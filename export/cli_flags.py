@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from export.options import CHOICES, DTYPE_CHOICES, ExportOptions
+from export.options import DTYPE_CHOICES, ExportOptions, choices
 from export.errors import InputError, Llama405Error
 
 T = TypeVar("T")
@@ -26,6 +26,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+CALIB_SHIPPED, CALIB_OFF = "default", "none"  # the --calib-text words that are not a file
 
 
 def flag_type(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -61,11 +63,11 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=DEFAULTS.dtype,
                    help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)")
     add_quant_flags(p)
-    p.add_argument("--kv-cache", choices=CHOICES["kv_cache"], default=DEFAULTS.kv_cache,
+    p.add_argument("--kv-cache", choices=choices()["kv_cache"], default=DEFAULTS.kv_cache,
                    help="static: max-seq-len buffers written in place; concat: the past grows each step")
     p.add_argument("--max-batch", type=int, help=f"largest batch (default {DEFAULTS.max_batch})")
     p.add_argument("--max-seq-len", type=int, help=f"KV-cache length (default {DEFAULTS.max_seq_len})")
-    p.add_argument("--logits", choices=CHOICES["logits"], default=DEFAULTS.logits,
+    p.add_argument("--logits", choices=choices()["logits"], default=DEFAULTS.logits,
                    help="return logits for every position or only the last one")
     p.add_argument("--ranks", help="only these ranks, e.g. 0-7 (one node of a multi-node run)")
 
@@ -85,23 +87,31 @@ def export_options_from(args: argparse.Namespace):
 
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant", choices=CHOICES["quant"], default=DEFAULTS.quant,
+    p.add_argument("--quant", choices=choices()["quant"], default=DEFAULTS.quant,
                    help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)")
-    p.add_argument("--fp8-recipe", choices=CHOICES["fp8_recipe"], default=DEFAULTS.fp8_recipe,
+    p.add_argument("--fp8-recipe", choices=choices()["fp8_recipe"], default=DEFAULTS.fp8_recipe,
                    help="meta: also keep attention and the first/last layer in the compute dtype")
     p.add_argument("--fp8-exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching linears unquantized: an fnmatch pattern such as 'model.layers.0.*', "
                         "or re:REGEX (repeatable)")
-    p.add_argument("--fp8-checkpoint-exclusions", choices=CHOICES["fp8_checkpoint_exclusions"],
+    p.add_argument("--fp8-checkpoint-exclusions", choices=choices()["fp8_checkpoint_exclusions"],
                    default=DEFAULTS.fp8_checkpoint_exclusions,
                    help="a pre-quantized checkpoint's own list of unquantized modules (quantization_config "
                         "modules_to_not_convert / ignore / exclude_modules): honour it (default) or quantize "
                         "those linears too")
-    p.add_argument("--calib-text", default="default",
-                   help="UTF-8 text for FP8 activation calibration; 'default' = the shipped text, "
-                        "'none' = only use input_scale tensors from the checkpoint")
+    p.add_argument("--calib-text", default=CALIB_SHIPPED,
+                   help=f"UTF-8 text for FP8 activation calibration; '{CALIB_SHIPPED}' = the shipped text, "
+                        f"'{CALIB_OFF}' = only use input_scale tensors from the checkpoint")
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-seq-len", type=int, default=256)
+
+
+def calibration_file(args: argparse.Namespace, options: ExportOptions) -> tuple[bool, str | None]:
+    """(calibrate?, the --calib-text file or None for the shipped text): only for a quantization
+    with static activation scales, and not under --calib-text none."""
+    if not options.quantization.needs_activation_scales or args.calib_text == CALIB_OFF:
+        return False, None
+    return True, None if args.calib_text == CALIB_SHIPPED else args.calib_text
 
 
 def add_verify_flag(p: argparse.ArgumentParser) -> None:

@@ -49,6 +49,7 @@ _ALL = (
     Dtype("float8_e4m3fn", 1, TensorProto.FLOAT8E4M3FN, np.dtype(ml_dtypes.float8_e4m3fn), "F8_E4M3", "FP8", False),
     Dtype("int64", 8, TensorProto.INT64, np.dtype(np.int64), "I64", "INT64", False),
     Dtype("int32", 4, TensorProto.INT32, np.dtype(np.int32), "I32", "INT32", False),
+    Dtype("int8", 1, TensorProto.INT8, np.dtype(np.int8), "I8", "INT8", False),
     Dtype("bool", 1, TensorProto.BOOL, np.dtype(np.bool_), "BOOL", "BOOL", False),
 )
 DTYPES: dict[str, Dtype] = {d.name: d for d in _ALL}

@@ -18,10 +18,6 @@ q * scale in the scale's dtype.
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-import re
-
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
@@ -32,9 +28,6 @@ from torch import nn
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8 = torch.float8_e4m3fn
-QUANTIZABLE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-RECIPES = ("default", "meta")
 
 
 # -- custom ops: one opaque node each, translated to ONNX Q/DQ ---------------------------------
@@ -103,38 +96,7 @@ class Fp8Linear(nn.Module):
         return xd @ wd  # [batch, seq, out]
 
 
-# -- which linears, which scales ---------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    """Which linears are FP8. Names are module paths like model.layers.3.mlp.down_proj.
-
-    Embedding and lm_head always stay in the compute dtype. `exclude` holds fnmatch patterns, or
-    `re:` + a regular expression matched from the start of the path (compressed-tensors' form);
-    the "meta" recipe adds Meta's choice for its FP8 405B: attention and the first and last
-    layer stay in the compute dtype.
-    """
-
-    recipe: str = "default"
-    exclude: tuple[str, ...] = ()
-
-    def patterns(self, num_layers: int) -> tuple[str, ...]:
-        extra = ()
-        if self.recipe == "meta":
-            extra = ("*.self_attn.*", "model.layers.0.*", f"model.layers.{num_layers - 1}.*")
-        return tuple(self.exclude) + extra
-
-    def is_quantized(self, module_name: str, num_layers: int) -> bool:
-        if not module_name.endswith(QUANTIZABLE):
-            return False
-        return not any(_matches(module_name, p) for p in self.patterns(num_layers))
-
-
-def _matches(module_name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.match(pattern[3:], module_name) is not None
-    return fnmatch.fnmatchcase(module_name, pattern)
-
+# -- scales ------------------------------------------------------------------------------------
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """HF [out, in] weight -> (fp8 [in, out], per-output-channel scale [out], fp32)."""

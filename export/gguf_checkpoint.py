@@ -44,6 +44,7 @@ from export.sharding import RankSpec, checkpoint_name, rank_tensor_names
 PRODUCER = "llama405 convert-gguf"
 CONVERTER_VERSION = 1  # bump when the output for the same input changes
 RECORD = "conversion.json"
+NO_ROPE_SCALING = "none"  # llama.rope.scaling.type of a plain-RoPE model (GGUF metadata)
 INDEX = "model.safetensors.index.json"
 SHARD_BYTES = 256 << 20  # a shard is assembled in memory before safetensors writes it
 STORAGE_DTYPES = ("float32", "bfloat16")
@@ -115,9 +116,10 @@ class GgufModel:
 
     def _config(self) -> LlamaConfig:
         refused = [k for k in ("llama.expert_count", "llama.attention.sliding_window") if k in self.reader.fields]
-        scaling = self._value("llama.rope.scaling.type", "none")
-        if refused or scaling != "none" or "rope_freqs.weight" in self.tensors:
-            what = refused[0] if refused else (f"rope scaling {scaling!r}" if scaling != "none" else "rope_freqs.weight")
+        scaling = self._value("llama.rope.scaling.type", NO_ROPE_SCALING)
+        if refused or scaling != NO_ROPE_SCALING or "rope_freqs.weight" in self.tensors:
+            what = refused[0] if refused else (f"rope scaling {scaling!r}" if scaling != NO_ROPE_SCALING
+                                               else "rope_freqs.weight")
             raise CheckpointError(f"{self.path}: {what} is not implemented by convert-gguf (plain RoPE llama models "
                                   "only); convert the model's original Hugging Face checkpoint instead")
         hidden = int(self._value("llama.embedding_length"))

@@ -86,6 +86,7 @@ class Manifest:
     pp = property(lambda self: self.options.pp)
     dtype = property(lambda self: self.options.dtype)
     quant = property(lambda self: self.options.quant)
+    quantization = property(lambda self: self.options.quantization)
     kv_cache = property(lambda self: self.options.kv_cache)
     max_batch = property(lambda self: self.options.max_batch)
     max_seq_len = property(lambda self: self.options.max_seq_len)

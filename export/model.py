@@ -24,8 +24,9 @@ from export.attention_op import gqa_attention
 from export.rotary_op import rotary_embedding
 from export.config import LlamaConfig
 from export.errors import InternalError
-from export.fp8 import Fp8Linear, QuantConfig
 from export.kv_cache import KVCacheLayout, kv_cache_layout
+from export.logits import Logits, logits_named
+from export.quantization import Quantization, Unquantized
 from export.sharding import RankSpec, heads_local, kv_heads_local, stage_layers
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
@@ -42,12 +43,16 @@ class ModelOptions:
 
     kv_cache: str = "static"  # the layout's name (export/kv_cache.py): "static" or "concat"
     max_seq_len: int = 4096
-    logits: str = "all"  # "all" positions, or "last" position only (saves vocab x seq at prefill)
-    quant: QuantConfig | None = None  # FP8 linears (export/fp8.py); None = compute dtype only
+    logits: str = "all"  # which positions' logits: the name of an export/logits.py kind
+    quant: Quantization = Unquantized()  # which linears leave the compute dtype (export/quantization.py)
 
     @property
     def cache_layout(self) -> KVCacheLayout:
         return kv_cache_layout(self.kv_cache)
+
+    @property
+    def logits_rows(self) -> Logits:
+        return logits_named(self.logits)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -85,11 +90,11 @@ def rope_at(cos_table: torch.Tensor, sin_table: torch.Tensor, position_ids: torc
     return F.embedding(position_ids, cos_table), F.embedding(position_ids, sin_table)  # [batch, seq, head_dim / 2]
 
 
-def linear_factory(cfg: LlamaConfig, quant: QuantConfig | None) -> LinearFactory:
-    """nn.Linear, or Fp8Linear for the linears the quant config selects."""
+def linear_factory(cfg: LlamaConfig, quant: Quantization) -> LinearFactory:
+    """nn.Linear, or the quantization's linear for the linears it selects."""
     def make(name: str, in_features: int, out_features: int) -> nn.Module:
-        if quant is not None and quant.is_quantized(name, cfg.num_hidden_layers):
-            return Fp8Linear(in_features, out_features)
+        if quant.quantizes(name, cfg.num_hidden_layers):
+            return quant.linear(in_features, out_features)
         return nn.Linear(in_features, out_features, bias=False)
     return make
 
@@ -155,7 +160,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, layer_id: int, cache: KVCacheLayout,
-                 quant: QuantConfig | None = None):
+                 quant: Quantization = Unquantized()):
         super().__init__()
         linear = linear_factory(cfg, quant)
         prefix = f"model.layers.{layer_id}."
@@ -196,7 +201,7 @@ class Body(nn.Module):
     """`model.*` of the HF state dict: embedding, this stage's layers, final norm."""
 
     def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, cache: KVCacheLayout,
-                 quant: QuantConfig | None):
+                 quant: Quantization):
         super().__init__()
         self.layer_ids = list(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
         if spec.is_first_stage:
@@ -270,9 +275,7 @@ class LlamaRank(nn.Module):
             presents += [k, v]
         if not spec.is_last_stage:
             return (h, *presents)
-        if self.options.logits == "last":
-            h = h[:, -1:]
-        h = self.model.norm(h)
+        h = self.model.norm(self.options.logits_rows.select(h))  # [batch, rows, hidden]
         if spec.tp_size > 1:
             h = h.index_select(-1, self.hidden_index)  # [batch, seq, hidden / tp]
         logits = self.reduce(self.lm_head(h))  # [batch, seq, vocab]

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from export import attention_op, cache_ops, collectives, fp8, rotary_op
 from export.custom_ops import translation_table
+from export.dtypes import dtype as dtype_named, dtype_of_onnx, dtype_of_torch
 from export.calibrate import Calibration, calibrate
-from export.fp8 import QuantConfig
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
 from export.checkpoint import Checkpoint
 from export.kv_cache import PARTS, KVCacheLayout, past_name, present_name
@@ -56,10 +56,6 @@ from export.tokenizer import checkpoint_tokenizer
 from export.weight_stream import ALIGN, BLOCK_BYTES, WrittenTensor, write_weights
 
 OPSET = 24
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
-               torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64,
-               torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}
 
 
 # -- graph IO --------------------------------------------------------------------------------
@@ -98,33 +94,18 @@ def rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: t
     """The rank's graph, no initializers: one traced layer per distinct layer pattern (which
     linears are FP8), stamped for every layer of the stage."""
     layers = list(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
-    patterns = {i: layer_pattern(options.quant, i, cfg.num_hidden_layers) for i in layers}
+    patterns = {i: options.quant.layer_pattern(i, cfg.num_hidden_layers) for i in layers}
     # With num_hidden_layers = pp every stage holds exactly one layer: layer number pp_rank.
     template_cfg = cfg.replace(num_hidden_layers=spec.pp_size)
     traces: dict[tuple[bool, ...], onnx.ModelProto] = {}
     for pattern in dict.fromkeys(patterns.values()):  # first-seen order: deterministic
-        template_options = dataclasses.replace(options, quant=_pattern_quant(pattern, spec.pp_rank))
+        template_options = dataclasses.replace(options, quant=options.quant.for_template(pattern, spec.pp_rank))
         traces[pattern] = trace_rank_graph(template_cfg, spec, template_options, dtype, workdir)
     base = traces[patterns[layers[0]]]
     others = {i: traces[p] for i, p in patterns.items() if traces[p] is not base}
     model = stamp_layers(base, template_layer=spec.pp_rank, layer_ids=layers, other_patterns=others)
     strip_metadata(model)
     return model
-
-
-def layer_pattern(quant: QuantConfig | None, layer: int, num_layers: int) -> tuple[bool, ...]:
-    """Which of a layer's linears are FP8 (all False without quantization)."""
-    if quant is None:
-        return (False,) * len(fp8.QUANTIZABLE)
-    return tuple(quant.is_quantized(f"model.layers.{layer}.{leaf}", num_layers) for leaf in fp8.QUANTIZABLE)
-
-
-def _pattern_quant(pattern: tuple[bool, ...], template_layer: int) -> QuantConfig | None:
-    """A quant config under which the one-layer template quantizes exactly `pattern`."""
-    if not any(pattern):
-        return None
-    keep = tuple(f"model.layers.{template_layer}.{leaf}" for leaf, q in zip(fp8.QUANTIZABLE, pattern) if not q)
-    return QuantConfig("default", keep)
 
 
 def trace_rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: torch.dtype,
@@ -202,7 +183,7 @@ def _name_symbolic_dims(model: onnx.ModelProto, spec: RankSpec, cache: KVCacheLa
 # -- weights ---------------------------------------------------------------------------------
 
 def _external_initializer(tensor: WrittenTensor) -> TensorProto:
-    proto = TensorProto(name=tensor.name, data_type=ONNX_DTYPES[tensor.dtype], dims=list(tensor.shape))
+    proto = TensorProto(name=tensor.name, data_type=dtype_of_torch(tensor.dtype).onnx, dims=list(tensor.shape))
     proto.data_location = TensorProto.EXTERNAL
     for key, value in (("location", DATA_FILE), ("offset", str(tensor.offset)), ("length", str(tensor.length))):
         entry = proto.external_data.add()
@@ -241,7 +222,7 @@ def attach_initializers(model: onnx.ModelProto, written: list[WrittenTensor], cf
 
 def _inline_initializer(name: str, tensor: torch.Tensor) -> TensorProto:
     """A rank constant stored in model.onnx itself, raw little-endian bytes (bfloat16 included)."""
-    proto = TensorProto(name=name, data_type=ONNX_DTYPES[tensor.dtype], dims=list(tensor.shape))
+    proto = TensorProto(name=name, data_type=dtype_of_torch(tensor.dtype).onnx, dims=list(tensor.shape))
     proto.raw_data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return proto
 
@@ -264,8 +245,7 @@ def _spec_entries(values) -> tuple[TensorSpec, ...]:
     for v in values:
         t = v.type.tensor_type
         shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim)
-        out.append(TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-                              if t.elem_type != TensorProto.BFLOAT16 else "bfloat16", shape))
+        out.append(TensorSpec(v.name, dtype_of_onnx(t.elem_type).name, shape))
     return tuple(out)
 
 
@@ -273,7 +253,7 @@ def rank_graph_proto(cfg: LlamaConfig, spec: RankSpec, options: ExportOptions) -
     """The finished rank graph without weights: traced, collectives rewritten, dims named.
     Returns it and the number of DistCollective nodes."""
     with tempfile.TemporaryDirectory(prefix="llama405-trace-") as workdir:
-        model = rank_graph(cfg, spec, options.model_options, TORCH_DTYPES[options.dtype], Path(workdir))
+        model = rank_graph(cfg, spec, options.model_options, dtype_named(options.dtype).torch, Path(workdir))
     n_collectives = collectives.rewrite_collectives(model, spec.tp_size) if spec.tp_size > 1 else 0
     _name_symbolic_dims(model, spec, options.model_options.cache_layout)
     return model, n_collectives
@@ -303,13 +283,13 @@ def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, 
                 graphs: StageGraphs, input_scales: dict[str, float] | None = None,
                 on_bytes: Callable[[int], None] = lambda n: None,
                 stats: dict[str, float] | None = None) -> tuple[RankEntry, dict]:
-    cfg, dtype = checkpoint.config, TORCH_DTYPES[options.dtype]
+    cfg, dtype = checkpoint.config, dtype_named(options.dtype).torch
     rank_dir.mkdir(parents=True)
     # The graph first: the tracer's transient memory is freed before weight blocks are in
     # flight, so the two peaks do not add up.
     model, n_collectives = graphs.for_rank(spec)
     started = time.perf_counter()
-    tensors = rank_module_blocks(checkpoint, spec, dtype, options.quant_config, input_scales, None, BLOCK_BYTES)
+    tensors = rank_module_blocks(checkpoint, spec, dtype, options.quantization, input_scales, None, BLOCK_BYTES)
     if shares_tied_head(cfg, spec):
         share_tied_head(model)
         tensors = ((name, blocks) for name, blocks in tensors if name != "lm_head.weight")  # blocks are lazy: unread
@@ -364,13 +344,13 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
                          progress: bool) -> tuple[dict[str, float] | None, dict]:
     """Static FP8 activation scales: the checkpoint's own, else calibration. Returns the scales
     and what the manifest records about them."""
-    if options.quant != "fp8":
+    quant = options.quantization
+    if not quant.needs_activation_scales:
         return None, {}
-    quant = options.quant_config
     cfg = checkpoint.config
     needed = sorted({n.rsplit(".", 1)[0] for s in all_ranks(options.tp, options.pp)
                      for n in rank_tensor_names(cfg, s)
-                     if quant.is_quantized(n.rsplit(".", 1)[0], cfg.num_hidden_layers)})
+                     if quant.quantizes(n.rsplit(".", 1)[0], cfg.num_hidden_layers)})
     stored = checkpoint_input_scales(checkpoint)
     info = {"recipe": quant.recipe, "exclude": list(quant.patterns(cfg.num_hidden_layers)),
             "quantized_linears": len(needed)}
@@ -409,7 +389,8 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
 def with_checkpoint_exclusions(options: ExportOptions, quantization: CheckpointQuantization) -> ExportOptions:
     """options whose FP8 exclusions include the checkpoint's own unquantized modules, when
     quantizing and asked to honour them (the default)."""
-    if options.quant != "fp8" or options.fp8_checkpoint_exclusions != "honour" or not quantization.not_quantized:
+    if (not options.quantization.quantized or options.fp8_checkpoint_exclusions != "honour"
+            or not quantization.not_quantized):
         return options
     added = tuple(p for p in quantization.fp8_exclude_patterns() if p not in options.fp8_exclude)
     return dataclasses.replace(options, fp8_exclude=options.fp8_exclude + added)
@@ -453,7 +434,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
                    calibration_tokens: np.ndarray | None, calibration_source: str,
                    stats: dict[str, float] | None) -> None:
     cfg = checkpoint.config
-    dtype = TORCH_DTYPES[options.dtype]
+    dtype = dtype_named(options.dtype).torch
     # Carried as the checkpoint has it: a synthesized cut-vocabulary model keeps Llama 3's files, and
     # what tokenizes text (generate, parity, calibration, tokenize) refuses ids past the vocabulary.
     tokenizer = checkpoint_tokenizer(checkpoint.directory)
@@ -477,7 +458,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
                 files.update(rank_files)
         for path in tokenizer.copy_to(tmp):  # the artifact carries the tokenizer it was exported with
             files[path.name] = file_entry(path)
-        extra = {"fp8": fp8_info} if fp8_info else {}
+        extra = {options.quantization.record_key: fp8_info} if fp8_info else {}
         extra[CACHE_WRITES] = options.cache_layout.writes
         if genai_supported(options.tp, options.pp):
             path = write_genai_config(tmp, cfg, options.kv_cache, options.max_seq_len, checkpoint.directory)

@@ -13,24 +13,26 @@ from typing import TYPE_CHECKING, Any
 
 from export.checkpoint_quant import CHECKPOINT_EXCLUSION_CHOICES
 from export.errors import ConfigError
+from export.dtypes import COMPUTE_DTYPE_NAMES
 from export.kv_cache import KV_CACHE_LAYOUTS, KVCacheLayout, kv_cache_layout
+from export.logits import LOGITS, Logits, logits_named
+from export.quantization import QUANTIZATIONS, RECIPES, Quantization, quantization_of
 
 if TYPE_CHECKING:
     from export.config import LlamaConfig
-    from export.fp8 import QuantConfig
     from export.model import ModelOptions
 
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
-QUANT_CHOICES = ("none", "fp8")
-LOGITS_CHOICES = ("all", "last")
-FP8_RECIPE_CHOICES = ("default", "meta")
+DTYPE_CHOICES = COMPUTE_DTYPE_NAMES
+FP8_RECIPE_CHOICES = RECIPES
 MIN_MAX_SEQ_LEN = 16  # the trace's example step (3 new tokens after 5 cached) must fit, with room to spare
 
-# field -> allowed values, for validate() and the manifest's schema check
-CHOICES: dict[str, tuple[str, ...]] = {
-    "dtype": DTYPE_CHOICES, "quant": QUANT_CHOICES, "kv_cache": tuple(KV_CACHE_LAYOUTS), "logits": LOGITS_CHOICES,
-    "fp8_recipe": FP8_RECIPE_CHOICES, "fp8_checkpoint_exclusions": CHECKPOINT_EXCLUSION_CHOICES,
-}
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """field -> allowed values, for validate(), the flags and the manifest's schema check; read
+    when asked, so a quantization scheme registered in QUANTIZATIONS is a choice everywhere."""
+    return {"dtype": DTYPE_CHOICES, "quant": tuple(QUANTIZATIONS), "kv_cache": tuple(KV_CACHE_LAYOUTS),
+            "logits": tuple(LOGITS), "fp8_recipe": FP8_RECIPE_CHOICES,
+            "fp8_checkpoint_exclusions": CHECKPOINT_EXCLUSION_CHOICES}
 POSITIVE = ("tp", "pp", "max_batch", "max_seq_len")
 
 
@@ -55,9 +57,9 @@ class ExportOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{_flag(name)} {value!r} must be a positive integer")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"--{_flag(name)} {getattr(self, name)!r}: choose {' or '.join(choices)}")
+        for name, allowed in choices().items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{_flag(name)} {getattr(self, name)!r}: choose {' or '.join(allowed)}")
         if self.max_seq_len < MIN_MAX_SEQ_LEN:
             raise ConfigError(f"--max-seq-len {self.max_seq_len} is below {MIN_MAX_SEQ_LEN}, the shortest cache the "
                               "exporter traces with")
@@ -76,15 +78,18 @@ class ExportOptions:
         return kv_cache_layout(self.kv_cache)
 
     @property
-    def quant_config(self) -> QuantConfig | None:
-        from export.fp8 import QuantConfig
-        return QuantConfig(self.fp8_recipe, self.fp8_exclude) if self.quant == "fp8" else None
+    def quantization(self) -> Quantization:
+        return quantization_of(self)
+
+    @property
+    def logits_rows(self) -> Logits:
+        return logits_named(self.logits)
 
     @property
     def model_options(self) -> ModelOptions:
         from export.model import ModelOptions
         return ModelOptions(kv_cache=self.kv_cache, max_seq_len=self.max_seq_len, logits=self.logits,
-                            quant=self.quant_config)
+                            quant=self.quantization)
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
@@ -116,8 +121,8 @@ class ExportOptions:
         compare as rank sets (None = every rank)."""
         diffs = []
         for field in dataclasses.fields(self):
-            if field.name.startswith("fp8_") and self.quant == other.quant == "none":
-                continue  # FP8 choices of an export without FP8 shape nothing
+            if field.name.startswith("fp8_") and not (self.quantization.quantized or other.quantization.quantized):
+                continue  # FP8 choices of an export without quantization shape nothing
             have, want = getattr(self, field.name), getattr(other, field.name)
             if field.name == "ranks":
                 have, want = self.rank_list(), other.rank_list()

@@ -15,7 +15,8 @@ import torch
 
 from export.checkpoint import Checkpoint
 from export.errors import CheckpointError
-from export.fp8 import FP8, QuantConfig, quantize_weight
+from export.fp8 import FP8, quantize_weight
+from export.quantization import Quantization, Unquantized
 from export.sharding import RankSpec, TensorSlice, checkpoint_name, rank_tensor_names, tensor_slice
 
 
@@ -55,7 +56,7 @@ def stored_input_scale(checkpoint: Checkpoint, module: str) -> float | None:
 
 
 def rank_module_tensors(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype,
-                        quant: QuantConfig | None = None,
+                        quant: Quantization = Unquantized(),
                         input_scales: dict[str, float] | None = None,
                         only: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(state-dict name, tensor) for the rank module built with the same quant config.
@@ -68,7 +69,7 @@ def rank_module_tensors(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dty
 
 
 def rank_module_blocks(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtype,
-                       quant: QuantConfig | None, input_scales: dict[str, float] | None,
+                       quant: Quantization, input_scales: dict[str, float] | None,
                        only: str | None, max_bytes: int | None) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
     """Like rank_module_tensors, each tensor as lazily read row blocks of at most ~max_bytes
     (after the cast), so a writer can stream a 4 GB fp32 embedding through a few MB of memory.
@@ -82,20 +83,8 @@ def rank_module_blocks(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtyp
             continue
         module = module_of(name)
         fp8_in_file = stored_fp8(checkpoint, name)
-        if quant is not None and quant.is_quantized(module, cfg.num_hidden_layers):
-            raw = checkpoint.read_rank_tensor(name, spec)
-            if fp8_in_file:
-                weight = raw.to(FP8).t().contiguous()  # [in, out], bytes untouched
-                scale = _scale_slice(checkpoint, spec, name)
-            else:
-                weight, scale = quantize_weight(raw)
-            del raw
-            if input_scales is None or module not in input_scales:
-                raise CheckpointError(f"{checkpoint.directory}: no activation scale for {module}; "
-                                      "calibrate (--calib-text) or use a checkpoint with input_scale tensors")
-            yield name, iter([weight])
-            yield module + ".weight_scale", iter([scale.to(dtype)])
-            yield module + ".input_scale", iter([torch.tensor(input_scales[module]).to(dtype)])
+        if quant.quantizes(module, cfg.num_hidden_layers):
+            yield from quant.rank_tensors(checkpoint, spec, name, dtype, input_scales)
         elif fp8_in_file:
             # Stored FP8 but kept in the compute dtype here (an exclusion): dequantize the slice.
             raw = checkpoint.read_rank_tensor(name, spec)
@@ -105,6 +94,27 @@ def rank_module_blocks(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtyp
             source_bytes = None if max_bytes is None else max(1, max_bytes * checkpoint.info(
                 checkpoint_name(cfg, name)).dtype.itemsize // dtype.itemsize)
             yield name, (block.to(dtype) for block in checkpoint.iter_rank_blocks(name, spec, source_bytes))
+
+
+def fp8_linear_tensors(checkpoint: Checkpoint, spec: RankSpec, name: str, dtype: torch.dtype,
+                       input_scales: dict[str, float] | None) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+    """One FP8 linear's rank slice (export/quantization.py Fp8): weight fp8 [in, out] (the
+    checkpoint's FP8 bytes as stored, else quantized per output row here), weight_scale [out],
+    input_scale []."""
+    module = module_of(name)
+    raw = checkpoint.read_rank_tensor(name, spec)
+    if stored_fp8(checkpoint, name):
+        weight = raw.to(FP8).t().contiguous()  # [in, out], bytes untouched
+        scale = _scale_slice(checkpoint, spec, name)
+    else:
+        weight, scale = quantize_weight(raw)
+    del raw
+    if input_scales is None or module not in input_scales:
+        raise CheckpointError(f"{checkpoint.directory}: no activation scale for {module}; "
+                              "calibrate (--calib-text) or use a checkpoint with input_scale tensors")
+    yield name, iter([weight])
+    yield module + ".weight_scale", iter([scale.to(dtype)])
+    yield module + ".input_scale", iter([torch.tensor(input_scales[module]).to(dtype)])
 
 
 def checkpoint_input_scales(checkpoint: Checkpoint) -> dict[str, float]:

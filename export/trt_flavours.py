@@ -25,6 +25,7 @@ import re
 from types import ModuleType
 
 from export.errors import InputError
+from export.quantization import Quantization
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,21 +53,22 @@ class TrtFlavour:
     def installed_but_unusable(self) -> bool:
         return importlib.util.find_spec(self.module) is not None and self.import_module() is None
 
-    def resolve_targets(self, requested: str | None, quant: str) -> tuple[str, ...]:
-        """--target text ("sm89,sm120") -> targets, or the default set (FP8-capable ones for fp8)."""
+    def resolve_targets(self, requested: str | None, quant: Quantization) -> tuple[str, ...]:
+        """--target text ("sm89,sm120") -> targets, or the default set (FP8-capable ones for a
+        scheme on FP8 tensor cores)."""
         if not self.targets:
             if requested:
                 raise InputError(f"--target {requested}: --trt {self.name} builds for the GPU it runs on; "
                                  "ahead-of-time targets need --trt rtx")
             return ()
         if not requested:
-            return self.fp8_targets if quant == "fp8" else self.default_targets
+            return self.fp8_targets if quant.fp8_tensor_cores else self.default_targets
         wanted = [t.strip().lower() for t in requested.split(",") if t.strip()]
         unknown = [t for t in wanted if t not in self.targets]
         if unknown or not wanted:
             raise InputError(f"--target {requested}: {self.title} targets {', '.join(self.targets)} "
                              f"(no {', '.join(unknown) or 'target given'}); an H100 (sm90) engine needs --trt tensorrt")
-        if quant == "fp8":
+        if quant.fp8_tensor_cores:
             no_fp8 = [t for t in wanted if t not in self.fp8_targets]
             if no_fp8:
                 raise InputError(f"--target {requested}: an FP8 engine will not be able to run on {', '.join(no_fp8)} "

@@ -16,8 +16,8 @@ import numpy as np
 
 from export.config import PRESETS
 from export.cli_run import run_command
-from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, export_options_from,
-                              verify_artifact)
+from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, calibration_file,
+                              export_options_from, verify_artifact)
 from export import convert_cli
 from export.errors import InputError
 from export.kv_cache import KV_CACHE_LAYOUTS
@@ -121,15 +121,15 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def calibration_input(args):
-    """(tokens [samples, seq] or None, source) for an FP8 export."""
-    if args.quant != "fp8" or args.calib_text == "none":
+def calibration_input(args, options):
+    """(tokens [samples, seq] or None, source) for an export whose quantization calibrates."""
+    wanted, text = calibration_file(args, options)
+    if not wanted:
         return None, ""
     from export.calibrate import checkpoint_calibration_tokens
     from export.checkpoint import Checkpoint
     Checkpoint(args.checkpoint)  # its config and quantization_config are refused before any text is tokenized
-    return checkpoint_calibration_tokens(args.checkpoint, None if args.calib_text == "default" else args.calib_text,
-                                         args.calib_samples, args.calib_seq_len)
+    return checkpoint_calibration_tokens(args.checkpoint, text, args.calib_samples, args.calib_seq_len)
 
 
 def cmd_export(args) -> int:
@@ -138,7 +138,7 @@ def cmd_export(args) -> int:
     from export.onnx_export import export_artifact
     options = export_options_from(args)
     started = time.perf_counter()
-    tokens, source = calibration_input(args)
+    tokens, source = calibration_input(args, options)
     out = export_artifact(args.checkpoint, args.out, options, force=args.force,
                           progress=sys.stderr.isatty() and not args.json,
                           calibration_tokens=tokens, calibration_source=source)
@@ -151,7 +151,8 @@ def cmd_export(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        quant = f" + fp8 ({manifest.extra['fp8']['scales_from']})" if options.quant == "fp8" else ""
+        record = manifest.extra.get(options.quantization.record_key or "", {})
+        quant = f" + {options.quant} ({record['scales_from']})" if "scales_from" in record else ""
         print(f"wrote {out}: ranks {summary['ranks']} (tp {options.tp} x pp {options.pp}), {options.dtype}{quant}, "
               f"{options.kv_cache} KV cache, {size / 1e6:.1f} MB in {summary['seconds']:.1f} s")
     return 0

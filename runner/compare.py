@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from export.errors import InputError
+from export.quantization import Quantization, Unquantized
 
 
 # -- tolerances ------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 }
 
 
-def default_preset(dtype: str, quant: str = "none", reference: bool = False) -> str | None:
+def default_preset(dtype: str, quant: Quantization = Unquantized(), reference: bool = False) -> str | None:
     """The DEFAULT_TOLERANCES key for a comparison, or None where there is no default (the
     caller asks for an explicit preset or limits).
 
@@ -91,12 +92,7 @@ def default_preset(dtype: str, quant: str = "none", reference: bool = False) -> 
     an FP8 step); an FP8 artifact against its unquantized --reference measures quantization
     error itself, which the looser "fp8" fidelity preset bounds.
     """
-    if quant == "fp8":
-        key = "fp8" if reference else f"fp8-{dtype}"
-    elif quant == "none":
-        key = dtype
-    else:
-        return None
+    key = quant.tolerance_key(dtype, reference)
     return key if key in DEFAULT_TOLERANCES else None
 
 

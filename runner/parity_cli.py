@@ -203,7 +203,7 @@ def fidelity_tokens(args, manifest) -> list[int] | None:
 
 def tolerance_for(args, manifest):
     """(preset name, Tolerance): the --tolerance-preset or the artifact's default, with the overrides."""
-    preset = args.tolerance_preset or default_preset(manifest.dtype, manifest.quant,
+    preset = args.tolerance_preset or default_preset(manifest.dtype, manifest.quantization,
                                                      reference=args.reference is not None)
     if preset is None:
         raise InputError(f"no default parity tolerance for a {manifest.dtype} quant={manifest.quant} artifact; "
@@ -236,7 +236,7 @@ def run(args) -> int:
                "tp": manifest.tp, "pp": manifest.pp, "tolerance_preset": preset, "token_source": source}
     with _progress(args.steps + 1, enabled=not args.json and sys.stderr.isatty()) as tick:
         report = run_parity(backend_a, backend_b, tokens, args.steps, tolerance, context, on_step=tick)
-    if args.reference is not None and manifest.quant == "fp8":
+    if args.reference is not None and manifest.quantization.quantized:
         from runner.fidelity import fidelity_report
         text = text_ids or report.prompt + [row.tokens[0] for row in report.rows[1:]]  # else what both were fed
         if len(text) >= 2:

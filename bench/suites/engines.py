@@ -18,6 +18,7 @@ from bench.harness import (Context, MeasurementError, ProcResult, available_memo
                            evict_from_page_cache, log, run_watched, whole_peak)
 from bench.models import TP_WIDE, cached_checkpoint, checkpoint_bytes, wide_config
 from bench.report import GB, Row, gb, ratio
+from export.quantization import quantization_named
 
 
 ENGINES_VOCAB = 16384  # a cut vocabulary: the layer, not the embedding, dominates the rank's bytes
@@ -40,8 +41,8 @@ def _cli(*args: str) -> list[str]:
 def engines_export_cmd(ckpt: Path, art: Path, quant: str, calib_text: Path | None) -> list[str]:
     cmd = _cli("export", "--checkpoint", str(ckpt), "--out", str(art), "--tp", str(TP_WIDE), "--ranks", "0",
                "--dtype", "float16", "--max-seq-len", "4096", "--max-batch", "1", "--force", "--json")
-    if quant == "fp8":
-        cmd += ["--quant", "fp8", "--calib-text", str(calib_text), "--calib-samples", "1", "--calib-seq-len", "16"]
+    if quantization_named(quant).quantized:
+        cmd += ["--quant", quant, "--calib-text", str(calib_text), "--calib-samples", "1", "--calib-seq-len", "16"]
     return cmd
 
 
@@ -142,7 +143,8 @@ def run(ctx: Context) -> None:
             try:
                 exp = run_cli_measured(ctx, f"export {tag}", engines_export_cmd(ckpt, art, quant, calib))
             except MeasurementError as err:
-                hint = f"; FP8 calibration holds one unsharded layer in fp32 ({layer_fp32:.1f} GB)" if quant == "fp8" else ""
+                hint = (f"; FP8 calibration holds one unsharded layer in fp32 ({layer_fp32:.1f} GB)"
+                        if quantization_named(quant).needs_activation_scales else "")
                 raise MeasurementError(f"export: {err}{hint}") from None
             if exp.returncode != 0:
                 raise MeasurementError(f"export: {describe_exit(exp.returncode)}: {exp.last_line()}")
@@ -150,9 +152,9 @@ def run(ctx: Context) -> None:
             ctx.add("engines", f"{what}: export wall", exp.wall_s, "s",
                     f"process wall, cold page cache; process-tree peak RSS {gb(whole_peak(dataclasses.asdict(exp))):.2f} GB"
                     + (f"; FP8 calibration (1 x 16 tokens) holds one unsharded layer in fp32 ({layer_fp32:.1f} GB)"
-                       if quant == "fp8" else ""))
+                       if quantization_named(quant).needs_activation_scales else ""))
             ctx.add("engines", f"{what}: rank weight bytes (rank0/model.onnx + .data)", gb(weights), "GB",
-                    "float16, max_seq_len 4096, max_batch 1" if quant == "none"
+                    "float16, max_seq_len 4096, max_batch 1" if not quantization_named(quant).quantized
                     else "FP8 E4M3 linears, float16 embedding / lm_head / norms")
             if not has_trt:
                 raise MeasurementError("build: `llama405 build` has no --trt flag (TensorRT-RTX build not available)")

@@ -8,6 +8,7 @@ import shutil
 from bench.harness import Context, MeasurementError, dir_bytes
 from bench.models import cached_checkpoint, checkpoint_bytes
 from bench.report import gb
+from export.quantization import quantization_named
 
 
 def run(ctx: Context) -> None:
@@ -28,9 +29,10 @@ def run(ctx: Context) -> None:
         options = {"tp": 1, "dtype": "float16", "quant": quant, "max_seq_len": 256, "max_batch": 1}
         try:
             ctx.measure("fp8", f"export {quant}", "export", {"checkpoint": str(small), "out": str(out),
-                                                            "options": options, "calibrate": quant == "fp8"})
+                                                            "options": options,
+                                                            "calibrate": quantization_named(quant).needs_activation_scales})
             sizes[quant] = dir_bytes(out, ".data")
-            if quant != "none":
+            if quantization_named(quant).quantized:
                 m = ctx.measure("fp8", "fidelity", "fidelity", {"checkpoint": str(small), "artifact": str(out),
                                                                 "vocab": width["vocab_size"], "tokens": 96,
                                                                 "max_seq_len": 256})

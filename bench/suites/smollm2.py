@@ -9,6 +9,7 @@ import shutil
 
 from bench.harness import Context, MeasurementError, log
 from bench.report import gb
+from export.quantization import quantization_named
 
 PROMPT = "Once upon a time"
 MAX_SEQ_LEN = 256
@@ -29,12 +30,13 @@ def run(ctx: Context) -> None:
     for name, options in ARTIFACTS.items():
         artifact = ctx.workdir / "scratch" / f"smollm2-{name}"
         shutil.rmtree(artifact, ignore_errors=True)
-        label = f"SmolLM2-135M TP1 {name}" + (" (calibrated on the shipped text)" if name == "fp8" else "")
+        calibrates = quantization_named(options["quant"]).needs_activation_scales
+        label = f"SmolLM2-135M TP1 {name}" + (" (calibrated on the shipped text)" if calibrates else "")
         try:
             log(f"smollm2: export {name}")
             args = {"checkpoint": str(checkpoint), "out": str(artifact),
                     "options": {"tp": 1, "max_seq_len": MAX_SEQ_LEN, **options}}
-            if name == "fp8":
+            if calibrates:
                 args["calib_text"] = list(CALIB)
             done = ctx.measure("smollm2", f"export {name}", "export", args)
             ctx.add("smollm2", f"{label}: export wall", done["result"]["wall_s"], "s",

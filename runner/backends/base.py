@@ -33,6 +33,7 @@ from export.config import LlamaConfig
 from export.dtypes import Dtype
 from export.errors import ArtifactError, InputError, Llama405Error
 from export.kv_cache import PARTS, KVCacheLayout, is_past, past_name
+from export.logits import logits_named
 from export.onnx_export import io_names
 from export.sharding import RankSpec, all_ranks, kv_heads_local, stage_layers
 from runner.dist import LocalAllReduce, Reduce, run_in_lockstep
@@ -45,9 +46,8 @@ class NonFiniteOutput(Llama405Error):
 
 
 def logits_positions(logits: str, seq: int) -> int:
-    """Positions of logits a step returns: every one ("all") or the last ("last"). The one
-    reading of the export option `logits` in runner/ (export/options.py owns its choices)."""
-    return seq if logits == "all" else 1
+    """Positions of logits a step returns (export/logits.py owns the kinds)."""
+    return logits_named(logits).rows(seq)
 
 
 class RankSession(abc.ABC):

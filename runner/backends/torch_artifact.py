@@ -27,6 +27,7 @@ from export.dtypes import COMPUTE_DTYPE_NAMES, dtype_of_onnx
 from export.errors import ArtifactError, InputError
 from export.manifest import Manifest, load_manifest
 from export.model import ModelOptions, build_rank_module, rank_constants
+from export.quantization import Unquantized
 from export.sharding import RankSpec, all_ranks, shares_tied_head
 from runner.backends.options import TorchOptions
 from runner.backends.torch import TorchBackend
@@ -143,7 +144,7 @@ def reference_backend(artifact: Path, reference: Path, options: TorchOptions | N
         raise InputError(f"checkpoint {reference}: its config.json describes another model than the "
                          f"artifact {artifact} was exported from (geometry, rope or vocab differ); compare "
                          "against the checkpoint the artifact came from")
-    model = dataclasses.replace(artifact_model_options(manifest), quant=None)
+    model = dataclasses.replace(artifact_model_options(manifest), quant=Unquantized())
     return TorchBackend(checkpoint, tp=manifest.tp, pp=manifest.pp, dtype=manifest.dtype, options=model, run=options)
 
 

@@ -225,7 +225,7 @@ def test_recipe_exports_are_fp8_with_in_vocabulary_calibration_ids(tmp_path):
     for recipe in recipes_suite.RECIPES:
         args = recipes_suite.recipe_export_args(tmp_path / "ckpt", tmp_path / "out", recipe)
         options = ExportOptions(**args["options"])
-        assert (options.quant, options.fp8_recipe, options.quant_config.recipe) == ("fp8", recipe, recipe)
+        assert (options.quant, options.fp8_recipe, options.quantization.recipe) == ("fp8", recipe, recipe)
         assert args["calibrate"] == [2, 16] and args["calib_source"] == "bench ids"
         json.dumps(args)  # travels to the child as JSON
     ids = tasks.calibration_ids(300, [2, 16])

@@ -24,6 +24,7 @@ from engines.plan import weights_bytes
 from export.errors import ArtifactError, InputError
 from export.kv_cache import KV_CACHE_LAYOUTS
 from export.manifest import RankEntry, TensorSpec, load_manifest
+from export.quantization import Fp8, Unquantized
 from export.onnx_export import ExportOptions
 from export.sharding import RankSpec
 from tests.conftest import hf_model, save_hf, tiny_config
@@ -102,12 +103,12 @@ def test_build_options_validation():
 def test_preflight_here_reports_tensorrt_and_gpu():
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
-    missing = preflight("tensorrt", "none", tp=2)
+    missing = preflight("tensorrt", Unquantized(), tp=2)
     assert any("TensorRT is not importable" in m and "10.16" in m for m in missing)
     assert any("GPU" in m for m in missing) or _has_gpu()
     message = str(EnginesNotBuilt(missing, Path("ART")))
     assert "\n" not in message and "build-engine --artifact ART --trt tensorrt" in message and "--trt rtx" in message
-    assert preflight("rtx", "fp8", tp=8) == []  # TensorRT-RTX builds here, GPU or not
+    assert preflight("rtx", Fp8(), tp=8) == []  # TensorRT-RTX builds here, GPU or not
 
 
 def _has_gpu() -> bool:
@@ -257,7 +258,7 @@ def test_trt_backend_refuses_an_artifact_without_engines(tiny):
 # -- on a GPU machine with TensorRT ----------------------------------------------------------
 
 def _gpu_skip_reason() -> str | None:
-    missing = preflight("tensorrt", "none", tp=1)
+    missing = preflight("tensorrt", Unquantized(), tp=1)
     return "; ".join(missing) if missing else None
 
 

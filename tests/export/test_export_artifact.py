@@ -540,7 +540,7 @@ def test_meta_recipe_traces_one_template_per_layer_pattern(tmp_path, monkeypatch
     real_trace, real_rank_graph = onnx_export.trace_rank_graph, onnx_export.rank_graph
 
     def counting(cfg, spec, opts, *args):
-        traced.append((spec.pp_rank, onnx_export.layer_pattern(opts.quant, spec.pp_rank, cfg.num_hidden_layers)))
+        traced.append((spec.pp_rank, opts.quant.layer_pattern(spec.pp_rank, cfg.num_hidden_layers)))
         return real_trace(cfg, spec, opts, *args)
 
     monkeypatch.setattr(onnx_export, "trace_rank_graph", counting)

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from export import onnx_export
 from export.checkpoint import Checkpoint
 from export.errors import CheckpointError
-from export.fp8 import QuantConfig
+from export.quantization import Fp8
 from export.manifest import load_manifest
 from export.onnx_export import ExportOptions, export_artifact
 from tests.trt_parser import parsed_layers
@@ -340,7 +340,7 @@ def test_ort_matches_torch_fp8_reference_fp32(layout, base, request):
     manifest = load_manifest(art)
     ids = PROMPT[:16]
     got, got_kv = teacher_forced(OrtBackend(art), ids, prefill=12)
-    options = dataclasses.replace(artifact_model_options(manifest), quant=QuantConfig())
+    options = dataclasses.replace(artifact_model_options(manifest), quant=Fp8())
     references = {
         "torch over the artifact": torch_backend_from_artifact(art),
         "torch over the checkpoint": TorchBackend(Checkpoint(base[0]), tp=manifest.tp, dtype="float32", options=options,
@@ -361,7 +361,7 @@ def test_ort_matches_torch_fp8_reference_fp16(art_fp16, base):
     manifest = load_manifest(art_fp16)
     ids = PROMPT[:16]
     got, got_kv = teacher_forced(OrtBackend(art_fp16), ids, prefill=12)
-    options = dataclasses.replace(artifact_model_options(manifest), quant=QuantConfig())
+    options = dataclasses.replace(artifact_model_options(manifest), quant=Fp8())
     for label, backend in (("torch over the artifact", torch_backend_from_artifact(art_fp16)),
                            ("torch over the checkpoint", TorchBackend(
                                Checkpoint(base[0]), dtype="float16", options=options,
@@ -389,7 +389,7 @@ def test_ort_matches_torch_fp8_reference_fp16(art_fp16, base):
 def test_default_fp16_fp8_parity_preset_passes(art_fp16):
     from runner.compare import DEFAULT_TOLERANCES, default_preset
     from runner.parity import run_parity
-    preset = default_preset("float16", "fp8")
+    preset = default_preset("float16", Fp8())
     tokens = [int(t) for t in np.random.default_rng(0).integers(0, 256, 16)]  # parity_cli's default ids
     report = run_parity(OrtBackend(art_fp16), torch_backend_from_artifact(art_fp16), tokens, 8,
                         DEFAULT_TOLERANCES[preset])
@@ -678,13 +678,13 @@ def test_exclusion_flags_reach_the_export_options():
     args = _parser().parse_args(["export", "--checkpoint", "c", "--out", "o", "--quant", "fp8", "--fp8-recipe",
                                  "meta", "--fp8-exclude", "model.layers.1.mlp.*", "--fp8-exclude", "*.o_proj"])
     options = export_options_from(args)
-    assert options.quant_config == QuantConfig("meta", ("model.layers.1.mlp.*", "*.o_proj"))
-    q = options.quant_config
-    assert q.is_quantized("model.layers.2.mlp.up_proj", 4)
-    assert not q.is_quantized("model.layers.1.mlp.up_proj", 4)  # --fp8-exclude
-    assert not q.is_quantized("model.layers.2.self_attn.q_proj", 4)  # meta: attention
-    assert not q.is_quantized("model.layers.0.mlp.up_proj", 4) and not q.is_quantized("model.layers.3.mlp.up_proj", 4)
-    assert not q.is_quantized("lm_head", 4) and not q.is_quantized("model.embed_tokens", 4)
+    assert options.quantization == Fp8("meta", ("model.layers.1.mlp.*", "*.o_proj"))
+    q = options.quantization
+    assert q.quantizes("model.layers.2.mlp.up_proj", 4)
+    assert not q.quantizes("model.layers.1.mlp.up_proj", 4)  # --fp8-exclude
+    assert not q.quantizes("model.layers.2.self_attn.q_proj", 4)  # meta: attention
+    assert not q.quantizes("model.layers.0.mlp.up_proj", 4) and not q.quantizes("model.layers.3.mlp.up_proj", 4)
+    assert not q.quantizes("lm_head", 4) and not q.quantizes("model.embed_tokens", 4)
 
 
 def _expected(patterns: tuple[str, ...]) -> set[str]:
