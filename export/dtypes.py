@@ -25,13 +25,13 @@ class Dtype:
     onnx: int  # onnx.TensorProto element type
     numpy: Any  # numpy dtype (ml_dtypes for bfloat16 / float8)
     safetensors: str  # the safetensors header's code
-    trt: str  # tensorrt.DataType member name
+    trt: str | None  # tensorrt.DataType member name (None: TensorRT has no such type)
     compute: bool  # a --dtype choice (a compute dtype of the graph)
 
     @property
     def torch(self):
         import torch
-        return getattr(torch, self.name if self.name != "float8_e4m3fn" else "float8_e4m3fn")
+        return getattr(torch, self.name)
 
     @property
     def ort_runs_on_cpu(self) -> bool:
@@ -50,6 +50,11 @@ _ALL = (
     Dtype("int64", 8, TensorProto.INT64, np.dtype(np.int64), "I64", "INT64", False),
     Dtype("int32", 4, TensorProto.INT32, np.dtype(np.int32), "I32", "INT32", False),
     Dtype("int8", 1, TensorProto.INT8, np.dtype(np.int8), "I8", "INT8", False),
+    # Read from checkpoints only (safetensors), never a graph's type here:
+    Dtype("float64", 8, TensorProto.DOUBLE, np.dtype(np.float64), "F64", None, False),
+    Dtype("int16", 2, TensorProto.INT16, np.dtype(np.int16), "I16", None, False),
+    Dtype("uint8", 1, TensorProto.UINT8, np.dtype(np.uint8), "U8", "UINT8", False),
+    Dtype("float8_e5m2", 1, TensorProto.FLOAT8E5M2, np.dtype(ml_dtypes.float8_e5m2), "F8_E5M2", None, False),
     Dtype("bool", 1, TensorProto.BOOL, np.dtype(np.bool_), "BOOL", "BOOL", False),
 )
 DTYPES: dict[str, Dtype] = {d.name: d for d in _ALL}
@@ -82,6 +87,11 @@ def dtype_of_onnx(elem_type: int) -> Dtype:
 
 def dtype_of_numpy(value) -> Dtype:
     return _lookup("numpy", np.dtype(value))
+
+
+def dtype_of_safetensors(code: str) -> Dtype:
+    """A safetensors header's dtype code ("BF16", "F8_E4M3", ...)."""
+    return _lookup("safetensors", code)
 
 
 def dtype_of_trt(value) -> Dtype:

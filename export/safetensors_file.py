@@ -21,11 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.errors import CheckpointError
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+from export.dtypes import dtype_of_safetensors
+from export.errors import CheckpointError, ConfigError
 PAGE = 4096
 WINDOW_ROWS = 4096  # rows whose pages are requested ahead of the copies (measured: 1024-16384 alike)
 MAX_PREAD = 1 << 30  # Linux returns at most ~2 GiB per read
@@ -77,10 +74,10 @@ class SafetensorsFile:
             if name == "__metadata__":
                 continue
             try:
-                dtype = DTYPES[entry["dtype"]]
+                dtype = dtype_of_safetensors(entry["dtype"]).torch
                 shape = tuple(int(d) for d in entry["shape"])
                 begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, ConfigError):
                 raise self._corrupt(f"entry {name!r} = {entry!r} is not a known dtype/shape/offsets") from None
             nbytes = math.prod(shape) * dtype.itemsize
             if end - begin != nbytes or begin < 0 or end > data_size:

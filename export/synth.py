@@ -30,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 from export.config import LlamaConfig, preset
+from export.dtypes import COMPUTE_DTYPE_NAMES
+from export.dtypes import dtype as dtype_info
 from export.errors import CheckpointError, ConfigError
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
                                temporary_sibling)
@@ -38,12 +40,6 @@ from export.tokenizer_files import copy_tokenizer_files
 
 SYNTH_PRODUCER = "llama405 synth"  # in the index's metadata: what `synth --force` may replace
 
-# dtype name -> (torch dtype, safetensors dtype tag, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
-    "bfloat16": (torch.bfloat16, "BF16", 2),
-    "float16": (torch.float16, "F16", 2),
-    "float32": (torch.float32, "F32", 4),
-}
 
 # Elements generated per chunk: a 32 MiB float32 buffer plus its 16 MiB cast (bf16/fp16).
 # Changing it changes the values a seed produces (each chunk has its own generator).
@@ -93,11 +89,11 @@ class ShardPlan:
 
 
 def dtype_spec(dtype: str) -> tuple[torch.dtype, str, int]:
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ConfigError(f"--dtype {dtype!r} is not supported; choose one of "
-                          f"{', '.join(DTYPES)}") from None
+    """(torch dtype, safetensors dtype tag, bytes per element) of a compute dtype (export/dtypes.py)."""
+    if dtype not in COMPUTE_DTYPE_NAMES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(sorted(COMPUTE_DTYPE_NAMES))}")
+    info = dtype_info(dtype)
+    return info.torch, info.safetensors, info.itemsize
 
 
 def checkpoint_tensors(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
