@@ -17,15 +17,17 @@ import sys
 from pathlib import Path
 
 from engines.profiles import parse_size
-from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, calibration_file,
+from engines.plan import DTYPE_BYTES
+from export.cli_flags import (ArgumentParser, add_export_flags, add_option_flags, add_verify_flag, calibration_file,
                               export_options_from, flag_type, positive_int)
 from export.config import PRESETS
 from export.cli_run import run_command
 from export.errors import InputError
-from export.kv_cache import KV_CACHE_LAYOUTS
 from export.trt_flavours import FLAVOURS
 
 size = flag_type(parse_size)  # argparse type: "16GiB", "512MiB", a byte count
+# The export options a plan asks about (its flags are the export's: export/cli_flags.py).
+PLANNED = ("tp", "pp", "dtype", "quant", "fp8_recipe", "fp8_exclude", "kv_cache", "max_batch", "max_seq_len", "logits")
 
 
 def positive_size(text: str) -> int:
@@ -75,19 +77,9 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", type=Path, help="a Hugging Face checkpoint directory (its config.json)")
     src.add_argument("--config", type=Path, help="a config.json file")
     src.add_argument("--artifact", type=Path, help="an exported artifact (its manifest's geometry and options)")
-    p.add_argument("--tp", type=positive_int, help="tensor-parallel ranks (default 1, or the artifact's)")
-    p.add_argument("--pp", type=positive_int, help="pipeline stages (default 1, or the artifact's)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default float16, or the artifact's)")
-    p.add_argument("--quant", choices=("none", "fp8"), help="weight quantization (default none, or the artifact's)")
-    p.add_argument("--fp8-recipe", choices=("default", "meta"), help="which linears stay unquantized (as export)")
-    p.add_argument("--fp8-exclude", action="append", metavar="PATTERN", help="as export (repeatable)")
-    p.add_argument("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), help="KV-cache layout (default static)")
-    p.add_argument("--kv-cache-dtype", choices=("float32", "float16", "bfloat16", "fp8"),
-                   help="KV-cache element type (default: the compute dtype)")
-    p.add_argument("--max-batch", type=positive_int, help="default 8, or the artifact's")
-    p.add_argument("--max-seq-len", type=positive_int, help="context length (default 4096, or the artifact's)")
+    add_option_flags(p, PLANNED, None)  # the export's flags; unset = the export's default or the artifact's
+    p.add_argument("--kv-cache-dtype", choices=tuple(DTYPE_BYTES), help="KV-cache element type (default: the compute dtype)")
     p.add_argument("--max-input-len", type=positive_int, help="tokens per step (default min(2048, max-seq-len))")
-    p.add_argument("--logits", choices=("all", "last"), help="logits for every position (default) or the last")
     p.add_argument("--attention", choices=("unfused", "fused"), default="unfused",
                    help="unfused (default, conservative): count the [batch, heads, tokens, context] scores; "
                         "fused: assume TensorRT's fused attention never materialises them")
@@ -174,10 +166,10 @@ def run_build(args) -> int:
 # -- plan ------------------------------------------------------------------------------------
 
 def plan_request(args):
+    import dataclasses
     from engines.plan import PlanRequest
     from export.config import LlamaConfig, preset
     from export.options import ExportOptions
-    planned = ("tp", "pp", "dtype", "quant", "kv_cache", "max_batch", "max_seq_len", "logits", "fp8_recipe", "fp8_exclude")
     exported = ExportOptions()  # what an export would use by default, or (--artifact) what it used
     checkpoint_exclude: tuple[str, ...] = ()
     if args.preset:
@@ -194,10 +186,11 @@ def plan_request(args):
         from export.manifest import load_manifest
         manifest = load_manifest(args.artifact, only=[])
         config, exported = manifest.config, manifest.options
-    chosen = {k: getattr(args, k) if getattr(args, k) is not None else getattr(exported, k) for k in planned}
+    chosen = {k: getattr(args, k) if getattr(args, k) is not None else getattr(exported, k) for k in PLANNED}
     chosen["fp8_exclude"] = tuple(chosen["fp8_exclude"]) + checkpoint_exclude
-    return PlanRequest(config=config, max_input_len=args.max_input_len, kv_cache_dtype=args.kv_cache_dtype,
-                       attention=args.attention, gpu_bytes=args.gpu_mem, reserve_bytes=args.reserve, **chosen)
+    return PlanRequest(config=config, options=dataclasses.replace(exported, **chosen), max_input_len=args.max_input_len,
+                       kv_cache_dtype=args.kv_cache_dtype, attention=args.attention, gpu_bytes=args.gpu_mem,
+                       reserve_bytes=args.reserve)
 
 
 def run_plan(args) -> int:

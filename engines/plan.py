@@ -46,8 +46,9 @@ from export.config import LlamaConfig
 from export.errors import ConfigError
 from export.dtypes import COMPUTE_DTYPE_NAMES, dtype
 from export.kv_cache import KV_CACHE_LAYOUTS
-from export.logits import LOGITS, logits_named
-from export.quantization import QUANTIZATIONS, Quantization, quantization_named
+from export.logits import logits_named
+from export.options import ExportOptions
+from export.quantization import Quantization, quantization_named
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shape, heads_local, kv_heads_local,
                              stage_layers, stored_tensor_names, tensor_slice, validate_parallelism)
 
@@ -69,27 +70,45 @@ def builder_host_bytes(weight_bytes: int) -> int:
 
 # compute dtypes, and the --kv-cache-dtype "fp8" (float8_e4m3fn): bytes per element
 DTYPE_BYTES = {**{n: dtype(n).itemsize for n in COMPUTE_DTYPE_NAMES}, "fp8": dtype("float8_e4m3fn").itemsize}
-KV_MODES = tuple(KV_CACHE_LAYOUTS)
+_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(ExportOptions))
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanRequest:
+    """A what-if over a geometry: the export options an artifact would have (`ExportOptions`, the
+    one definition of those fields, their choices and defaults) plus the planner's own knobs."""
+
     config: LlamaConfig
-    tp: int = 1
-    pp: int = 1
-    quant: str = "none"
-    dtype: str = "float16"
-    max_batch: int = 8
-    max_seq_len: int = 4096
+    options: ExportOptions = ExportOptions()
     max_input_len: int | None = None  # None: min(max_seq_len, DEFAULT_MAX_INPUT_LEN)
-    kv_cache: str = "static"
     kv_cache_dtype: str | None = None  # None: the compute dtype
-    logits: str = "all"
     attention: str = "unfused"  # "fused": assume TensorRT never materialises the scores
     gpu_bytes: int = DEFAULT_GPU_BYTES
     reserve_bytes: int = DEFAULT_RESERVE_BYTES
-    fp8_recipe: str = "default"  # export/quantization.py: "meta" keeps attention + first/last layer
-    fp8_exclude: tuple[str, ...] = ()  # fnmatch patterns of linears kept in the compute dtype
+
+    # The export options the planner reads, from the one options object (as Manifest does).
+    tp = property(lambda self: self.options.tp)
+    pp = property(lambda self: self.options.pp)
+    dtype = property(lambda self: self.options.dtype)
+    quant = property(lambda self: self.options.quant)
+    kv_cache = property(lambda self: self.options.kv_cache)
+    max_batch = property(lambda self: self.options.max_batch)
+    max_seq_len = property(lambda self: self.options.max_seq_len)
+    logits = property(lambda self: self.options.logits)
+    fp8_recipe = property(lambda self: self.options.fp8_recipe)
+    fp8_exclude = property(lambda self: self.options.fp8_exclude)
+    quantization = property(lambda self: self.options.quantization)
+
+    @classmethod
+    def of(cls, config: LlamaConfig, **fields: Any) -> PlanRequest:
+        """Export-option fields (tp=, quant=, max_seq_len=, ...) and planner knobs in one call."""
+        options = {k: fields.pop(k) for k in list(fields) if k in _OPTION_FIELDS}
+        return cls(config, ExportOptions(**options), **fields)
+
+    def replace(self, **changes: Any) -> PlanRequest:
+        """This request with export-option fields and/or planner knobs changed."""
+        options = {k: changes.pop(k) for k in list(changes) if k in _OPTION_FIELDS}
+        return dataclasses.replace(self, options=dataclasses.replace(self.options, **options), **changes)
 
     @property
     def input_len(self) -> int:
@@ -97,25 +116,21 @@ class PlanRequest:
         return min(chosen, self.max_seq_len)
 
     @property
-    def quantization(self) -> Quantization:
-        return quantization_named(self.quant, self.fp8_recipe, tuple(self.fp8_exclude))
-
-    @property
     def kv_dtype(self) -> str:
         return self.kv_cache_dtype or self.dtype
 
     def validate(self) -> None:
+        # The options' own field checks (not the export's shortest traceable cache: the planner's
+        # searches try any length), then the knobs.
+        self.options.validate_fields()
         validate_parallelism(self.config, self.tp, self.pp)
-        checks = [("--quant", self.quant, tuple(QUANTIZATIONS)), ("--dtype", self.dtype, COMPUTE_DTYPE_NAMES),
-                  ("--kv-cache", self.kv_cache, KV_MODES), ("--kv-cache-dtype", self.kv_dtype, tuple(DTYPE_BYTES)),
-                  ("--logits", self.logits, tuple(LOGITS)), ("--attention", self.attention, ("unfused", "fused"))]
+        checks = [("--kv-cache-dtype", self.kv_dtype, tuple(DTYPE_BYTES)),
+                  ("--attention", self.attention, ("unfused", "fused"))]
         for flag, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
-        for flag, value in (("--max-batch", self.max_batch), ("--max-seq-len", self.max_seq_len),
-                            ("--max-input-len", self.input_len)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{flag} {value!r} must be a positive integer")
+        if not isinstance(self.input_len, int) or self.input_len < 1:
+            raise ConfigError(f"--max-input-len {self.input_len!r} must be a positive integer")
         if self.gpu_bytes <= 0 or self.reserve_bytes < 0:
             raise ConfigError(f"GPU memory {self.gpu_bytes} and reserve {self.reserve_bytes} must be positive")
 
@@ -268,7 +283,7 @@ def _largest(fits: Callable[[int], bool], hi: int) -> int | None:
 
 
 def _fits_with(request: PlanRequest, **changes: Any) -> bool:
-    return plan(dataclasses.replace(request, **changes)).fits
+    return plan(request.replace(**changes)).fits
 
 
 def largest_max_batch(request: PlanRequest, limit: int | None = None) -> int | None:

@@ -7,6 +7,7 @@ flags describe export options.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -53,23 +54,78 @@ def positive_int(text: str) -> int:
     return value
 
 
+# The export options' flags, each defined once (field -> argparse keywords; choices read when a
+# parser is built, so a registered quantization scheme is a choice). Every command that takes one
+# of these options adds it through add_option_flags.
+def _option_flag_specs() -> dict[str, dict]:
+    return {
+        "tp": dict(type=int, help="tensor-parallel ranks"),
+        "pp": dict(type=int, help="pipeline stages"),
+        "dtype": dict(choices=DTYPE_CHOICES, help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)"),
+        "quant": dict(choices=choices()["quant"],
+                      help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)"),
+        "fp8_recipe": dict(choices=choices()["fp8_recipe"],
+                           help="meta: also keep attention and the first/last layer in the compute dtype"),
+        "fp8_exclude": dict(action="append", metavar="PATTERN",
+                            help="keep matching linears unquantized: an fnmatch pattern such as 'model.layers.0.*', "
+                                 "or re:REGEX (repeatable)"),
+        "fp8_checkpoint_exclusions": dict(
+            choices=choices()["fp8_checkpoint_exclusions"],
+            help="a pre-quantized checkpoint's own list of unquantized modules (quantization_config "
+                 "modules_to_not_convert / ignore / exclude_modules): honour it (default) or quantize those linears too"),
+        "kv_cache": dict(choices=choices()["kv_cache"],
+                         help="static: max-seq-len buffers written in place; concat: the past grows each step"),
+        "max_batch": dict(type=int, help="largest batch"),
+        "max_seq_len": dict(type=int, help="KV-cache length"),
+        "logits": dict(choices=choices()["logits"], help="return logits for every position or only the last one"),
+    }
+
+
+def add_option_flags(p, fields: tuple[str, ...], defaults: ExportOptions | None,
+                     unset: tuple[str, ...] = (), note: str = "") -> None:
+    """Flags for ExportOptions `fields`, defaulting to `defaults`' values; None = no default
+    (`plan`: the export's default or the artifact's). `unset` fields parse to None where given
+    (`build --artifact`: the artifact's); the help names the default either way."""
+    specs = _option_flag_specs()
+    for field in fields:
+        spec = dict(specs[field])
+        shown = getattr(defaults if defaults is not None else DEFAULTS, field)
+        shown = ", ".join(shown) or "none" if isinstance(shown, tuple) else shown
+        if defaults is None:
+            spec["help"] += f" (default {shown}, or the artifact's)"
+        else:
+            if field not in unset:
+                spec["default"] = list(getattr(defaults, field)) if field == "fp8_exclude" else getattr(defaults, field)
+            spec["help"] += f" (default {shown})"
+        if note:
+            spec["help"] += f"; {note}"
+        p.add_argument("--" + field.replace("_", "-"), **spec)
+
+
+# generate / parity --checkpoint (the torch backend, eagerly): float32, the dtype PyTorch computes
+# every op in on a CPU, and a 2048-slot cache (the eager static cache is allocated whole).
+CHECKPOINT_RUN_DEFAULTS = ExportOptions(dtype="float32", max_seq_len=2048)
+CHECKPOINT_RUN_FIELDS = ("tp", "pp", "dtype", "kv_cache", "max_seq_len")
+
+
+def checkpoint_run_options(args: argparse.Namespace) -> ExportOptions:
+    """The layout a --checkpoint run (torch backend) takes from its flags."""
+    return dataclasses.replace(CHECKPOINT_RUN_DEFAULTS, **{f: getattr(args, f) for f in CHECKPOINT_RUN_FIELDS})
+
+
 def add_export_flags(p: argparse.ArgumentParser) -> None:
     """The flags of `llama405 export` and of `build` / `build-engine` with --checkpoint: one set of
     names, types and defaults. --max-batch / --max-seq-len default to None, which means the
     export's defaults (ExportOptions) or, for `build --artifact`, the artifact's. Sizes are
     checked by ExportOptions.validate (one line naming the flag), not by argparse."""
-    p.add_argument("--tp", type=int, default=DEFAULTS.tp, help="tensor-parallel ranks")
-    p.add_argument("--pp", type=int, default=DEFAULTS.pp, help="pipeline stages")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=DEFAULTS.dtype,
-                   help="compute dtype (float16 runs on ORT CPU, ORT GPU and TensorRT alike)")
-    add_quant_flags(p)
-    p.add_argument("--kv-cache", choices=choices()["kv_cache"], default=DEFAULTS.kv_cache,
-                   help="static: max-seq-len buffers written in place; concat: the past grows each step")
-    p.add_argument("--max-batch", type=int, help=f"largest batch (default {DEFAULTS.max_batch})")
-    p.add_argument("--max-seq-len", type=int, help=f"KV-cache length (default {DEFAULTS.max_seq_len})")
-    p.add_argument("--logits", choices=choices()["logits"], default=DEFAULTS.logits,
-                   help="return logits for every position or only the last one")
+    add_option_flags(p, ("tp", "pp", "dtype", "quant", "fp8_recipe", "fp8_exclude", "fp8_checkpoint_exclusions",
+                         "kv_cache", "max_batch", "max_seq_len", "logits"), DEFAULTS, unset=("max_batch", "max_seq_len"))
     p.add_argument("--ranks", help="only these ranks, e.g. 0-7 (one node of a multi-node run)")
+    p.add_argument("--calib-text", default=CALIB_SHIPPED,
+                   help=f"UTF-8 text for FP8 activation calibration; '{CALIB_SHIPPED}' = the shipped text, "
+                        f"'{CALIB_OFF}' = only use input_scale tensors from the checkpoint")
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-seq-len", type=int, default=256)
 
 
 def export_options_from(args: argparse.Namespace):
@@ -84,26 +140,6 @@ def export_options_from(args: argparse.Namespace):
                          logits=args.logits, ranks=ranks, fp8_recipe=args.fp8_recipe,
                          fp8_exclude=tuple(args.fp8_exclude),
                          fp8_checkpoint_exclusions=args.fp8_checkpoint_exclusions, **sizes)
-
-
-def add_quant_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant", choices=choices()["quant"], default=DEFAULTS.quant,
-                   help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)")
-    p.add_argument("--fp8-recipe", choices=choices()["fp8_recipe"], default=DEFAULTS.fp8_recipe,
-                   help="meta: also keep attention and the first/last layer in the compute dtype")
-    p.add_argument("--fp8-exclude", action="append", default=[], metavar="PATTERN",
-                   help="keep matching linears unquantized: an fnmatch pattern such as 'model.layers.0.*', "
-                        "or re:REGEX (repeatable)")
-    p.add_argument("--fp8-checkpoint-exclusions", choices=choices()["fp8_checkpoint_exclusions"],
-                   default=DEFAULTS.fp8_checkpoint_exclusions,
-                   help="a pre-quantized checkpoint's own list of unquantized modules (quantization_config "
-                        "modules_to_not_convert / ignore / exclude_modules): honour it (default) or quantize "
-                        "those linears too")
-    p.add_argument("--calib-text", default=CALIB_SHIPPED,
-                   help=f"UTF-8 text for FP8 activation calibration; '{CALIB_SHIPPED}' = the shipped text, "
-                        f"'{CALIB_OFF}' = only use input_scale tensors from the checkpoint")
-    p.add_argument("--calib-samples", type=int, default=8)
-    p.add_argument("--calib-seq-len", type=int, default=256)
 
 
 def calibration_file(args: argparse.Namespace, options: ExportOptions) -> tuple[bool, str | None]:

@@ -53,6 +53,16 @@ class ExportOptions:
 
     def validate(self, cfg: LlamaConfig | None = None) -> None:
         """ConfigError naming the flag; cfg adds the checks against the model's geometry."""
+        self.validate_fields()
+        if self.max_seq_len < MIN_MAX_SEQ_LEN:
+            raise ConfigError(f"--max-seq-len {self.max_seq_len} is below {MIN_MAX_SEQ_LEN}, the shortest cache the "
+                              "exporter traces with")
+        if cfg is not None and self.max_seq_len > cfg.max_position_embeddings:
+            raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
+                              f"({cfg.max_position_embeddings}); choose at most that")
+
+    def validate_fields(self) -> None:
+        """Each field on its own: positive sizes, a choice of its choices, compilable patterns."""
         for name in POSITIVE:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -60,18 +70,12 @@ class ExportOptions:
         for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{_flag(name)} {getattr(self, name)!r}: choose {' or '.join(allowed)}")
-        if self.max_seq_len < MIN_MAX_SEQ_LEN:
-            raise ConfigError(f"--max-seq-len {self.max_seq_len} is below {MIN_MAX_SEQ_LEN}, the shortest cache the "
-                              "exporter traces with")
         for pattern in self.fp8_exclude:
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
                 except re.error as err:
                     raise ConfigError(f"--fp8-exclude {pattern!r}: not a regular expression ({err})") from None
-        if cfg is not None and self.max_seq_len > cfg.max_position_embeddings:
-            raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
-                              f"({cfg.max_position_embeddings}); choose at most that")
 
     @property
     def cache_layout(self) -> KVCacheLayout:

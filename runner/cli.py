@@ -16,11 +16,11 @@ import numpy as np
 
 from export.config import PRESETS
 from export.cli_run import run_command
-from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, calibration_file,
-                              export_options_from, verify_artifact)
+from export.cli_flags import (CHECKPOINT_RUN_DEFAULTS, CHECKPOINT_RUN_FIELDS, DTYPE_CHOICES, ArgumentParser,
+                              add_export_flags, add_option_flags, add_verify_flag, calibration_file,
+                              checkpoint_run_options, export_options_from, verify_artifact)
 from export import convert_cli
 from export.errors import InputError
-from export.kv_cache import KV_CACHE_LAYOUTS
 from engines import cli as engines_cli
 from runner import parity_cli
 from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_options, open_backend
@@ -32,11 +32,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--artifact", type=Path, help="exported artifact directory (ONNX per rank)")
     src.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory")
     p.add_argument("--backend", choices=BACKEND_KINDS, default="torch")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torch backend)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages (torch backend)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (torch backend)")
-    p.add_argument("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), default="static")
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    add_option_flags(p, CHECKPOINT_RUN_FIELDS, CHECKPOINT_RUN_DEFAULTS, note="--checkpoint (torch backend)")
     add_backend_flags(p)  # --device, --tf32 and each backend's own flags (runner/backends/registry.py)
     add_verify_flag(p)
 
@@ -171,10 +167,9 @@ def _open_backend(args):
     for flag in ("tp", "pp", "max_seq_len"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
-    from export.model import ModelOptions
-    run, options = options, ModelOptions(kv_cache=args.kv_cache, max_seq_len=args.max_seq_len)
-    return open_backend("torch", checkpoint=args.checkpoint, options=run,
-                        layout={"tp": args.tp, "pp": args.pp, "dtype": args.dtype, "options": options})
+    layout = checkpoint_run_options(args)
+    return open_backend("torch", checkpoint=args.checkpoint, options=options,
+                        layout={"tp": layout.tp, "pp": layout.pp, "dtype": layout.dtype, "options": layout.model_options})
 
 
 def _is_primary(backend) -> bool:

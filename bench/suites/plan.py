@@ -16,7 +16,7 @@ def run(ctx: Context) -> None:
     from engines.plan import PlanRequest, plan
     from export.config import preset
     for seq_len, batch in ((131072, 1), (8192, 8)):
-        result = plan(PlanRequest(config=preset("llama-3.1-405b"), tp=8, quant="fp8", dtype="float16",
+        result = plan(PlanRequest.of(config=preset("llama-3.1-405b"), tp=8, quant="fp8", dtype="float16",
                                   max_batch=batch, max_seq_len=seq_len, max_input_len=512))
         peak = result.peak
         label = f"405B fp8 TP8, batch {batch}, context {seq_len}, 512 tokens/step"

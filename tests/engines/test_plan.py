@@ -142,7 +142,7 @@ def test_405b_prefill_scores_dominate_and_logits_only_on_last_stage():
 # -- plans and suggestions -------------------------------------------------------------------
 
 def test_405b_fp8_tp8_128k_batch1_plan_and_suggestion():
-    request = PlanRequest(B405, tp=8, quant="fp8", max_batch=1, max_seq_len=131072)
+    request = PlanRequest.of(B405, tp=8, quant="fp8", max_batch=1, max_seq_len=131072)
     result = plan(request)
     assert len(result.ranks) == 8 and len({r.total_bytes for r in result.ranks}) == 1
     rank0 = result.ranks[0]
@@ -153,34 +153,34 @@ def test_405b_fp8_tp8_128k_batch1_plan_and_suggestion():
     assert hint["max_batch"] is None  # batch 1 already does not fit
     for field in ("max_seq_len", "max_input_len"):
         value = hint[field]
-        assert plan(dataclasses.replace(request, **{field: value})).fits
-        assert not plan(dataclasses.replace(request, **{field: value + 1})).fits
+        assert plan(request.replace(**{field: value})).fits
+        assert not plan(request.replace(**{field: value + 1})).fits
     # 512-token prefill chunks fit a 80 GiB H100 with the 2 GiB reserve
-    assert plan(dataclasses.replace(request, max_input_len=512)).fits
+    assert plan(request.replace(max_input_len=512)).fits
 
 
 def test_batch_suggestion_and_capacity():
-    request = PlanRequest(B8, tp=1, max_batch=64, max_seq_len=8192, max_input_len=512)
+    request = PlanRequest.of(B8, tp=1, max_batch=64, max_seq_len=8192, max_input_len=512)
     result = plan(request)
     assert not result.fits
     best = suggestion(result)["max_batch"]
     assert 1 <= best < 64
-    assert plan(dataclasses.replace(request, max_batch=best)).fits
-    assert not plan(dataclasses.replace(request, max_batch=best + 1)).fits
-    small = dataclasses.replace(request, max_batch=best)
+    assert plan(request.replace(max_batch=best)).fits
+    assert not plan(request.replace(max_batch=best + 1)).fits
+    small = request.replace(max_batch=best)
     assert suggestion(plan(small)) is None
     assert largest_max_batch(small) == best  # open-ended search from a fitting plan
 
 
 def test_weights_alone_too_big_says_so():
-    result = plan(PlanRequest(B405, tp=1, max_batch=1, max_seq_len=1024))
+    result = plan(PlanRequest.of(B405, tp=1, max_batch=1, max_seq_len=1024))
     hint = suggestion(result)
     assert hint["max_batch"] is None and hint["max_seq_len"] is None and hint["max_input_len"] is None
     assert "weights alone" in hint["note"] and "--quant fp8" in hint["note"]
 
 
 def test_plan_json_keys():
-    doc = plan_json(plan(PlanRequest(B70, tp=8, pp=1, max_batch=4, max_seq_len=8192)))
+    doc = plan_json(plan(PlanRequest.of(B70, tp=8, pp=1, max_batch=4, max_seq_len=8192)))
     assert {"ranks", "gpu_bytes", "fits"} <= set(doc)
     assert doc["gpu_bytes"] == 80 * GiB
     assert all(set(r) == {"rank", "weights_bytes", "kv_cache_bytes", "activation_bytes", "total_bytes"}
@@ -191,11 +191,11 @@ def test_plan_json_keys():
 
 def test_invalid_requests():
     with pytest.raises(ShardingError):
-        plan(PlanRequest(B405, tp=3))
+        plan(PlanRequest.of(B405, tp=3))
     with pytest.raises(ConfigError):
-        plan(PlanRequest(B8, quant="int4"))
+        plan(PlanRequest.of(B8, quant="int4"))
     with pytest.raises(ConfigError):
-        plan(PlanRequest(B8, max_batch=0))
+        plan(PlanRequest.of(B8, max_batch=0))
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_plan_cli_config_and_checkpoint(tmp_path, capsys, hf_checkpoint):
 
 def test_build_host_memory_is_the_measured_factor_times_the_weights(capsys):
     from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, BUILDER_HOST_FIXED_BYTES
-    request = PlanRequest(config=B405, tp=8, pp=1, quant="fp8", max_batch=1, max_seq_len=131072)
+    request = PlanRequest.of(config=B405, tp=8, pp=1, quant="fp8", max_batch=1, max_seq_len=131072)
     doc = plan_json(plan(request))
     biggest = max(rank["weights_bytes"] for rank in doc["ranks"])
     assert doc["build_host_bytes"] == int(BUILDER_HOST_FIXED_BYTES + BUILDER_HOST_BYTES_PER_WEIGHT_BYTE * biggest)
@@ -275,12 +275,12 @@ def test_gpu_decode_width_follows_the_cache_read_against_the_weights():
     """Fixed-width decode (one shape: CUDA graphs) while reading all max_seq_len slots adds at
     most 10 % to a step's bytes; power-of-two buckets beyond (docs/batching.md)."""
     from engines.plan import format_table, gpu_decode_width
-    short = plan(PlanRequest(B405, tp=8, quant="fp8", max_batch=8, max_seq_len=4096))
+    short = plan(PlanRequest.of(B405, tp=8, quant="fp8", max_batch=8, max_seq_len=4096))
     width = gpu_decode_width(short)
     # per rank: 126 layers x 1 KV head x 128 x 2 (K, V) x 2 bytes x 4096 slots x 8 rows, over FP8 weights
     assert width["policy"] == "max" and 0.03 < width["kv_read_share"] < 0.05
     assert "GPU decode: attention over all max_seq_len slots every step" in format_table(short)
-    long = plan(PlanRequest(B405, tp=8, quant="fp8", max_batch=8, max_seq_len=131072))
+    long = plan(PlanRequest.of(B405, tp=8, quant="fp8", max_batch=8, max_seq_len=131072))
     assert gpu_decode_width(long)["policy"] == "buckets" and gpu_decode_width(long)["kv_read_share"] > 1
     assert plan_json(long)["gpu_decode_width"]["policy"] == "buckets"
-    assert gpu_decode_width(plan(PlanRequest(B405, tp=8, quant="fp8", kv_cache="concat"))) is None  # no choice
+    assert gpu_decode_width(plan(PlanRequest.of(B405, tp=8, quant="fp8", kv_cache="concat"))) is None  # no choice

@@ -95,7 +95,7 @@ def test_a_registered_scheme_exports_a_rank_that_runs_its_math(toy_scheme, hf_ch
 
 def test_the_planner_counts_a_registered_scheme_by_its_own_bytes(toy_scheme, hf_checkpoint):
     cfg = Checkpoint(hf_checkpoint[0]).config
-    bytes_of = {q: plan(PlanRequest(cfg, quant=q, dtype="float32")).ranks[0].weights_bytes
+    bytes_of = {q: plan(PlanRequest.of(cfg, quant=q, dtype="float32")).ranks[0].weights_bytes
                 for q in ("none", Int8WeightOnly.name)}
     per_layer = 0
     h, f = cfg.hidden_size, cfg.intermediate_size
