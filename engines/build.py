@@ -35,18 +35,17 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, builder_host_bytes
 from engines.profiles import BuildOptions, optimization_profiles
-from export.errors import Llama405Error, MissingRequirement
-from export.manifest import Manifest, load_manifest, write_manifest
+from export.errors import ArtifactError, Llama405Error, MissingRequirement
+from export.engines_record import ENGINES_FORMAT, BuildGpu, EnginesSection, RankEngine, engines_section
+from export.manifest import MANIFEST, Manifest, load_manifest, write_manifest
 from export.quantization import Quantization
 from export.trt_flavours import cuda_devices, version_tuple
 from export.trt_flavours import flavour as trt_flavour
 
 TIMING_CACHE = "timing.cache"
-ENGINES_FORMAT = 2  # 2: flavour, version and targets recorded (1: TensorRT only)
 FP8_MIN_SM = (9, 0)  # the `tensorrt` flavour's FP8 deployment: Hopper
 
 
@@ -186,11 +185,11 @@ def mark_attention_decomposable(trt, network) -> int:
     return marked
 
 
-def _gpu_identity() -> dict[str, str]:
+def _gpu_identity() -> BuildGpu:
     import torch
     index = torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
-    return {"name": torch.cuda.get_device_name(index), "sm": f"{major}.{minor}"}
+    return BuildGpu(torch.cuda.get_device_name(index), f"{major}.{minor}")
 
 
 def _digest(data) -> tuple[memoryview, int, str]:
@@ -220,7 +219,7 @@ def _flags(options: BuildOptions) -> list[str]:
 
 
 def build_rank_engine(artifact_dir: str | Path, rank: int, options: BuildOptions, trt_module,
-                      timing_cache: bytes = b"", manifest: Manifest | None = None) -> tuple[dict, bytes]:
+                      timing_cache: bytes = b"", manifest: Manifest | None = None) -> tuple[RankEngine, bytes]:
     """Build rank{rank}/engine.plan; returns (its metadata for the manifest, grown timing cache)."""
     trt, directory, chosen = trt_module, Path(artifact_dir), trt_flavour(options.flavour)
     manifest = manifest or load_manifest(directory, only=[])
@@ -268,14 +267,11 @@ def build_rank_engine(artifact_dir: str | Path, rank: int, options: BuildOptions
     build_s = time.perf_counter() - built
     view, size, sha = _digest(serialized)
     grown = bytes(memoryview(config.get_timing_cache().serialize())) if uses_timing_cache else timing_cache
-    metadata = {
-        "file": entry.engine_path, "size": size, "sha256": sha,
-        "onnx_sha256": manifest.files.get(entry.onnx_path, {}).get("sha256"),
-        "parse_s": round(parse_s, 3), "build_s": round(build_s, 3),
-        "seconds": round(time.perf_counter() - started, 3), "decomposable_attention": decomposable,
-    }
-    if not chosen.targets:
-        metadata["gpu"] = _gpu_identity()  # the GPU the engine was built (and tuned) on
+    metadata = RankEngine(
+        file=entry.engine_path, size=size, sha256=sha, onnx_sha256=manifest.files.get(entry.onnx_path, {}).get("sha256"),
+        parse_s=round(parse_s, 3), build_s=round(build_s, 3), seconds=round(time.perf_counter() - started, 3),
+        decomposable_attention=decomposable,
+        gpu=None if chosen.targets else _gpu_identity())  # the GPU the engine was built (and tuned) on
     _write_atomically(directory / entry.engine_path, view)
     return metadata, grown
 
@@ -288,7 +284,7 @@ def _pool_init(devices) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
 
 
-def _pool_build(job: tuple[str, int, BuildOptions, bytes]) -> tuple[int, dict, bytes]:
+def _pool_build(job: tuple[str, int, BuildOptions, bytes]) -> tuple[int, RankEngine, bytes]:
     directory, rank, options, cache = job
     trt = trt_flavour(options.flavour).import_module()
     if trt is None:
@@ -331,7 +327,7 @@ def host_memory_warning(manifest: Manifest, ranks: Sequence[int], workers: int) 
 def build_engines(artifact_dir: str | Path, options: BuildOptions, log: Callable[[str], None] = print,
                   trt_module=None) -> dict:
     """Build every requested rank's engine and record them in the manifest; returns the
-    manifest's new "engines" section."""
+    manifest's new "engines" section as written (export/engines_record.py reads it typed)."""
     directory = Path(artifact_dir)
     manifest = load_manifest(directory, only=[])
     chosen = trt_flavour(options.flavour)
@@ -353,7 +349,7 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions, log: Callable
     warning = host_memory_warning(manifest, ranks, workers)
     if warning:
         log(warning)
-    results: dict[int, dict] = {}
+    results: dict[int, RankEngine] = {}
     if workers <= 1:
         for r in ranks:
             log(f"building rank {r} engine ({len(results) + 1}/{len(ranks)})")
@@ -376,7 +372,7 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions, log: Callable
             for r, metadata, part in pool.map(_pool_build, [(str(directory), r, options, cache) for r in ranks]):
                 results[r] = metadata
                 grown.append(part)
-                log(f"rank {r} engine built in {metadata['seconds']:.1f} s")
+                log(f"rank {r} engine built in {metadata.seconds:.1f} s")
         if not chosen.builds_without_gpu:
             cache = merge_timing_caches(trt, cache, grown)
     if not chosen.builds_without_gpu:
@@ -384,44 +380,45 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions, log: Callable
     return record_engines(directory, manifest, results, options, trt.__version__, log)
 
 
-def engines_header(options: BuildOptions, version: str) -> dict[str, Any]:
+def engines_header(options: BuildOptions, version: str) -> EnginesSection:
     """What every engine of one build shares: a later build of other ranks joins the section only
     when its header is the same."""
-    return {"format": ENGINES_FORMAT, "flavour": options.flavour, "version": version, "targets": list(options.targets),
-            "flags": _flags(options), "builder_optimization_level": options.optimization_level,
-            "workspace_bytes": options.workspace_bytes, "max_batch": options.max_batch,
-            "max_input_len": options.max_input_len, "max_seq_len": options.max_seq_len, "opt_batch": options.batch_opt,
-            "opt_input_len": options.opt_input_len}
+    return EnginesSection(format=ENGINES_FORMAT, flavour=options.flavour, version=version, targets=tuple(options.targets),
+                          flags=tuple(_flags(options)), builder_optimization_level=options.optimization_level,
+                          workspace_bytes=options.workspace_bytes, max_batch=options.max_batch,
+                          max_input_len=options.max_input_len, max_seq_len=options.max_seq_len,
+                          opt_batch=options.batch_opt, opt_input_len=options.opt_input_len)
 
 
-def record_engines(directory: Path, manifest: Manifest, results: dict[int, dict], options: BuildOptions,
+def record_engines(directory: Path, manifest: Manifest, results: dict[int, RankEngine], options: BuildOptions,
                    version: str, log: Callable[[str], None] = print) -> dict:
-    """Merge engine metadata into manifest.json ("engines" section + the engine files)."""
+    """Merge engine metadata into manifest.json ("engines" section + the engine files); returns
+    the section as written."""
     header = engines_header(options, version)
-    previous = manifest.extra.get("engines") or {}
     files = dict(manifest.files)
-    kept: dict[str, dict] = {}
-    if {k: previous.get(k) for k in header} == header:
-        kept = dict(previous.get("ranks", {}))
-    else:  # engines of another build of the other ranks would not work together with these
-        for r, meta in (previous.get("ranks") or {}).items():
-            if int(r) not in results:
-                files.pop(meta["file"], None)
-                (directory / meta["file"]).unlink(missing_ok=True)
-                log(f"removed {meta['file']}: built with other engine options than this build")
-    profiles = {}
-    for r in results:
-        entry = manifest.rank(r)
-        profiles[str(r)] = [{name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in p.items()}
-                            for p in optimization_profiles(entry, manifest.cache_layout, options.max_seq_len, options)]
-    by_rank = {**kept, **{str(r): {**m, "profiles": profiles[str(r)]} for r, m in results.items()}}
-    section = {**header, "ranks": dict(sorted(by_rank.items(), key=lambda kv: int(kv[0])))}
-    if not trt_flavour(options.flavour).targets:
-        gpus = sorted({(m["gpu"]["name"], m["gpu"]["sm"]) for m in by_rank.values() if "gpu" in m})
-        section["gpu"] = {"name": gpus[0][0], "sm": gpus[0][1]} if len(gpus) == 1 else [list(g) for g in gpus]
-    for metadata in results.values():
-        files[metadata["file"]] = {"sha256": metadata["sha256"], "size": metadata["size"]}
-    updated = dataclasses.replace(manifest, files=dict(sorted(files.items())),
-                                  extra={**manifest.extra, "engines": section})
+    kept: dict[int, RankEngine] = {}
+    try:
+        previous = engines_section(manifest, str(directory / MANIFEST))
+        stale = {} if previous is None else {r: m.file for r, m in previous.ranks.items()}
+    except ArtifactError as err:  # an older or damaged section: this build replaces it whole
+        log(f"replacing the engines section: {err}")
+        previous, stale = None, {e.rank: e.engine_path for e in manifest.ranks if e.engine_path in manifest.files}
+    if previous is not None and previous.header() == header.header():
+        kept, stale = dict(previous.ranks), {}
+    for r, file in stale.items():  # engines of another build of the other ranks would not work with these
+        if r not in results:
+            files.pop(file, None)
+            (directory / file).unlink(missing_ok=True)
+            log(f"removed {file}: built with other engine options than this build")
+    built = {}
+    for r, meta in results.items():
+        points = optimization_profiles(manifest.rank(r), manifest.cache_layout, options.max_seq_len, options)
+        profiles = tuple({name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in p.items()}
+                         for p in points)
+        built[r] = dataclasses.replace(meta, profiles=profiles)
+        files[meta.file] = {"sha256": meta.sha256, "size": meta.size}
+    section = header.with_ranks({**kept, **built}, record_gpus=not trt_flavour(options.flavour).targets)
+    raw = section.to_dict()
+    updated = dataclasses.replace(manifest, files=dict(sorted(files.items())), extra={**manifest.extra, "engines": raw})
     write_manifest(directory, updated)
-    return section
+    return raw

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.build import BuildOptions, EnginesNotBuilt, build_engines, describe_flavour, preflight
+from export.engines_record import EnginesSection
 from export.errors import ArtifactError
 from export.manifest import MANIFEST, Manifest, load_manifest
 from export.trt_flavours import flavour as trt_flavour
@@ -114,7 +115,7 @@ def _calibration_tokens(checkpoint, export_options, calibration: CalibrationRequ
 
 def _onnx_files(manifest: Manifest) -> list[str]:
     """Files the export wrote (engines are verified separately, against their own metadata)."""
-    engines = {m.get("file") for m in (manifest.extra.get("engines") or {}).get("ranks", {}).values()}
+    engines = {e.engine_path for e in manifest.ranks}  # export/manifest.py owns the layout
     return [rel for rel in manifest.files if rel not in engines]
 
 
@@ -167,10 +168,10 @@ def _verify(directory: Path, log: Callable[[str], None]) -> None:
 def describe(result: BuildResult) -> str:
     if result.engines is None:
         return f"ONNX artifact ready at {result.artifact} ({'exported' if result.exported else 'reused'})"
-    section = result.engines
-    ranks = section["ranks"]
-    total = sum(m["size"] for m in ranks.values())
-    title = trt_flavour(section["flavour"]).title
-    where = f"for {', '.join(section['targets'])}" if section.get("targets") else f"for {section.get('gpu', {}).get('name')}"
-    return (f"built {len(ranks)} engine(s) in {result.artifact} with {title} {section['version']} {where}: "
+    section = EnginesSection.from_dict(result.engines, str(result.artifact / MANIFEST))
+    ranks = section.ranks
+    total = sum(m.size for m in ranks.values())
+    title = trt_flavour(section.flavour).title
+    where = f"for {', '.join(section.targets or [g.name for g in section.gpu])}"
+    return (f"built {len(ranks)} engine(s) in {result.artifact} with {title} {section.version} {where}: "
             f"{total / 2**30:.2f} GiB")

@@ -16,7 +16,8 @@ from typing import Any
 
 from engines.build import EngineBuildError, make_logger, parse_rank
 from export.errors import MissingRequirement
-from export.manifest import load_manifest
+from export.engines_record import engines_section
+from export.manifest import MANIFEST, load_manifest
 from export.trt_flavours import FLAVOURS
 
 # Layer types whose output dtypes are reported: where precision and fusion show.
@@ -82,7 +83,7 @@ def inspect_artifact(directory: str | Path, ranks: list[int] | None = None) -> d
     directory = Path(directory)
     manifest = load_manifest(directory)
     name, trt = parser_module()
-    engines = manifest.extra.get("engines") or {}
+    engines = engines_section(manifest, str(directory / MANIFEST))
     out = []
     for entry in manifest.ranks:
         if ranks is not None and entry.rank not in ranks:
@@ -96,12 +97,13 @@ def inspect_artifact(directory: str | Path, ranks: list[int] | None = None) -> d
         out.append({"rank": entry.rank, "layers": layers, "dtypes": dtypes, "num_layers": sum(layers.values()),
                     "kv_write_indices_from": kv_write_index_sources(trt, network),
                     "parse_s": round(time.perf_counter() - started, 3),
-                    "engine": (engines.get("ranks") or {}).get(str(entry.rank))})
+                    "engine": engines.ranks[entry.rank].to_dict() if engines and entry.rank in engines.ranks else None})
     summary = {"artifact": str(directory), "parser": {"flavour": name, "version": trt.__version__},
                "tp": manifest.tp, "pp": manifest.pp, "dtype": manifest.dtype, "quant": manifest.quant,
                "kv_cache": manifest.kv_cache, "kv_cache_writes": manifest.cache_writes, "ranks": out}
     if engines:
-        summary["engines"] = {k: engines.get(k) for k in ("flavour", "version", "targets", "gpu", "flags") if k in engines}
+        raw = engines.to_dict()
+        summary["engines"] = {k: raw[k] for k in ("flavour", "version", "targets", "gpu", "flags") if k in raw}
     return summary
 
 

@@ -24,6 +24,7 @@ import importlib.util
 import re
 from types import ModuleType
 
+from export.engines_record import EnginesSection
 from export.errors import InputError
 from export.quantization import Quantization
 
@@ -106,21 +107,21 @@ def cuda_devices() -> list[tuple[str, tuple[int, int]]]:
     return [(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
 
 
-def why_engines_cannot_run(section: dict) -> str | None:
+def why_engines_cannot_run(section: EnginesSection) -> str | None:
     """Why this machine cannot run the engines a manifest "engines" section describes, or None."""
-    chosen = flavour(section.get("flavour", "tensorrt"))
+    chosen = flavour(section.flavour)
     devices = cuda_devices()
     if not devices:
         return f"{chosen.title} engines need an NVIDIA GPU and this machine has none"
     if chosen.targets:
         have = {f"sm{a}{b}" for _, (a, b) in devices}
-        built = section.get("targets", [])
-        if not have & set(built):
-            return f"the {chosen.title} engines target {', '.join(built)}; this machine's GPUs are {', '.join(sorted(have))}"
+        if not have & set(section.targets):
+            return (f"the {chosen.title} engines target {', '.join(section.targets)}; this machine's GPUs are "
+                    f"{', '.join(sorted(have))}")
         return None
-    built = section.get("gpu") or {}
     sms = {f"{a}.{b}" for _, (a, b) in devices}
-    if isinstance(built, dict) and built.get("sm") not in sms:
-        return (f"the engines were built on {built.get('name')} (SM{built.get('sm')}); TensorRT engines run only on "
-                f"that GPU architecture, this machine has SM{', SM'.join(sorted(sms))}")
+    if section.gpu and not {g.sm for g in section.gpu} & sms:
+        built = ", ".join(f"{g.name} (SM{g.sm})" for g in section.gpu)
+        return (f"the engines were built on {built}; TensorRT engines run only on that GPU architecture, this "
+                f"machine has SM{', SM'.join(sorted(sms))}")
     return None

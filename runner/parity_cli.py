@@ -142,13 +142,16 @@ def check_backend_runs(kind: str, artifact: Path, manifest) -> None:
     """Fail fast (before minutes of loading the other side) on a backend that cannot run here."""
     if kind != "trt":
         return
+    from export.engines_record import engines_section
+    from export.manifest import MANIFEST
     from export.trt_flavours import why_engines_cannot_run
     missing = [e.engine_path for e in manifest.ranks if not (artifact / e.engine_path).is_file()]
     if missing:
         raise InputError(f"--a/--b trt needs TensorRT engines, but {artifact} lacks {', '.join(missing)}; "
                          "build them with `llama405 build` (or `build-engine`) on a GPU machine "
                          "with TensorRT >= 10.16, or compare --a ort --b torch")
-    why = why_engines_cannot_run(manifest.extra.get("engines") or {})
+    section = engines_section(manifest, str(artifact / MANIFEST))
+    why = "its manifest records no engines" if section is None else why_engines_cannot_run(section)
     if why is not None:
         raise MissingRequirement(f"--a/--b trt: {why}; compare --a ort --b torch on this machine")
 

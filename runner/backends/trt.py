@@ -43,7 +43,8 @@ import numpy as np
 from export.dtypes import dtype, dtype_of_trt
 from export.errors import ArtifactError, InputError, InternalError, MissingRequirement
 from export.kv_cache import past_of, present_of
-from export.manifest import Manifest, load_manifest, rank_folder
+from export.engines_record import EnginesSection, engines_section
+from export.manifest import MANIFEST, Manifest, load_manifest, rank_folder
 from export.onnx_export import io_names
 from export.sharding import all_ranks
 from export.trt_flavours import flavour as trt_flavour
@@ -55,10 +56,10 @@ from runner.device import Device, Placement, local_rank
 _CAPSULE_NAME = b"ncclComm_t"  # module-level: the capsule keeps a pointer to this name
 
 
-def _require_runtime(directory: Path, section: dict):
+def _require_runtime(directory: Path, section: EnginesSection):
     """(TensorRT module of the engines' flavour, torch), or MissingRequirement saying why this
     machine cannot run them (flavour not installed, no GPU, another GPU architecture)."""
-    chosen = trt_flavour(section.get("flavour", "tensorrt"))
+    chosen = trt_flavour(section.flavour)
     trt = chosen.import_module()
     if trt is None or not hasattr(trt, "Runtime"):
         raise MissingRequirement(f"--backend trt: {directory}'s engines were built with {chosen.title}, which is not "
@@ -84,22 +85,21 @@ def communicator_capsule(comm) -> object:
 class TrtRankSession(RankSession):
     """One rank's deserialized engine, execution context and stream on its GPU."""
 
-    def __init__(self, trt, torch, directory: Path, manifest: Manifest, rank: int, placement: Placement,
-                 communicator=None, options: TrtOptions = TrtOptions()):
+    def __init__(self, trt, torch, directory: Path, manifest: Manifest, section: EnginesSection, rank: int,
+                 placement: Placement, communicator=None, options: TrtOptions = TrtOptions()):
         self.trt, self.torch, self.rank, self.device = trt, torch, rank, torch.device(placement.torch)
         self.entry = manifest.rank(rank)
         self.in_place = manifest.cache_layout.in_place
         spec = all_ranks(manifest.tp, manifest.pp)[rank]
         graph_inputs, graph_outputs = io_names(manifest.config, spec)
         self.first, self.output_name = graph_inputs[0], graph_outputs[0]
-        section = manifest.extra.get("engines") or {}
-        meta = (section.get("ranks") or {}).get(str(rank))
+        meta = section.ranks.get(rank)
         path = directory / self.entry.engine_path
         if meta is None or not path.is_file():
             raise ArtifactError(f"{path}: no TensorRT engine for rank {rank}; build it with `llama405 build "
                                 f"--artifact {directory}` on a GPU machine with TensorRT")
         onnx_sha = manifest.files.get(self.entry.onnx_path, {}).get("sha256")
-        if meta.get("onnx_sha256") and meta["onnx_sha256"] != onnx_sha:
+        if meta.onnx_sha256 and meta.onnx_sha256 != onnx_sha:
             raise ArtifactError(f"{path}: built from another rank{rank}/model.onnx than the artifact holds now; "
                                 f"rebuild with `llama405 build --artifact {directory}`")
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -109,11 +109,11 @@ class TrtRankSession(RankSession):
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
                 self.engine = self.runtime.deserialize_cuda_engine(plan)  # py::buffer: no copy of the plan
             if self.engine is None:
-                built_for = section.get("targets") or section.get("gpu")
+                built_for = ", ".join(section.targets or [f"{g.name} (SM{g.sm})" for g in section.gpu])
                 raise ArtifactError(f"{path}: {trt.__name__} {trt.__version__} could not deserialize it (built with "
-                                    f"{section.get('flavour')} {section.get('version')} for {built_for}); "
+                                    f"{section.flavour} {section.version} for {built_for}); "
                                     f"rebuild with `llama405 build --artifact {directory}` on this machine")
-            flags = section.get("flags", [])
+            flags = section.flags
             if "STRIP_PLAN" in flags:
                 self._refit_from_onnx(directory / self.entry.onnx_path)
             if "WEIGHT_STREAMING" in flags:
@@ -268,8 +268,8 @@ class TrtBackend(Backend):
         options = options or TrtOptions()
         self.directory = Path(artifact)
         manifest = load_manifest(self.directory, only=[])
-        section = manifest.extra.get("engines")
-        if not section:
+        section = engines_section(manifest, str(self.directory / MANIFEST))
+        if section is None:
             raise ArtifactError(f"{self.directory}: no TensorRT engines in this artifact; build them with "
                                 f"`llama405 build --artifact {self.directory}` (--trt tensorrt on the GPU they are for)")
         trt, torch = _require_runtime(self.directory, section)
@@ -288,7 +288,7 @@ class TrtBackend(Backend):
         placements = {r: device.for_rank(r, local) for r in ranks}
         if world is not None and m.tp > 1:
             self._nccl = self._tp_communicator(m.tp, placements[world.rank])
-        runners = {r: TrtRankSession(trt, torch, self.directory, m, r, placements[r], self._nccl, options)
+        runners = {r: TrtRankSession(trt, torch, self.directory, m, section, r, placements[r], self._nccl, options)
                    for r in ranks}
         logits = next((t for e in m.ranks for t in e.outputs if t.name == "logits"), None)
         super().__init__(config=m.config, tp=m.tp, pp=m.pp, cache_layout=m.cache_layout, max_seq_len=m.max_seq_len,
