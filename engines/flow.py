@@ -18,6 +18,7 @@ from engines.build import BuildOptions, EnginesNotBuilt, build_engines, describe
 from export.engines_record import EnginesSection
 from export.errors import ArtifactError
 from export.manifest import MANIFEST, Manifest, load_manifest
+from export.scales_record import scales_record
 from export.trt_flavours import flavour as trt_flavour
 
 
@@ -54,17 +55,15 @@ def artifact_differences(manifest: Manifest, config, options,
     if manifest.config != config:
         diffs.append("the model config differs from the checkpoint's")
     diffs += manifest.options.differences(options)
-    quant = manifest.quantization
-    info = manifest.extra.get(quant.record_key or "") or {}
-    if (manifest.quant == options.quant and quant.needs_activation_scales
-            and info.get("scales_from") == "calibration"):
-        had = info.get("calibration") or {}
+    record = scales_record(manifest) if manifest.quant == options.quant else None
+    if record is not None and record.calibrated:
         if calibration is None:
             diffs.append("activation scales from calibration (requested --calib-text none)")
         else:
             for key in ("source", "samples", "seq_len"):
-                if had.get(key) != getattr(calibration, key):
-                    diffs.append(f"calibration {key} {had.get(key)!r} (requested {getattr(calibration, key)!r})")
+                had, want = getattr(record.calibration, key), getattr(calibration, key)
+                if had != want:
+                    diffs.append(f"calibration {key} {had!r} (requested {want!r})")
     return diffs
 
 

@@ -12,6 +12,7 @@ its TP ranks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ from export.options import ExportOptions
 from export.checkpoint_quant import CheckpointQuantization
 from export.config import LlamaConfig
 from export.errors import ArtifactError, CheckpointError, InternalError
+from export.scales_record import FROM_CALIBRATION, FROM_CHECKPOINT, CalibrationRecord, ScalesRecord
 from export.manifest import (CACHE_WRITES, DATA_FILE, ONNX_FILE, Manifest, RankEntry, TensorSpec, config_digest,
                              file_entry, is_finished_artifact, options_digest, rank_folder, write_manifest)
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
@@ -341,30 +343,28 @@ def check_disk(directory: Path, needed: int) -> None:
 
 def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
                          calibration_tokens: np.ndarray | None, calibration_source: str,
-                         progress: bool) -> tuple[dict[str, float] | None, dict]:
-    """Static FP8 activation scales: the checkpoint's own, else calibration. Returns the scales
-    and what the manifest records about them."""
+                         progress: bool) -> tuple[dict[str, float] | None, ScalesRecord | None]:
+    """Static activation scales: the checkpoint's own, else calibration. Returns the scales
+    and what the manifest records about them (None for a scheme without static scales)."""
     quant = options.quantization
     if not quant.needs_activation_scales:
-        return None, {}
+        return None, None
     cfg = checkpoint.config
     needed = sorted({n.rsplit(".", 1)[0] for s in all_ranks(options.tp, options.pp)
                      for n in rank_tensor_names(cfg, s)
                      if quant.quantizes(n.rsplit(".", 1)[0], cfg.num_hidden_layers)})
     stored = checkpoint_input_scales(checkpoint)
-    info = {"recipe": quant.recipe, "exclude": list(quant.patterns(cfg.num_hidden_layers)),
-            "quantized_linears": len(needed)}
-    if checkpoint.quantization.not_quantized:
-        info["checkpoint_exclusions"] = checkpoint.quantization.manifest_record(
-            honoured=options.fp8_checkpoint_exclusions == "honour")
+    exclusions = (checkpoint.quantization.manifest_record(honoured=options.fp8_checkpoint_exclusions == "honour")
+                  if checkpoint.quantization.not_quantized else None)
+    record = functools.partial(ScalesRecord, recipe=quant.recipe, exclude=quant.patterns(cfg.num_hidden_layers),
+                               quantized_linears=len(needed), checkpoint_exclusions=exclusions)
     if all(name in stored for name in needed):
         for name in needed:
             if not (stored[name] > 0 and np.isfinite(stored[name])):
                 raise CheckpointError(f"{checkpoint.directory}: {name}.input_scale is {stored[name]}; "
                                       "scales must be positive and finite")
-        info.update(scales_from="checkpoint input_scale tensors",
-                    input_scales={n: stored[n] for n in needed})
-        return {n: stored[n] for n in needed}, info
+        return {n: stored[n] for n in needed}, record(scales_from=FROM_CHECKPOINT,
+                                                      input_scales={n: stored[n] for n in needed})
     if calibration_tokens is None:
         missing = [n for n in needed if n not in stored]
         raise CheckpointError(f"{checkpoint.directory}: --quant fp8 needs static activation scales, but "
@@ -376,14 +376,12 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
     if warning and options.dtype == "float16":
         print(f"warning: {warning}", file=sys.stderr)
     scales = calibration.input_scales()
-    info.update(scales_from="calibration", input_scales={n: scales[n] for n in needed},
-                amax={n: calibration.amax[n] for n in needed},
-                calibration={"source": calibration_source, "samples": calibration.samples,
-                             "seq_len": calibration.seq_len,
-                             "max_activation": calibration.max_activation},
-                checkpoint_weights="fp8" if any(n.endswith(".weight_scale") for n in checkpoint.weight_map)
-                else "unquantized")
-    return scales, info
+    return scales, record(scales_from=FROM_CALIBRATION, input_scales={n: scales[n] for n in needed},
+                          amax={n: calibration.amax[n] for n in needed},
+                          calibration=CalibrationRecord(calibration_source, calibration.samples, calibration.seq_len,
+                                                        calibration.max_activation),
+                          checkpoint_weights="fp8" if any(n.endswith(".weight_scale") for n in checkpoint.weight_map)
+                          else "unquantized")
 
 
 def with_checkpoint_exclusions(options: ExportOptions, quantization: CheckpointQuantization) -> ExportOptions:
@@ -443,7 +441,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
     total = sum(rank_bytes(checkpoint, s, dtype) for s in specs)
     check_disk(out.parent, total + tokenizer_bytes + graph_bytes)
 
-    input_scales, fp8_info = resolve_input_scales(checkpoint, options, calibration_tokens,
+    input_scales, scales_info = resolve_input_scales(checkpoint, options, calibration_tokens,
                                                   calibration_source, progress)
     graphs = StageGraphs(cfg, options)
     tmp = temporary_sibling(out)
@@ -458,7 +456,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
                 files.update(rank_files)
         for path in tokenizer.copy_to(tmp):  # the artifact carries the tokenizer it was exported with
             files[path.name] = file_entry(path)
-        extra = {options.quantization.record_key: fp8_info} if fp8_info else {}
+        extra = {options.quantization.record_key: scales_info.to_dict()} if scales_info is not None else {}
         extra[CACHE_WRITES] = options.cache_layout.writes
         if genai_supported(options.tp, options.pp):
             path = write_genai_config(tmp, cfg, options.kv_cache, options.max_seq_len, checkpoint.directory)

@@ -132,6 +132,7 @@ def cmd_export(args) -> int:
     import time
     from export.manifest import load_manifest
     from export.onnx_export import export_artifact
+    from export.scales_record import scales_record
     options = export_options_from(args)
     started = time.perf_counter()
     tokens, source = calibration_input(args, options)
@@ -147,8 +148,8 @@ def cmd_export(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        record = manifest.extra.get(options.quantization.record_key or "", {})
-        quant = f" + {options.quant} ({record['scales_from']})" if "scales_from" in record else ""
+        record = scales_record(manifest)
+        quant = f" + {options.quant} ({record.scales_from})" if record is not None else ""
         print(f"wrote {out}: ranks {summary['ranks']} (tp {options.tp} x pp {options.pp}), {options.dtype}{quant}, "
               f"{options.kv_cache} KV cache, {size / 1e6:.1f} MB in {summary['seconds']:.1f} s")
     return 0

@@ -1,5 +1,7 @@
-"""The manifest's engines section (export/engines_record.py): written and read back exactly, one
-`gpu` shape whatever an older manifest holds, and a section missing a field refused with the fix."""
+"""The manifest's typed sections: the engines section (export/engines_record.py) and a quantized
+export's activation-scales record (export/scales_record.py) are written and read back exactly,
+what older manifests hold still reads (one `gpu` shape whatever they hold), and a section missing
+a field is refused with the fix (rebuild the engines / re-export)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 
 from export.engines_record import BuildGpu, EnginesSection, RankEngine
 from export.errors import ArtifactError
+from export.scales_record import CalibrationRecord, ScalesRecord
 
 PROFILE = {"input_ids": {"min": [1, 1], "opt": [1, 1], "max": [2, 8]}}
 
@@ -56,3 +59,38 @@ def test_a_section_missing_a_field_is_refused_with_rebuild(damage):
         raw["gpu"] = "H100"
     with pytest.raises(ArtifactError, match=r"m.*rebuild the engines with `llama405 build --artifact"):
         EnginesSection.from_dict(raw, "m")
+
+
+# What artifacts exported before the typed record hold in extra.fp8 (the exporter's dict, verbatim).
+CALIBRATED = {"recipe": "meta", "exclude": ["*.self_attn.*", "model.layers.0.*", "model.layers.3.*"],
+              "quantized_linears": 6, "scales_from": "calibration",
+              "input_scales": {"model.layers.1.mlp.up_proj": 0.0125}, "amax": {"model.layers.1.mlp.up_proj": 5.6},
+              "calibration": {"source": "llama405 default calibration text", "samples": 8, "seq_len": 256,
+                              "max_activation": 88.5},
+              "checkpoint_weights": "unquantized"}
+FROM_CHECKPOINT = {"recipe": "default", "exclude": ["lm_head"], "quantized_linears": 7,
+                   "checkpoint_exclusions": {"quant_method": "fp8", "key": "ignore", "modules": ["lm_head"],
+                                             "honoured": True},
+                   "scales_from": "checkpoint input_scale tensors", "input_scales": {"model.layers.0.mlp.up_proj": 0.5}}
+
+
+@pytest.mark.parametrize("raw", [CALIBRATED, FROM_CHECKPOINT], ids=["calibrated", "from-checkpoint"])
+def test_scales_record_of_earlier_artifacts_reads_and_round_trips(raw):
+    record = ScalesRecord.from_dict(copy.deepcopy(raw), "m")
+    assert record.to_dict() == raw
+    assert record.calibrated == (raw is CALIBRATED)
+    if record.calibrated:
+        assert record.calibration == CalibrationRecord("llama405 default calibration text", 8, 256, 88.5)
+
+
+@pytest.mark.parametrize("damage", ["input_scales", "calibration", "samples", "unknown"])
+def test_a_scales_record_missing_a_field_is_refused_with_reexport(damage):
+    raw = copy.deepcopy(CALIBRATED)
+    if damage == "samples":
+        del raw["calibration"]["samples"]
+    elif damage == "unknown":
+        raw["scale_dtype"] = "float16"
+    else:
+        del raw[damage]
+    with pytest.raises(ArtifactError, match="m.*re-export the artifact"):
+        ScalesRecord.from_dict(raw, "m")
