@@ -217,8 +217,10 @@ def test_fp8_differences_name_recipe_and_calibration(tiny):
     from engines.flow import CalibrationRequest
     cfg = tiny_config()
     from export.manifest import Manifest
-    info = {"recipe": "default", "exclude": [], "scales_from": "calibration",
-            "calibration": {"source": "llama405 default calibration text", "samples": 8, "seq_len": 256}}
+    info = {"recipe": "default", "exclude": [], "quantized_linears": 1, "scales_from": "calibration",
+            "input_scales": {"model.layers.0.mlp.up_proj": 0.01},
+            "calibration": {"source": "llama405 default calibration text", "samples": 8, "seq_len": 256,
+                            "max_activation": 1.0}}  # a complete record (export/scales_record.py)
     manifest = Manifest(config=cfg, options=ExportOptions(quant="fp8", max_batch=2, max_seq_len=MAX_SEQ), opset=24,
                         ranks=(RankEntry(0, 0, 0, (0, 2), (), (), 0),), files={}, source={}, toolchain={},
                         extra={"fp8": info})
