@@ -233,10 +233,10 @@ def _prep_torch_backend():
 
 def task_decode_torch(args: dict) -> dict:
     from export.checkpoint import Checkpoint
-    from export.model import ModelOptions
+    from export.options import ExportOptions
     from runner.backends.torch import TorchBackend
     backend = TorchBackend(Checkpoint(args["checkpoint"]), tp=1, dtype="float32",
-                           options=ModelOptions(kv_cache="static", max_seq_len=args["max_seq_len"]))
+                           options=ExportOptions(kv_cache="static", max_seq_len=args["max_seq_len"]).model_options)
     stats, tokens = _time_generate(backend, args["prompt"], args["new_tokens"])
     return {**stats, "tokens": tokens}
 
@@ -286,13 +286,13 @@ def task_fidelity(args: dict) -> dict:
     """Top-1 agreement and perplexity of an artifact against the checkpoint's fp32 model."""
     import numpy as np
     from export.checkpoint import Checkpoint
-    from export.model import ModelOptions
+    from export.options import ExportOptions
     from runner.backends.ort import OrtBackend
     from runner.backends.torch import TorchBackend
     from runner.fidelity import fidelity_report
     text = np.random.default_rng(1).integers(0, args["vocab"], args["tokens"]).tolist()
     reference = TorchBackend(Checkpoint(args["checkpoint"]), dtype="float32",
-                             options=ModelOptions(max_seq_len=args["max_seq_len"]))
+                             options=ExportOptions(max_seq_len=args["max_seq_len"]).model_options)
     report = fidelity_report(OrtBackend(args["artifact"]), reference, text, window=len(text))
     return {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
 

@@ -12,8 +12,9 @@ layer's nodes for each layer of the stage, renaming:
   (rotary cos/sin, the attention mask, the static cache's write slots) stay shared.
 
 The PyTorch module stays the single source of the graph: nothing here creates an op, it only
-repeats what the exporter emitted. tests/export/test_stamp.py checks a stamped graph computes
-exactly what a full multi-layer trace computes.
+repeats what the exporter emitted. tests/export/test_export_artifact.py
+(test_stamped_rank_graph_computes_exactly_what_a_full_trace_computes) checks a stamped graph
+computes exactly what a full multi-layer trace computes.
 """
 
 from __future__ import annotations
