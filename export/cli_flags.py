@@ -28,6 +28,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+
 CALIB_SHIPPED, CALIB_OFF = "default", "none"  # the --calib-text words that are not a file
 
 
