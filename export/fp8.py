@@ -127,10 +127,11 @@ class QuantConfig:
     def is_quantized(self, module_name: str, num_layers: int) -> bool:
         if not module_name.endswith(QUANTIZABLE):
             return False
-        return not any(_matches(module_name, p) for p in self.patterns(num_layers))
+        return not any(pattern_matches(module_name, p) for p in self.patterns(num_layers))
 
 
-def _matches(module_name: str, pattern: str) -> bool:
+def pattern_matches(module_name: str, pattern: str) -> bool:
+    """An --fp8-exclude pattern (fnmatch, or re: + a regular expression) against a module path."""
     if pattern.startswith("re:"):
         return re.match(pattern[3:], module_name) is not None
     return fnmatch.fnmatchcase(module_name, pattern)

@@ -16,8 +16,9 @@ import numpy as np
 
 from export.config import PRESETS
 from export.cli_run import run_command
-from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, add_verify_flag, export_options_from,
-                              verify_artifact)
+from export.bounds import MAX_SEQ_LEN, SEED
+from export.cli_flags import (DTYPE_CHOICES, NOT_FROM_ARTIFACT, ArgumentParser, FlagScope, add_export_flags,
+                              add_verify_flag, export_options_from, verify_artifact)
 from export import convert_cli
 from export.errors import InputError
 from export.kv_cache import KV_CACHE_LAYOUTS
@@ -27,16 +28,20 @@ from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_o
 from runner.generate import sampling_problem
 
 
-def _add_model_source(p: argparse.ArgumentParser) -> None:
+def _add_model_source(p: ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--artifact", type=Path, help="exported artifact directory (ONNX per rank)")
     src.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory")
     p.add_argument("--backend", choices=BACKEND_KINDS, default="torch")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torch backend)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages (torch backend)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype (torch backend)")
-    p.add_argument("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), default="static")
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    # The layout of a --checkpoint run; an --artifact's manifest fixes all of them.
+    layout = (NOT_FROM_ARTIFACT,)
+    p.add_scoped("--tp", type=int, default=1, scopes=layout, help="tensor-parallel ranks (--checkpoint)")
+    p.add_scoped("--pp", type=int, default=1, scopes=layout, help="pipeline stages (--checkpoint)")
+    p.add_scoped("--dtype", choices=DTYPE_CHOICES, default="float32", scopes=layout, help="compute dtype (--checkpoint)")
+    p.add_scoped("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), default="static", scopes=layout,
+                 help="KV-cache layout (--checkpoint)")
+    p.add_scoped("--max-seq-len", type=MAX_SEQ_LEN.flag_type, default=2048, scopes=layout,
+                 help=f"KV-cache length (--checkpoint; {MAX_SEQ_LEN.describe()})")
     add_backend_flags(p)  # --device, --tf32 and each backend's own flags (runner/backends/registry.py)
     add_verify_flag(p)
 
@@ -72,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="override num_hidden_layers")
     p.add_argument("--vocab", type=int, help="override vocab_size")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED.flag_type, default=0, help=f"{SEED.describe()}")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -87,8 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="tokenizer.json / tokenizer.model or their directory (default: the model's own)")
     p.add_argument("--max-new-tokens", type=_sampling_flag("max_new_tokens", int), default=32)
     p.add_argument("--temperature", type=_sampling_flag("temperature", float), default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=_sampling_flag("top_p", float), default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    sampled = (FlagScope(lambda a: a.temperature > 0, "greedy decoding (--temperature 0) does not sample; "
+                                                     "pass --temperature > 0 to use it"),)
+    p.add_scoped("--top-p", type=_sampling_flag("top_p", float), default=1.0, scopes=sampled)
+    p.add_scoped("--seed", type=_sampling_flag("seed", int), default=0, scopes=sampled)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("logits", help="write float32 logits [batch, seq, vocab] for given token ids")
