@@ -20,7 +20,7 @@ from export.bounds import MAX_SEQ_LEN, SEED
 from export.cli_flags import (DTYPE_CHOICES, NOT_FROM_ARTIFACT, ArgumentParser, FlagScope, add_export_flags,
                               add_verify_flag, export_options_from, verify_artifact)
 from export import convert_cli
-from export.errors import InputError
+from export.errors import InputError, naming
 from export.kv_cache import KV_CACHE_LAYOUTS
 from engines import cli as engines_cli
 from runner import parity_cli
@@ -234,7 +234,7 @@ def cmd_logits(args) -> int:
     if not _is_primary(backend):
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "wb") as f:  # a file handle: np.save would append .npy to a name without it
+    with open(args.out, "wb") as f, naming(args.out):  # a file handle: np.save would append .npy otherwise
         np.save(f, logits.astype(np.float32))
     print(f"wrote {args.out} {list(logits.shape)} float32")
     return 0

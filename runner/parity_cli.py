@@ -19,7 +19,7 @@ import numpy as np
 from export.bounds import STEPS
 from export.cli_flags import add_verify_flag, flag_type, verify_artifact
 from export.cli_run import EXIT_OUTSIDE_TOLERANCE
-from export.errors import ArtifactError, InputError, MissingRequirement
+from export.errors import ArtifactError, InputError, MissingRequirement, naming
 from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_options, open_backend
 from runner.compare import DEFAULT_TOLERANCES, StepRow, default_preset
 from runner.device import parse_device
@@ -247,7 +247,8 @@ def run(args) -> int:
             report.context["fidelity"]["text"] = args.fidelity_text or "the prompt and the decoded tokens"
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(report.to_json() + "\n")
+        with naming(args.report):
+            args.report.write_text(report.to_json() + "\n")
     print(report.to_json() if args.json else report.format_text())
     return 0 if report.passed else EXIT_OUTSIDE_TOLERANCE
 
