@@ -139,10 +139,11 @@ class Checkpoint:
                     raise CheckpointError(f"{self.directory}: tensor {name!r} is stored in both {holder[name].name} "
                                           f"and {path.name}; keep one copy (Hugging Face refuses such a checkpoint)")
                 holder[name] = path
-                if files.get(name) != path:
-                    listed = f"lists it in {files[name].name}" if name in files else "does not list it"
-                    raise CheckpointError(f"{path}: holds tensor {name!r} but {index.name} {listed}; "
-                                          "re-download the index or the shard")
+        for name, path in sorted(holder.items()):
+            if files.get(name) != path:
+                listed = f"lists it in {files[name].name}" if name in files else "does not list it"
+                raise CheckpointError(f"{path}: holds tensor {name!r} but {index.name} {listed}; "
+                                      "re-download the index or the shard")
 
     def _file(self, path: Path) -> SafetensorsFile:
         if path not in self._files:

@@ -128,13 +128,14 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def calibration_input(args):
+def calibration_input(args, options):
     """(tokens [samples, seq] or None, source) for an FP8 export."""
     if args.quant != "fp8" or args.calib_text == "none":
         return None, ""
     from export.calibrate import checkpoint_calibration_tokens
     from export.checkpoint import Checkpoint
-    Checkpoint(args.checkpoint)  # its config and quantization_config are refused before any text is tokenized
+    # Its config, quantization_config and the options against it are refused before any text is tokenized.
+    options.validate(Checkpoint(args.checkpoint).config)
     return checkpoint_calibration_tokens(args.checkpoint, None if args.calib_text == "default" else args.calib_text,
                                          args.calib_samples, args.calib_seq_len)
 
@@ -145,7 +146,7 @@ def cmd_export(args) -> int:
     from export.onnx_export import export_artifact
     options = export_options_from(args)
     started = time.perf_counter()
-    tokens, source = calibration_input(args)
+    tokens, source = calibration_input(args, options)
     out = export_artifact(args.checkpoint, args.out, options, force=args.force,
                           progress=sys.stderr.isatty() and not args.json,
                           calibration_tokens=tokens, calibration_source=source)
