@@ -38,7 +38,7 @@ from pathlib import Path
 
 from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, builder_host_bytes
 from engines.profiles import BuildOptions, optimization_profiles
-from export.errors import ArtifactError, Llama405Error, MissingRequirement
+from export.errors import ArtifactError, Llama405Error, MissingRequirement, naming
 from export.engines_record import ENGINES_FORMAT, BuildGpu, EnginesSection, RankEngine, engines_section
 from export.manifest import MANIFEST, Manifest, load_manifest, write_manifest
 from export.quantization import Quantization
@@ -203,7 +203,10 @@ def _digest(data) -> tuple[memoryview, int, str]:
 def _write_atomically(path: Path, view: memoryview) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as every other artifact file (mkstemp alone makes it 0600)
+        with os.fdopen(fd, "wb") as f, naming(path):
             f.write(view)
         os.replace(tmp, path)
     except BaseException:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from engines.profiles import parse_size
 from engines.plan import DTYPE_BYTES
-from export.cli_flags import (ArgumentParser, add_export_flags, add_option_flags, add_verify_flag, calibration_file,
-                              export_options_from, flag_type, positive_int)
+from export.cli_flags import (FP8_ONLY, NOT_FROM_ARTIFACT, ArgumentParser, FlagScope, add_export_flags,
+                              add_option_flags, add_verify_flag, calibration_file, export_options_from, flag_type,
+                              positive_int)
 from export.config import PRESETS
 from export.cli_run import run_command
 from export.errors import InputError
@@ -38,35 +39,45 @@ def positive_size(text: str) -> int:
     return value
 
 
-def add_build_flags(p: argparse.ArgumentParser) -> None:
+ENGINE_STAGE = FlagScope(lambda a: a.stage == "engine", "shapes the engines, which --stage onnx does not build")
+
+
+def add_build_flags(p: ArgumentParser) -> None:
     """The export flags (same names and defaults as `llama405 export`) plus the engine flags."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory (exported to --out first)")
     src.add_argument("--artifact", type=Path, help="an exported artifact directory to build engines for")
     p.add_argument("--out", type=Path, help="artifact directory to create, or to reuse when its manifest matches")
     add_export_flags(p)
-    p.add_argument("--force", action="store_true", help="re-export even when --out holds a matching artifact")
+    p.add_scoped("--force", action="store_true", default=False, scopes=(NOT_FROM_ARTIFACT,),
+                 help="re-export even when --out holds a matching artifact")
     eng = p.add_argument_group("engine")
     eng.add_argument("--stage", choices=("onnx", "engine"), default="engine",
                      help="stop after the ONNX artifact (onnx) or build engines too (engine, default)")
-    eng.add_argument("--trt", choices=sorted(FLAVOURS), default="tensorrt",
-                     help="tensorrt (default): TensorRT >= 10.16 on the NVIDIA GPU the engine is for (H100 FP8); "
-                          "rtx: TensorRT-RTX, ahead of time for --target GPUs, on any machine (no GPU needed)")
-    eng.add_argument("--target", help="rtx: compute capabilities, e.g. sm89,sm120 (default sm80,sm86,sm89,sm120; "
-                                      "FP8 artifacts: sm89,sm120,sm121)")
-    eng.add_argument("--max-input-len", type=positive_int,
-                     help="largest tokens per step, i.e. the prefill chunk (default min(2048, max-seq-len))")
-    eng.add_argument("--opt-batch", type=positive_int, help="batch TensorRT tunes kernels for (default max-batch)")
-    eng.add_argument("--opt-input-len", type=positive_int, default=1,
-                     help="tokens per step TensorRT tunes for (default 1: decode)")
-    eng.add_argument("--builder-opt-level", type=int, default=3, choices=range(6), metavar="0-5",
-                     help="TensorRT builder optimization level (default 3)")
-    eng.add_argument("--workspace", type=positive_size, help="builder workspace limit, e.g. 16GiB (default: TensorRT's)")
-    eng.add_argument("--weight-streaming", action="store_true", help="build for weight streaming (weights in host memory)")
-    eng.add_argument("--strip-plan", action="store_true",
-                     help="strip weights from the plan (STRIP_PLAN + REFIT_IDENTICAL); refitted from the ONNX at load")
-    eng.add_argument("--workers", type=positive_int, default=1, help="ranks built in parallel, one GPU each")
-    eng.add_argument("--timing-cache", type=Path, help="timing cache file (default ART/timing.cache)")
+    engine = (ENGINE_STAGE,)
+
+    def engine_flag(*names: str, **kwargs) -> None:
+        p.add_scoped(*names, scopes=engine, group=eng, **kwargs)
+
+    engine_flag("--trt", choices=sorted(FLAVOURS), default="tensorrt",
+                help="tensorrt (default): TensorRT >= 10.16 on the NVIDIA GPU the engine is for (H100 FP8); "
+                     "rtx: TensorRT-RTX, ahead of time for --target GPUs, on any machine (no GPU needed)")
+    engine_flag("--target", help="rtx: compute capabilities, e.g. sm89,sm120 (default sm80,sm86,sm89,sm120; "
+                                 "FP8 artifacts: sm89,sm120,sm121)")
+    engine_flag("--max-input-len", type=positive_int,
+                help="largest tokens per step, i.e. the prefill chunk (default min(2048, max-seq-len))")
+    engine_flag("--opt-batch", type=positive_int, help="batch TensorRT tunes kernels for (default max-batch)")
+    engine_flag("--opt-input-len", type=positive_int, default=1,
+                help="tokens per step TensorRT tunes for (default 1: decode)")
+    engine_flag("--builder-opt-level", type=int, default=3, choices=range(6), metavar="0-5",
+                help="TensorRT builder optimization level (default 3)")
+    engine_flag("--workspace", type=positive_size, help="builder workspace limit, e.g. 16GiB (default: TensorRT's)")
+    engine_flag("--weight-streaming", action="store_true", default=False,
+                help="build for weight streaming (weights in host memory)")
+    engine_flag("--strip-plan", action="store_true", default=False,
+                help="strip weights from the plan (STRIP_PLAN + REFIT_IDENTICAL); refitted from the ONNX at load")
+    engine_flag("--workers", type=positive_int, default=1, help="ranks built in parallel, one GPU each")
+    engine_flag("--timing-cache", type=Path, help="timing cache file (default ART/timing.cache)")
     add_verify_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout; log lines go to stderr")
 
@@ -187,6 +198,11 @@ def plan_request(args):
         manifest = load_manifest(args.artifact, only=[])
         config, exported = manifest.config, manifest.options
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else getattr(exported, k) for k in PLANNED}
+    if not dataclasses.replace(exported, quant=chosen["quant"]).quantization.quantized:
+        # FP8_ONLY, decided once the artifact's quant is known
+        given = next((f for f in ("fp8_recipe", "fp8_exclude") if getattr(args, f) is not None), None)
+        if given is not None:
+            raise InputError(f"--{given.replace('_', '-')}: {FP8_ONLY.why}; drop it or plan --quant fp8")
     chosen["fp8_exclude"] = tuple(chosen["fp8_exclude"]) + checkpoint_exclude
     return PlanRequest(config=config, options=dataclasses.replace(exported, **chosen), max_input_len=args.max_input_len,
                        kv_cache_dtype=args.kv_cache_dtype, attention=args.attention, gpu_bytes=args.gpu_mem,

@@ -323,8 +323,15 @@ def suggestion(result: Plan) -> dict[str, Any] | None:
     if worst_weights + request.reserve_bytes > request.gpu_bytes:
         hint = ("use more ranks (--tp/--pp)" if request.quantization.quantized
                 else "use --quant fp8 or more ranks (--tp/--pp)")
-        out["note"] = (f"the weights alone need {worst_weights / GiB:.2f} GiB per GPU (+ "
-                       f"{request.reserve_bytes / GiB:.2f} GiB reserve) of {request.gpu_bytes / GiB:.2f} GiB; {hint}")
+        rope = rope_table_bytes(request.config, request.dtype)  # every rank holds it whole: ranks do not help
+        if 2 * rope > worst_weights:
+            out["note"] = (f"the RoPE cos/sin tables alone need {rope / GiB:.2f} GiB per GPU, one row per position "
+                           f"of max_position_embeddings={request.config.max_position_embeddings} (of "
+                           f"{request.gpu_bytes / GiB:.2f} GiB); lower max_position_embeddings in config.json")
+        else:
+            out["note"] = (f"the weights alone need {worst_weights / GiB:.2f} GiB per GPU (+ "
+                           f"{request.reserve_bytes / GiB:.2f} GiB reserve) of {request.gpu_bytes / GiB:.2f} GiB; "
+                           f"{hint}")
     return out
 
 

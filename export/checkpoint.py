@@ -16,12 +16,23 @@ import torch
 from export.checkpoint_quant import CheckpointQuantization, read_checkpoint_quantization
 from export.config import LlamaConfig
 from export.errors import CheckpointError, ConfigError
-from export.safetensors_file import SafetensorsFile, TensorInfo
+from export.safetensors_file import DuplicateKey, SafetensorsFile, TensorInfo, unique_keys
 from export.sharding import (RankSpec, TensorSlice, checkpoint_name, expected_shape,
                              rank_tensor_names, tensor_slice)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+def _repeat_factor(heads: list[torch.Tensor], factors: list[int]) -> int:
+    """The largest factor f such that, in every [n_kv, rows, hidden] tensor, each run of f
+    consecutive heads holds f equal copies (1 when none does)."""
+    n_kv, best = heads[0].shape[0], 1
+    for factor in factors:
+        grouped = [h.reshape(n_kv // factor, factor, *h.shape[1:]) for h in heads]
+        if all(torch.equal(g[:, i], g[:, 0]) for g in grouped for i in range(1, factor)):
+            best = factor
+    return best
 
 
 class Checkpoint:
@@ -51,6 +62,7 @@ class Checkpoint:
         used = {checkpoint_name(cfg, n) for n in rank_tensor_names(cfg, RankSpec(0, 1))}
         linears = {n[:-len(".weight")] for n in used if ".self_attn." in n or ".mlp." in n}
         fp8_scales = {f"{m}.{leaf}" for m in linears for leaf in ("weight_scale", "input_scale")}
+        self._check_fp8_scales(linears)
         unused = sorted(set(self.weight_map) - used - fp8_scales)
         if not unused:
             return
@@ -67,14 +79,33 @@ class Checkpoint:
         raise CheckpointError(f"{self.directory}: tensor {first!r}{more} would be ignored: {why}; fix {config} "
                               "or use a checkpoint of this model")
 
+    def _check_fp8_scales(self, linears: set[str]) -> None:
+        """A weight stored as FP8 is only meaningful with its weight_scale; casting it without one
+        would use an implicit scale of 1 (transformers refuses to load such a checkpoint)."""
+        for module in sorted(linears):
+            name = f"{module}.weight"
+            if name in self.weight_map and self.info(name).dtype.itemsize == 1 and \
+                    f"{module}.weight_scale" not in self.weight_map:
+                has_config = "quantization_config" in json.loads((self.directory / "config.json").read_text())
+                why = "" if has_config else " and config.json has no quantization_config"
+                raise CheckpointError(f"{self.directory}: {name!r} is stored as {self.info(name).dtype} but "
+                                      f"{module}.weight_scale is missing{why}; llama405 will not guess a scale of 1 "
+                                      "— use the checkpoint with its scales")
+
     # -- file layout -------------------------------------------------------------------------
 
     def _read_weight_map(self) -> dict[str, Path]:
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE
+        for path in (index, single):
+            if path.is_dir():
+                raise CheckpointError(f"{path}: is a folder, not a file; a checkpoint's {path.name} must be a file")
         if index.is_file():
             try:
-                raw = json.loads(index.read_text())["weight_map"]
+                raw = json.loads(index.read_text(), object_pairs_hook=unique_keys)["weight_map"]
+            except DuplicateKey as dup:
+                raise CheckpointError(f"{index}: tensor {dup.key!r} is listed twice in weight_map; "
+                                      "re-download the index") from None
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index}: not a safetensors index ({err!r}); re-download it") from None
             if not isinstance(raw, dict) or not all(isinstance(f, str) and f for f in raw.values()):
@@ -84,14 +115,35 @@ class Checkpoint:
                                       f"(found {bad!r}); re-download it")
             files = {name: self.directory / fname for name, fname in raw.items()}
             for path in sorted(set(files.values())):
+                if path.is_dir():
+                    raise CheckpointError(f"{path}: shard named in {index.name} is a folder, not a file; "
+                                          "download it again or fix the index")
                 if not path.is_file():
                     raise CheckpointError(f"{path}: shard named in {index.name} is missing; "
                                           "download it again or fix the index")
+            self._check_shards_agree(index, files)
             return files
         if single.is_file():
             return {name: single for name in self._file(single).tensors}
         raise CheckpointError(f"{self.directory}: neither {INDEX_FILE} nor {SINGLE_FILE} found; "
                               "point --checkpoint at a Hugging Face safetensors checkpoint")
+
+    def _check_shards_agree(self, index: Path, files: dict[str, Path]) -> None:
+        """Every tensor a shard holds is listed in the index for that shard, once: a second copy in
+        another shard, or one the index does not list, would be silently dropped (the headers are
+        read anyway; no tensor data)."""
+        holder: dict[str, Path] = {}
+        for path in sorted(set(files.values())):
+            for name in self._file(path).tensors:
+                if name in holder:
+                    raise CheckpointError(f"{self.directory}: tensor {name!r} is stored in both {holder[name].name} "
+                                          f"and {path.name}; keep one copy (Hugging Face refuses such a checkpoint)")
+                holder[name] = path
+        for name, path in sorted(holder.items()):
+            if files.get(name) != path:
+                listed = f"lists it in {files[name].name}" if name in files else "does not list it"
+                raise CheckpointError(f"{path}: holds tensor {name!r} but {index.name} {listed}; "
+                                      "re-download the index or the shard")
 
     def _file(self, path: Path) -> SafetensorsFile:
         if path not in self._files:
@@ -118,31 +170,36 @@ class Checkpoint:
 
         Some 405B uploads carry num_key_value_heads 16 with every head stored twice, so 16-way
         tensor parallelism could split them. Serving them as 16 distinct heads doubles the KV
-        cache for nothing; the duplicates are found by comparing layer 0's heads.
+        cache for nothing. Layer 0's heads are compared whole; every other layer must show the
+        same factor on each head's first row (n_kv rows per projection, not the whole tensors),
+        so a checkpoint that duplicates some layers and not others is refused, not half-undone.
         """
         n_kv, d = cfg.num_key_value_heads, cfg.head_dim
         if n_kv == 1:
             return 1
-        heads = {}
-        for proj in ("k_proj", "v_proj"):
-            name = f"model.layers.0.self_attn.{proj}.weight"
-            if name not in self.weight_map:
-                return 1
-            if self.shape(name)[0] != n_kv * d:
-                return 1  # the shape check of the load names this mismatch properly
-            raw = self._read_part(name, None, None)
-            if raw.element_size() == 1:
-                raw = raw.view(torch.uint8)  # FP8 weights: compare the stored bytes
-            heads[proj] = raw.reshape(n_kv, d, -1)  # [kv_heads, head_dim, hidden]
-        best = 1
-        for factor in range(2, n_kv + 1):
-            if n_kv % factor or cfg.num_attention_heads % (n_kv // factor):
+        names = {layer: [f"model.layers.{layer}.self_attn.{proj}.weight" for proj in ("k_proj", "v_proj")]
+                 for layer in range(cfg.num_hidden_layers)}
+        if any(n not in self.weight_map or self.shape(n)[0] != n_kv * d for n in names[0]):
+            return 1  # the load's name and shape checks report this properly
+        factors = [f for f in range(2, n_kv + 1) if not n_kv % f and not cfg.num_attention_heads % (n_kv // f)]
+        whole = [self._stored_bytes(self._read_part(n, None, None)).reshape(n_kv, d, -1) for n in names[0]]
+        best = _repeat_factor(whole, factors)
+        for layer in range(1, cfg.num_hidden_layers):
+            if any(n not in self.weight_map or self.shape(n)[0] != n_kv * d for n in names[layer]):
                 continue
-            if all(torch.equal(h.reshape(n_kv // factor, factor, d, -1)[:, i],
-                               h.reshape(n_kv // factor, factor, d, -1)[:, 0])
-                   for h in heads.values() for i in range(1, factor)):
-                best = factor
+            firsts = [torch.stack([self._stored_bytes(self._read_part(n, (h * d, h * d + 1), None))[0]
+                                   for h in range(n_kv)])[:, None] for n in names[layer]]
+            factor = _repeat_factor(firsts, factors)
+            if factor != best:
+                raise CheckpointError(
+                    f"{self.directory}: layer 0 stores each of its KV heads {best} time(s) but layer {layer} "
+                    f"{factor} time(s) (k_proj/v_proj); a checkpoint must repeat its heads the same way in "
+                    "every layer — re-download or re-convert it")
         return best
+
+    @staticmethod
+    def _stored_bytes(raw: torch.Tensor) -> torch.Tensor:
+        return raw.view(torch.uint8) if raw.element_size() == 1 else raw  # FP8: compare the stored bytes
 
     # -- reading one rank --------------------------------------------------------------------
 

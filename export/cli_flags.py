@@ -10,8 +10,9 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from export.bounds import CALIB_SAMPLES, CALIB_SEQ_LEN, MAX_BATCH, MAX_SEQ_LEN
 from export.options import DTYPE_CHOICES, ExportOptions, choices
 from export.errors import InputError, Llama405Error
 
@@ -20,16 +21,77 @@ T = TypeVar("T")
 DEFAULTS = ExportOptions()  # flag defaults are the options' defaults
 
 
+CALIB_SHIPPED, CALIB_OFF = "default", "none"  # the --calib-text words that are not a file
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagScope:
+    """Where a flag can take effect: `applies(args)` says whether it does for this invocation
+    (args holds every flag, defaults filled in); `why` ends "--flag: <why>; drop it" when the
+    user gave it anyway. One rule per situation, shared by every flag it covers, so a flag that
+    cannot take effect is refused (exit 2) instead of silently ignored."""
+
+    applies: Callable[[argparse.Namespace], bool]
+    why: str
+
+
+def _quantization(args: argparse.Namespace):
+    from export.quantization import quantization_named
+    return quantization_named(args.quant)
+
+
+def _quantizing_names() -> str:
+    from export.quantization import QUANTIZATIONS
+    return " or ".join(name for name, scheme in QUANTIZATIONS.items() if scheme.quantized)
+
+
+# The situations where a flag is fixed elsewhere or has nothing to act on (the quantization
+# strategy answers for --quant: no scheme name is compared here).
+FP8_ONLY = FlagScope(lambda a: _quantization(a).quantized,
+                     f"applies only with --quant {_quantizing_names()} (the weights are not quantized)")
+CALIBRATED = FlagScope(lambda a: _quantization(a).needs_activation_scales and a.calib_text != CALIB_OFF,
+                       f"applies only when FP8 scales are calibrated (--calib-text is {CALIB_OFF})")
+NOT_FROM_ARTIFACT = FlagScope(lambda a: getattr(a, "artifact", None) is None,
+                              "the --artifact fixes it (its manifest holds the value it was exported with)")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the user-error form of export/cli_run.py: a refused flag is one line,
     `prog: error: argument --flag: ...`, and exit code 2 (no usage block; --help shows it).
-    Subparsers inherit the class."""
+    Subparsers inherit the class.
+
+    `add_scoped` adds a flag that takes effect only within its FlagScopes: its argparse default
+    is None, so a flag the user gave is told apart from one left at its default (filled in after
+    the check), and a given flag outside a scope is refused here, where the flags are parsed."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._scoped: list[tuple[argparse.Action, Any, tuple[FlagScope, ...]]] = []
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def add_scoped(self, *names: str, scopes: tuple[FlagScope, ...], default: Any = None,
+                   group: Any = None, **kwargs: Any) -> argparse.Action:
+        """add_argument (into `group`, an argument group of this parser, if given) for a flag that
+        takes effect only within `scopes`."""
+        action = (group or self).add_argument(*names, default=None, **kwargs)
+        self._scoped.append((action, default, scopes))
+        return action
 
-CALIB_SHIPPED, CALIB_OFF = "default", "none"  # the --calib-text words that are not a file
+    def parse_known_args(self, args=None, namespace=None):  # subparsers run through it too
+        parsed, rest = super().parse_known_args(args, namespace)
+        given = []
+        for action, default, scopes in self._scoped:
+            if getattr(parsed, action.dest, None) is not None:
+                given.append((action, scopes))
+            else:
+                setattr(parsed, action.dest, list(default) if isinstance(default, list) else default)
+        for action, scopes in given:
+            for scope in scopes:
+                if not scope.applies(parsed):
+                    self.error(f"argument {'/'.join(action.option_strings)}: {scope.why}; drop it")
+        return parsed, rest
 
 
 def flag_type(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -69,24 +131,31 @@ def _option_flag_specs() -> dict[str, dict]:
                            help="meta: also keep attention and the first/last layer in the compute dtype"),
         "fp8_exclude": dict(action="append", metavar="PATTERN",
                             help="keep matching linears unquantized: an fnmatch pattern such as 'model.layers.0.*', "
-                                 "or re:REGEX (repeatable)"),
+                                 "or re:REGEX (repeatable); a pattern that matches no linear is refused"),
         "fp8_checkpoint_exclusions": dict(
             choices=choices()["fp8_checkpoint_exclusions"],
             help="a pre-quantized checkpoint's own list of unquantized modules (quantization_config "
                  "modules_to_not_convert / ignore / exclude_modules): honour it (default) or quantize those linears too"),
         "kv_cache": dict(choices=choices()["kv_cache"],
                          help="static: max-seq-len buffers written in place; concat: the past grows each step"),
-        "max_batch": dict(type=int, help="largest batch"),
-        "max_seq_len": dict(type=int, help="KV-cache length"),
+        "max_batch": dict(type=MAX_BATCH.flag_type, help=f"largest batch ({MAX_BATCH.describe()})"),
+        "max_seq_len": dict(type=MAX_SEQ_LEN.flag_type, help=f"KV-cache length ({MAX_SEQ_LEN.describe()})"),
         "logits": dict(choices=choices()["logits"], help="return logits for every position or only the last one"),
     }
 
 
-def add_option_flags(p, fields: tuple[str, ...], defaults: ExportOptions | None,
-                     unset: tuple[str, ...] = (), note: str = "") -> None:
+# Flags that act only on quantized linears: refused where --quant leaves every linear unquantized.
+QUANTIZED_FIELDS = ("fp8_recipe", "fp8_exclude", "fp8_checkpoint_exclusions")
+
+
+def add_option_flags(p: ArgumentParser, fields: tuple[str, ...], defaults: ExportOptions | None,
+                     unset: tuple[str, ...] = (), note: str = "", scopes: tuple[FlagScope, ...] = ()) -> None:
     """Flags for ExportOptions `fields`, defaulting to `defaults`' values; None = no default
-    (`plan`: the export's default or the artifact's). `unset` fields parse to None where given
-    (`build --artifact`: the artifact's); the help names the default either way."""
+    (`plan`: the export's default or the artifact's; no scope is checked at parse time, the
+    artifact's values are not known yet). `unset` fields parse to None where given (`build
+    --artifact`: the artifact's); the help names the default either way. Where defaults are
+    given, every field except the `unset` ones is scoped: refused where `scopes` (and, for
+    QUANTIZED_FIELDS, FP8_ONLY) say it cannot take effect."""
     specs = _option_flag_specs()
     for field in fields:
         spec = dict(specs[field])
@@ -100,7 +169,12 @@ def add_option_flags(p, fields: tuple[str, ...], defaults: ExportOptions | None,
             spec["help"] += f" (default {shown})"
         if note:
             spec["help"] += f"; {note}"
-        p.add_argument("--" + field.replace("_", "-"), **spec)
+        flag = "--" + field.replace("_", "-")
+        if defaults is None or field in unset:
+            p.add_argument(flag, **spec)
+        else:
+            own = (FP8_ONLY,) if field in QUANTIZED_FIELDS else ()
+            p.add_scoped(flag, scopes=(*scopes, *own), **spec)
 
 
 # generate / parity --checkpoint (the torch backend, eagerly): float32, the dtype PyTorch computes
@@ -114,19 +188,26 @@ def checkpoint_run_options(args: argparse.Namespace) -> ExportOptions:
     return dataclasses.replace(CHECKPOINT_RUN_DEFAULTS, **{f: getattr(args, f) for f in CHECKPOINT_RUN_FIELDS})
 
 
-def add_export_flags(p: argparse.ArgumentParser) -> None:
+def add_export_flags(p: ArgumentParser) -> None:
     """The flags of `llama405 export` and of `build` / `build-engine` with --checkpoint: one set of
     names, types and defaults. --max-batch / --max-seq-len default to None, which means the
     export's defaults (ExportOptions) or, for `build --artifact`, the artifact's. Sizes are
-    checked by ExportOptions.validate (one line naming the flag), not by argparse."""
+    bounded by their types (export/bounds.py). The options an artifact fixes are refused with
+    `build --artifact` (NOT_FROM_ARTIFACT); the FP8 ones without a quantizing --quant (FP8_ONLY),
+    the calibration sizes when nothing is calibrated (CALIBRATED)."""
+    fixed = (NOT_FROM_ARTIFACT,)
     add_option_flags(p, ("tp", "pp", "dtype", "quant", "fp8_recipe", "fp8_exclude", "fp8_checkpoint_exclusions",
-                         "kv_cache", "max_batch", "max_seq_len", "logits"), DEFAULTS, unset=("max_batch", "max_seq_len"))
+                         "kv_cache", "max_batch", "max_seq_len", "logits"), DEFAULTS, unset=("max_batch", "max_seq_len"),
+                     scopes=fixed)
     p.add_argument("--ranks", help="only these ranks, e.g. 0-7 (one node of a multi-node run)")
-    p.add_argument("--calib-text", default=CALIB_SHIPPED,
-                   help=f"UTF-8 text for FP8 activation calibration; '{CALIB_SHIPPED}' = the shipped text, "
-                        f"'{CALIB_OFF}' = only use input_scale tensors from the checkpoint")
-    p.add_argument("--calib-samples", type=int, default=8)
-    p.add_argument("--calib-seq-len", type=int, default=256)
+    fp8 = (*fixed, FP8_ONLY)
+    p.add_scoped("--calib-text", default=CALIB_SHIPPED, scopes=fp8,
+                 help=f"UTF-8 text for FP8 activation calibration; '{CALIB_SHIPPED}' = the shipped text, "
+                      f"'{CALIB_OFF}' = only use input_scale tensors from the checkpoint")
+    p.add_scoped("--calib-samples", type=CALIB_SAMPLES.flag_type, default=8, scopes=(*fp8, CALIBRATED),
+                 help=f"calibration sequences (default 8; {CALIB_SAMPLES.describe()})")
+    p.add_scoped("--calib-seq-len", type=CALIB_SEQ_LEN.flag_type, default=256, scopes=(*fp8, CALIBRATED),
+                 help=f"tokens per calibration sequence (default 256; {CALIB_SEQ_LEN.describe()})")
 
 
 def export_options_from(args: argparse.Namespace):
@@ -137,10 +218,12 @@ def export_options_from(args: argparse.Namespace):
             raise InputError(f"--{flag} {getattr(args, flag)} must be >= 1")
     ranks = tuple(parse_rank_list(args.ranks, args.tp * args.pp)) if args.ranks else None
     sizes = {k: getattr(args, k) for k in ("max_batch", "max_seq_len") if getattr(args, k) is not None}
-    return ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
-                         logits=args.logits, ranks=ranks, fp8_recipe=args.fp8_recipe,
-                         fp8_exclude=tuple(args.fp8_exclude),
-                         fp8_checkpoint_exclusions=args.fp8_checkpoint_exclusions, **sizes)
+    options = ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
+                            logits=args.logits, ranks=ranks, fp8_recipe=args.fp8_recipe,
+                            fp8_exclude=tuple(args.fp8_exclude),
+                            fp8_checkpoint_exclusions=args.fp8_checkpoint_exclusions, **sizes)
+    options.validate()  # sizes within their bounds before a checkpoint is opened or text tokenized
+    return options
 
 
 def calibration_file(args: argparse.Namespace, options: ExportOptions) -> tuple[bool, str | None]:

@@ -10,6 +10,7 @@ Exit codes:
   70   a llama405 bug (InternalError or any other exception): its traceback, then one line
        asking for a report (70 = EX_SOFTWARE of sysexits.h)
   130  interrupted (Ctrl-C)
+  141  stdout's reader closed the pipe (`llama405 inspect ART | head -1`): the rest is dropped quietly
   143  terminated (SIGTERM)
 
 SIGTERM is turned into an exception so `finally` blocks run — an export removes its temporary
@@ -19,6 +20,8 @@ folders and the trace folder on the way out, as it does for Ctrl-C.
 from __future__ import annotations
 
 import errno
+import os
+import select
 import signal
 import sys
 import traceback
@@ -31,6 +34,7 @@ EXIT_BAD_INPUT = 2
 EXIT_MISSING = 3
 EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool whose reader closed the pipe
 EXIT_TERMINATED = 143
 
 _FIXES = {
@@ -45,6 +49,24 @@ _FIXES = {
     errno.ENOENT: "check the path",
     errno.EBUSY: "the path is in use: choose another path",
 }
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader went away (`llama405 inspect ART | head -1`). Then the rest of the
+    output is dropped quietly, as other command-line tools do: stdout is pointed at /dev/null so
+    the interpreter's final flush cannot print "Exception ignored ... BrokenPipeError"."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (a test's capture)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):  # a pipe whose reader closed
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return True
 
 
 class Terminated(BaseException):
@@ -65,7 +87,9 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run one command under the exit-code contract above."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return command()
+        code = command()
+        sys.stdout.flush()  # a closed pipe shows here, not at exit as "Exception ignored"
+        return code
     except MissingRequirement as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_MISSING
@@ -73,6 +97,8 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:
+        if err.errno == errno.EPIPE and _stdout_closed():
+            return EXIT_BROKEN_PIPE
         print(f"{prog}: error: {os_error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from export.bounds import check_config_sizes
 from export.errors import ConfigError
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -22,7 +23,7 @@ ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta", *LLAMA3_ROPE_KEYS})
 # A checkpoint with another value is refused by name rather than exported as a different model.
 IMPLEMENTED = {"hidden_act": "silu", "hidden_activation": "silu", "attention_bias": False, "mlp_bias": False,
                "use_qk_norm": False, "sliding_window": None, "attn_logit_softcapping": None,
-               "final_logit_softcapping": None}
+               "final_logit_softcapping": None, "partial_rotary_factor": 1.0}
 
 
 def refuse_unimplemented(raw: dict[str, Any], source: str) -> None:
@@ -108,6 +109,8 @@ class LlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{source}: {name}={value!r} must be a positive integer")
+        # Upper bounds before anything is sized from them (a 2**40-position RoPE table, say).
+        check_config_sizes({name: getattr(self, name) for name in positive}, source)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "

@@ -8,6 +8,9 @@ invariant of llama405 itself, shown with its traceback and exit code 70 — as i
 exception that escapes a command.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 
 class Llama405Error(Exception):
     """Base of every user-facing error: bad input, not a bug in llama405."""
@@ -41,3 +44,22 @@ class MissingRequirement(Llama405Error):
 class InternalError(Exception):
     """An invariant of llama405 broke: a llama405 bug, never the user's input. Not a
     Llama405Error, so the CLI shows the traceback and exits with code 70 (EX_SOFTWARE)."""
+
+
+def excerpt(text: object, limit: int = 160) -> str:
+    """str(text) cut to `limit` characters for an error line: a library's message may quote a
+    whole line of the user's (binary) file, and one line must stay one readable line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else f"{flat[:limit]}… ({len(flat) - limit} more characters)"
+
+
+@contextlib.contextmanager
+def naming(path: object) -> Iterator[None]:
+    """An OSError raised inside without a file name (os.write / f.write hitting ENOSPC, EIO) gets
+    `path`, so its one line names the file being written instead of "a file"."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise

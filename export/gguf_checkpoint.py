@@ -38,7 +38,7 @@ from export.dtypes import dtype as dtype_info
 from export.errors import CheckpointError
 from export.gguf_tokenizer import GgufVocab, write_tokenizer_files
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
-                               temporary_sibling)
+                               output_folder, temporary_sibling)
 from export.sharding import RankSpec, checkpoint_name, rank_tensor_names
 
 PRODUCER = "llama405 convert-gguf"
@@ -286,7 +286,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, storage: str = "float32", ex
 
     expected_sha256: refuse an input with another digest (a pinned file). force: replace a folder
     that holds another conversion (a folder convert-gguf did not write is never replaced)."""
-    gguf, out = Path(gguf), Path(out)
+    gguf, out = Path(gguf), output_folder(out)
     if storage not in STORAGE_DTYPES:
         raise CheckpointError(f"--dtype {storage}: convert-gguf stores {' or '.join(STORAGE_DTYPES)}")
     if not gguf.is_file():

@@ -24,7 +24,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from export.chat_template import render_chat
-from export.errors import ConfigError, InputError
+from export.errors import ConfigError, InputError, excerpt
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -40,7 +40,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror or err}; {fix}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}); {fix}") from None
+        raise ConfigError(f"{path} is not valid JSON ({excerpt(err)}); {fix}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
     return data
@@ -87,7 +87,7 @@ class HFTokenizer:
             if not self.source.is_file():
                 raise ConfigError(f"tokenizer file {self.source} not found; copy the checkpoint's tokenizer.json "
                                   "there") from None
-            raise ConfigError(f"{self.source} is not a tokenizer.json the `tokenizers` library reads ({err}); "
+            raise ConfigError(f"{self.source} is not a tokenizer.json the `tokenizers` library reads ({excerpt(err)}); "
                               "re-download it with the checkpoint") from None
         config_path = directory / TOKENIZER_CONFIG
         config = _read_json(config_path) if config_path.is_file() else {}

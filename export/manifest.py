@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from export.config import LlamaConfig
-from export.errors import ArtifactError, ConfigError
+from export.errors import ArtifactError, ConfigError, naming
 from export.kv_cache import LOCKSTEP, PER_SEQUENCE, KVCacheLayout
 from export.options import ExportOptions
 
@@ -226,7 +226,8 @@ def file_entry(path: Path, sha256: str | None = None) -> dict[str, Any]:
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
     path = directory / MANIFEST
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(manifest.to_json())
+    with naming(tmp):
+        tmp.write_text(manifest.to_json())
     os.replace(tmp, path)
     return path
 
@@ -239,6 +240,11 @@ def load_manifest(directory: str | Path, verify_hashes: bool = False,
     """
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.is_dir():
+        what = "is a file, not an artifact folder" if directory.exists() else "no such folder"
+        raise ArtifactError(f"{directory}: {what}; pass the folder `llama405 export --out` wrote")
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a folder, not the artifact's manifest file; re-export the artifact")
     if not path.is_file():
         partial = sorted(directory.parent.glob(f".{directory.name}.tmp-*")) if directory.parent.is_dir() else []
         hint = f" (an unfinished export was left in {partial[0]})" if partial else ""
@@ -258,7 +264,8 @@ def load_manifest(directory: str | Path, verify_hashes: bool = False,
             continue
         file = directory / rel
         if not file.is_file():
-            raise ArtifactError(f"{file}: listed in the manifest but missing; re-export the artifact "
+            what = "is a folder, not a file" if file.is_dir() else "missing"
+            raise ArtifactError(f"{file}: listed in the manifest but {what}; re-export the artifact "
                                 "or copy the file back")
         size = file.stat().st_size
         if size != entry["size"]:

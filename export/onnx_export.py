@@ -41,12 +41,12 @@ from export.kv_cache import PARTS, KVCacheLayout, past_name, present_name
 from export.options import ExportOptions
 from export.checkpoint_quant import CheckpointQuantization
 from export.config import LlamaConfig
-from export.errors import ArtifactError, CheckpointError, InternalError
+from export.errors import ArtifactError, CheckpointError, InternalError, naming
 from export.scales_record import FROM_CALIBRATION, FROM_CHECKPOINT, CalibrationRecord, ScalesRecord
 from export.manifest import (CACHE_WRITES, DATA_FILE, ONNX_FILE, Manifest, RankEntry, TensorSpec, config_digest,
                              file_entry, is_finished_artifact, options_digest, rank_folder, write_manifest)
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
-                               temporary_sibling)
+                               output_folder, temporary_sibling)
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
                              shares_tied_head, stage_layers, stored_tensor_names, tensor_slice, validate_parallelism)
@@ -304,7 +304,8 @@ def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, 
     model.doc_string = (f"Llama 3.1 rank {spec.rank} (tp {spec.tp_rank}/{spec.tp_size}, "
                         f"pp {spec.pp_rank}/{spec.pp_size})")
     onnx_path = rank_dir / ONNX_FILE
-    onnx.save_model(model, str(onnx_path))
+    with naming(onnx_path):
+        onnx.save_model(model, str(onnx_path))
     collectives.register_dist_collective_schema()
     onnx.checker.check_model(str(onnx_path), full_check=False)
     layers = stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank)
@@ -409,7 +410,7 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
     carries none (the CLI tokenizes --calib-text; export/ never imports the runner's tokenizer).
     stats, if given, receives the seconds spent streaming weights (weights_s) and tracing (trace_s).
     """
-    out = Path(out)
+    out = output_folder(out)
     checkpoint = Checkpoint(checkpoint_dir)
     cfg = checkpoint.config
     validate_parallelism(cfg, options.tp, options.pp)

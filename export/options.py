@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from export.checkpoint_quant import CHECKPOINT_EXCLUSION_CHOICES
+from export.bounds import MAX_BATCH, MAX_SEQ_LEN
 from export.errors import ConfigError
 from export.dtypes import COMPUTE_DTYPE_NAMES
 from export.kv_cache import KV_CACHE_LAYOUTS, KVCacheLayout, kv_cache_layout
@@ -60,6 +61,18 @@ class ExportOptions:
         if cfg is not None and self.max_seq_len > cfg.max_position_embeddings:
             raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
                               f"({cfg.max_position_embeddings}); choose at most that")
+        if cfg is not None and self.quantization.quantized:
+            self._check_exclusions_match(cfg)
+
+    def _check_exclusions_match(self, cfg: LlamaConfig) -> None:
+        """Each --fp8-exclude pattern keeps at least one linear of this model unquantized; one that
+        matches none (a typo, another naming scheme) would quantize everything it meant to keep."""
+        from export.quantization import QUANTIZABLE, matches
+        linears = [f"model.layers.{layer}.{leaf}" for layer in range(cfg.num_hidden_layers) for leaf in QUANTIZABLE]
+        for pattern in self.fp8_exclude:
+            if not any(matches(name, pattern) for name in linears):
+                raise ConfigError(f"--fp8-exclude {pattern!r} matches none of this model's quantizable linears "
+                                  f"({', '.join(linears[:3])}, ... {linears[-1]}); fix the pattern")
 
     def validate_fields(self) -> None:
         """Each field on its own: positive sizes, a choice of its choices, compilable patterns."""
@@ -70,6 +83,8 @@ class ExportOptions:
         for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{_flag(name)} {getattr(self, name)!r}: choose {' or '.join(allowed)}")
+        for name, bound in (("max_batch", MAX_BATCH), ("max_seq_len", MAX_SEQ_LEN)):
+            bound.check(getattr(self, name), f"--{_flag(name)}")
         for pattern in self.fp8_exclude:
             if pattern.startswith("re:"):
                 try:

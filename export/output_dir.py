@@ -31,6 +31,30 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+# The longest sibling name llama405 makes beside --out is `.NAME.tmp-PID-XXXXXXXX` (mkdtemp's 8
+# characters, a pid of up to 7 digits): NAME plus at most this many characters.
+SIBLING_NAME_EXTRA = 32
+
+
+def output_folder(out: str | Path) -> Path:
+    """--out as an absolute path without `.` / `..` parts: `--out .` names the current folder
+    itself, so its lock and temporary siblings land beside it, not inside it. Refuses a name
+    too long for those siblings (ArtifactError naming the limit) before anything is written."""
+    path = Path(os.path.abspath(out))
+    if not path.name:
+        raise ArtifactError(f"--out {out}: is the file system's root; choose a folder inside it")
+    try:
+        name_max = os.pathconf(next(p for p in (path.parent, *path.parent.parents) if p.exists()), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    limit = name_max - SIBLING_NAME_EXTRA
+    if len(path.name.encode()) > limit:
+        raise ArtifactError(f"--out {out}: its last name is {len(path.name.encode())} bytes; llama405 writes siblings "
+                            f"named .NAME.tmp-PID-XXXXXXXX beside it, so at most {limit} fit this file system's "
+                            f"{name_max}; choose a shorter name")
+    return path
+
+
 def check_replaceable(out: Path, force: bool, is_ours: Callable[[Path], bool], what: str,
                       protected: Sequence[Path] = (), error: type[Llama405Error] = ArtifactError) -> None:
     """Refuse (with `error`) an --out that --force may not replace, or that exists without --force."""

@@ -21,8 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.dtypes import DTYPES as ELEMENT_TYPES
 from export.dtypes import dtype_of_safetensors
 from export.errors import CheckpointError, ConfigError
+
+# dtypes the safetensors format defines that llama405 does not read: a valid file, an unsupported model
+SAFETENSORS_ONLY_DTYPES = frozenset({"U16", "U32", "U64", "C64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"})
 PAGE = 4096
 WINDOW_ROWS = 4096  # rows whose pages are requested ahead of the copies (measured: 1024-16384 alike)
 MAX_PREAD = 1 << 30  # Linux returns at most ~2 GiB per read
@@ -40,8 +44,34 @@ class TensorInfo:
         return math.prod(self.shape[1:]) * self.dtype.itemsize
 
 
+def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json object_pairs_hook: a key written twice is refused (json.loads keeps the last silently;
+    the safetensors library refuses such a header)."""
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or rewritten: device, inode, size, mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class SafetensorsFile:
-    """The header of one file; `read` copies any row range x column blocks of a tensor."""
+    """The header of one file; `read` copies any row range x column blocks of a tensor.
+
+    The file's identity (inode, size, mtime) is recorded when the header is read and checked
+    around every read: a shard replaced or rewritten while an export streams it is refused by
+    name instead of mixing two checkpoints' bytes in one artifact."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -53,15 +83,22 @@ class SafetensorsFile:
 
     def _parse_header(self) -> dict[str, TensorInfo]:
         try:
-            size = self.path.stat().st_size
             with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                self.identity = file_identity(st)
+                size = st.st_size
                 prefix = f.read(8)
                 if len(prefix) < 8:
                     raise self._corrupt(f"{size} bytes, shorter than the 8-byte header length")
                 length = struct.unpack("<Q", prefix)[0]
                 if length > size - 8:
                     raise self._corrupt(f"header length {length} exceeds the file's {size} bytes")
-                header = json.loads(f.read(length))
+                header = json.loads(f.read(length), object_pairs_hook=unique_keys)
+        except DuplicateKey as dup:
+            raise CheckpointError(f"{self.path}: tensor {dup.key!r} appears twice in the safetensors header; "
+                                  "the safetensors library refuses such a file — download it again") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{self.path}: is a folder, not a safetensors file; a shard must be a file") from None
         except OSError as err:
             raise CheckpointError(f"{self.path}: unreadable ({err.strerror}); check the path and permissions") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -73,6 +110,11 @@ class SafetensorsFile:
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
+            stored = entry.get("dtype") if isinstance(entry, dict) else None
+            if stored in SAFETENSORS_ONLY_DTYPES:
+                readable = ", ".join(d.safetensors for d in ELEMENT_TYPES.values())
+                raise CheckpointError(f"{self.path}: tensor {name!r} is stored as {stored}, a dtype llama405 does not "
+                                      f"support (it reads {readable}); convert the checkpoint to bf16/fp16")
             try:
                 dtype = dtype_of_safetensors(entry["dtype"]).torch
                 shape = tuple(int(d) for d in entry["shape"])
@@ -133,22 +175,40 @@ class SafetensorsFile:
 
     def _fill(self, out: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
         buffer = _bytes_of(out).reshape(-1)
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self._open_unchanged()
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             at = 0
             for offset, length in ranges:
                 self._pread_into(fd, buffer[at:at + length], offset)
                 at += length
+            self._check_unchanged(fd)
         finally:
             os.close(fd)
+
+    def _open_unchanged(self) -> int:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._check_unchanged(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_unchanged(self, fd: int) -> None:
+        """The file at self.path (fd) is still the one whose header was read: a shard replaced or
+        rewritten meanwhile would mix two checkpoints (one fstat, no data read)."""
+        if file_identity(os.fstat(fd)) != self.identity or file_identity(os.stat(self.path)) != self.identity:
+            raise CheckpointError(f"{self.path}: the file changed while llama405 was reading it (its inode, size or "
+                                  "modification time differ from when its header was read); the result would mix "
+                                  "two checkpoints — wait until the checkpoint is complete and run again")
 
     def _read_strided(self, out: torch.Tensor, info: TensorInfo, lo: int, hi: int,
                       spans: list[tuple[int, int]]) -> None:
         flat = memoryview(_bytes_of(out).reshape(-1))  # row r's wanted bytes follow row r-1's
         wanted, row_bytes = sum(n for _, n in spans), info.row_bytes
         advise, preadv, willneed = os.posix_fadvise, os.preadv, os.POSIX_FADV_WILLNEED
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self._open_unchanged()
         try:
             advise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead over the skipped pages
             # ~200k rows for a 405B rank: the loops stay lean (one syscall per row and span).
@@ -165,6 +225,7 @@ class SafetensorsFile:
                         if preadv(fd, [target], base + offset) != length:
                             self._pread_into(fd, target, base + offset)  # a short read: finish it
                         at += length
+            self._check_unchanged(fd)
         finally:
             os.close(fd)
 

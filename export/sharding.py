@@ -51,7 +51,9 @@ def parse_rank_list(text: str, world: int) -> list[int]:
         if not match:
             raise ShardingError(f"--ranks {text!r}: {part!r} is not a rank or a range like 0-7")
         lo, hi = int(match[1]), int(match[2] or match[1])
-        if hi < lo or hi >= world:
+        if hi < lo:
+            raise ShardingError(f"--ranks {text!r}: {part!r} is reversed; write the range low-high ({hi}-{lo})")
+        if hi >= world:
             raise ShardingError(f"--ranks {text!r}: {part!r} is outside 0-{world - 1} (tp x pp = {world})")
         ranks.extend(range(lo, hi + 1))
     return sorted(set(ranks))

@@ -32,9 +32,9 @@ from tqdm import tqdm
 from export.config import LlamaConfig, preset
 from export.dtypes import COMPUTE_DTYPE_NAMES
 from export.dtypes import dtype as dtype_info
-from export.errors import CheckpointError, ConfigError
+from export.errors import CheckpointError, ConfigError, naming
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
-                               temporary_sibling)
+                               output_folder, temporary_sibling)
 from export.sharding import RankSpec, expected_shape, rank_tensor_names
 from export.tokenizer_files import copy_tokenizer_files
 
@@ -278,7 +278,8 @@ def _write_tensors(tmp: Path, shards: list[ShardPlan], dtype: str, seed: int,
             tqdm(total=sum(s.data_bytes for s in shards), unit="B", unit_scale=True,
                  unit_divisor=1024, desc=label, disable=not progress) as bar:
         for shard in shards:
-            _write_shard(tmp / shard.filename, shard, seed, pool, scratches, bar, durable)
+            with naming(tmp / shard.filename):
+                _write_shard(tmp / shard.filename, shard, seed, pool, scratches, bar, durable)
 
 
 # -- small files ----------------------------------------------------------------------------
@@ -355,7 +356,7 @@ def synthesize_checkpoint(cfg: LlamaConfig, out: Path, dtype: str = "bfloat16", 
     for throwaway checkpoints on a slow disk. force replaces only a checkpoint synth wrote or an
     empty folder, never one holding a `protected` path (the --config file).
     """
-    out = Path(out)
+    out = output_folder(out)
     dtype_spec(dtype)  # a bad --dtype fails before anything touches the disk
     replaceable = {"force": force, "is_ours": is_synthesized_checkpoint, "what": "a checkpoint llama405 synth wrote",
                    "protected": protected, "error": CheckpointError}

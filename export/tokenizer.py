@@ -21,7 +21,7 @@ from types import MappingProxyType
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from export.errors import ConfigError, InputError
+from export.errors import ConfigError, InputError, excerpt
 from export.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
 from export.tokenizer_files import (PIP_NAME, TOKENIZER_FILES, TOKENIZER_MODEL, TOKENIZER_MODEL_SHA256,
                                     VOCAB_SIZE, copy_tokenizer_files, default_tokenizer_dir)
@@ -83,7 +83,7 @@ def _load_ranks(model_file: Path) -> dict[bytes, int]:
         raise ConfigError(f"cannot read tokenizer file {model_file}: {exc.strerror or exc}; "
                           f"{_MODEL_HINT}") from exc
     except ValueError as exc:
-        raise ConfigError(f"{model_file} is not a tiktoken BPE file ({exc}); "
+        raise ConfigError(f"{model_file} is not a tiktoken BPE file ({excerpt(exc)}); "
                           f"{_MODEL_HINT}") from exc
     if len(ranks) != NUM_BASE_TOKENS or set(ranks.values()) != set(range(NUM_BASE_TOKENS)):
         raise ConfigError(f"{model_file} has {len(ranks)} BPE ranks, Llama 3 has ranks "

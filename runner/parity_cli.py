@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from export.bounds import STEPS
 from export.cli_flags import add_verify_flag, flag_type, verify_artifact
 from export.cli_run import EXIT_OUTSIDE_TOLERANCE
-from export.errors import ArtifactError, InputError, MissingRequirement
+from export.errors import ArtifactError, InputError, MissingRequirement, naming
 from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_options, open_backend
 from runner.compare import DEFAULT_TOLERANCES, StepRow, default_preset
 from runner.device import parse_device
@@ -164,8 +165,7 @@ def _describe(kind: str, artifact: Path, reference: Path | None, device) -> str:
 
 
 def _validate(args) -> None:
-    if args.steps < 0:
-        raise InputError(f"--steps {args.steps}: must be >= 0 (decode steps after the prefill)")
+    STEPS.check(args.steps, "--steps")  # decode steps after the prefill
     if not args.artifact.is_dir():
         raise ArtifactError(f"--artifact {args.artifact}: no such directory; pass the folder "
                             "`llama405 export --out` wrote")
@@ -185,6 +185,9 @@ def fidelity_tokens(args, manifest) -> list[int] | None:
     """The --fidelity-text ids (None: measure on the prompt), checked to fit the artifact's cache."""
     if args.fidelity_text is None:
         return None
+    if manifest.quant != "fp8":
+        raise InputError(f"--fidelity-text measures what FP8 quantization lost, but {args.artifact} is not "
+                         f"quantized (quant={manifest.quant}); drop it")
     from importlib import resources
 
     from export.tokenizer import model_tokenizer
@@ -247,7 +250,8 @@ def run(args) -> int:
             report.context["fidelity"]["text"] = args.fidelity_text or "the prompt and the decoded tokens"
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(report.to_json() + "\n")
+        with naming(args.report):
+            args.report.write_text(report.to_json() + "\n")
     print(report.to_json() if args.json else report.format_text())
     return 0 if report.passed else EXIT_OUTSIDE_TOLERANCE
 

@@ -14,7 +14,8 @@ import argparse
 import dataclasses
 from typing import Any
 
-from export.cli_flags import flag_type, positive_int
+from export.bounds import ORT_THREADS
+from export.cli_flags import flag_type
 from export.errors import InputError
 from runner.backends.ort_threads import SPINNING_CHOICES, OrtThreads
 from runner.device import Device, parse_device
@@ -70,8 +71,9 @@ class OrtFlags(FlagGroup):
     flags = ("ort_threads", "ort_spinning")
 
     def add_flags(self, parser):
-        parser.add_argument("--ort-threads", type=positive_int,
-                            help="ort backend: intra-op threads per session (default: the cores, <= 8)")
+        parser.add_argument("--ort-threads", type=ORT_THREADS.flag_type,
+                            help=f"ort backend: intra-op threads per session (default: the cores, <= 8; at most "
+                                 f"{ORT_THREADS.hi}: {ORT_THREADS.reason})")
         parser.add_argument("--ort-spinning", choices=SPINNING_CHOICES, default="auto",
                             help="ort backend: spin the thread pool between steps (auto: when the rank graph is "
                                  "one session)")

@@ -9,6 +9,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
+from export.bounds import ORT_THREADS
 from export.errors import InputError
 
 if TYPE_CHECKING:
@@ -35,8 +36,8 @@ class OrtThreads:
     def __post_init__(self):
         if self.spinning not in SPINNING_CHOICES:
             raise InputError(f"OrtThreads spinning={self.spinning!r}: choose {', '.join(SPINNING_CHOICES)}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"OrtThreads threads={self.threads} must be >= 1")
+        if self.threads is not None and ORT_THREADS.problem(self.threads) is not None:
+            raise InputError(f"OrtThreads threads={ORT_THREADS.problem(self.threads)}")
 
     def session_options(self, segments: int) -> ort.SessionOptions:
         import onnxruntime as ort
