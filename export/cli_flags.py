@@ -138,8 +138,9 @@ def _option_flag_specs() -> dict[str, dict]:
                  "modules_to_not_convert / ignore / exclude_modules): honour it (default) or quantize those linears too"),
         "kv_cache": dict(choices=choices()["kv_cache"],
                          help="static: max-seq-len buffers written in place; concat: the past grows each step"),
-        "max_batch": dict(type=MAX_BATCH.flag_type, help=f"largest batch ({MAX_BATCH.describe()})"),
-        "max_seq_len": dict(type=MAX_SEQ_LEN.flag_type, help=f"KV-cache length ({MAX_SEQ_LEN.describe()})"),
+        # sizes are bounded by ExportOptions.validate (export/bounds.py), one line naming the flag
+        "max_batch": dict(type=int, help=f"largest batch ({MAX_BATCH.describe()})"),
+        "max_seq_len": dict(type=int, help=f"KV-cache length ({MAX_SEQ_LEN.describe()})"),
         "logits": dict(choices=choices()["logits"], help="return logits for every position or only the last one"),
     }
 
@@ -185,7 +186,9 @@ CHECKPOINT_RUN_FIELDS = ("tp", "pp", "dtype", "kv_cache", "max_seq_len")
 
 def checkpoint_run_options(args: argparse.Namespace) -> ExportOptions:
     """The layout a --checkpoint run (torch backend) takes from its flags."""
-    return dataclasses.replace(CHECKPOINT_RUN_DEFAULTS, **{f: getattr(args, f) for f in CHECKPOINT_RUN_FIELDS})
+    options = dataclasses.replace(CHECKPOINT_RUN_DEFAULTS, **{f: getattr(args, f) for f in CHECKPOINT_RUN_FIELDS})
+    options.validate_fields()  # bounded before a cache is allocated
+    return options
 
 
 def add_export_flags(p: ArgumentParser) -> None:

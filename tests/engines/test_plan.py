@@ -10,6 +10,7 @@ import pytest
 from engines import cli
 from engines.plan import (GiB, PlanRequest, activation_bytes, kv_cache_bytes, largest_max_batch, plan, plan_json,
                           suggestion, weights_bytes)
+from export.cli_flags import ArgumentParser
 from export.config import preset
 from export.errors import ConfigError, ShardingError
 from export.sharding import RankSpec
@@ -200,7 +201,7 @@ def test_invalid_requests():
 # -- command line ----------------------------------------------------------------------------
 
 def _plan_cli(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = ArgumentParser()  # llama405's: scoped flags are checked (and defaulted) where parsed
     sub = parser.add_subparsers(dest="command")
     cli.add_parsers(sub)
     return parser.parse_args(["plan", *argv])

@@ -226,7 +226,7 @@ def _config_change(**changes):
     (None, ["export", "--checkpoint", "{root}/ck", "--out", "{root}/new", "--max-batch", "100000"],
      "--max-batch 100000 exceeds 4096: every cache is allocated max_batch rows deep"),
     (None, ["generate", "--checkpoint", "{root}/ck", "--prompt", "hi", "--max-seq-len", str(2**40)],
-     "argument --max-seq-len: 1099511627776 exceeds 1048576"),
+     "--max-seq-len 1099511627776 exceeds 1048576"),
     (None, ["parity", "--artifact", "{root}/art", "--steps", str(2**40)], "--steps 1099511627776 exceeds 1048576"),
 ], ids=["max-position-embeddings", "vocab-size", "calib-seq-len", "calib-samples", "seed-negative", "seed-64-bit",
         "ort-threads", "max-new-tokens", "max-batch", "max-seq-len", "parity-steps"])
