@@ -24,22 +24,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from export.errors import ArtifactError, Llama405Error
-
-
-def _inside(a: Path, b: Path) -> bool:
-    """a is b or lies inside b."""
-    return a == b or b in a.parents
+from export.io_guard import Read, refuse_overlap
 
 
 def check_replaceable(out: Path, force: bool, is_ours: Callable[[Path], bool], what: str,
                       protected: Sequence[Path] = (), error: type[Llama405Error] = ArtifactError) -> None:
     """Refuse (with `error`) an --out that --force may not replace, or that exists without --force."""
-    resolved = out.resolve()
-    for path in protected:
-        guarded = Path(path).resolve()
-        if _inside(resolved, guarded) or _inside(guarded, resolved):
-            raise error(f"--out {out}: is, contains or lies inside {path}, which this command reads; "
-                                "choose an --out outside it")
+    refuse_overlap("--out", out, [Read("an input", Path(p)) for p in protected], error)
     if not (out.exists() or out.is_symlink()):
         return
     if out.is_symlink() or not out.is_dir():

@@ -20,6 +20,7 @@ from export.cli_flags import (DTYPE_CHOICES, ArgumentParser, add_export_flags, a
                               verify_artifact)
 from export import convert_cli
 from export.errors import InputError
+from export.io_guard import refuse_outputs_over_inputs
 from export.kv_cache import KV_CACHE_LAYOUTS
 from engines import cli as engines_cli
 from runner import parity_cli
@@ -260,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as done:  # --help (0), or a flag argparse refused: one line, exit 2
         return done.code
-    return run_command(f"llama405 {args.command}", lambda: COMMANDS[args.command](args))
+    return run_command(f"llama405 {args.command}", lambda: _run(args))
+
+
+def _run(args) -> int:
+    refuse_outputs_over_inputs(args.command, args)  # export/io_guard.py: before anything is written
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":
