@@ -205,6 +205,14 @@ def is_finished_artifact(directory: Path) -> bool:
     return isinstance(raw, dict) and raw.get("format") == FORMAT
 
 
+def artifact_files(directory: Path) -> set[str]:
+    """The files llama405 wrote in a finished artifact: the manifest and every file it lists
+    (what `export --force` replaces; anything else there stays)."""
+    raw = json.loads((Path(directory) / MANIFEST).read_text())
+    files = raw.get("files") if isinstance(raw, dict) else None
+    return {MANIFEST, *(files if isinstance(files, dict) else {})}
+
+
 def config_digest(config: LlamaConfig) -> str:
     """Fingerprint of the model geometry the rank graphs were traced for."""
     return hashlib.sha256(json.dumps(config.to_hf_dict(), sort_keys=True).encode()).hexdigest()

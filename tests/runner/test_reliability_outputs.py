@@ -95,3 +95,60 @@ def test_an_output_that_is_an_input_is_refused_before_anything_is_written(checkp
         line = one_line(err)
         assert code == 2 and flag in line and "this command reads" in line, (argv, err)
     assert tree(tmp_path) == before
+
+
+# -- --force and cleanup remove only what llama405 wrote -------------------------------------
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def _temporary(folder: Path, pid: int, host: str | None) -> Path:
+    """A folder named like llama405's temporaries; with a host, carrying its writer marker."""
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "mine.txt").write_text("a user's file")
+    if host is not None:
+        (folder / ".llama405-writer").write_text(f"llama405 {pid} {host}\n")
+    return folder
+
+
+def test_force_replaces_only_listed_files_and_cleanup_only_marked_temporaries(checkpoint, artifact, tmp_path,
+                                                                             capsys, monkeypatch):
+    work = tmp_path / "work"
+    art = work / "art"
+    shutil.copytree(artifact, art)
+    (art / "NOTES.md").write_text("my notes")
+    (art / "rank0" / "mine.txt").write_text("mine")
+    (art / "plots").mkdir()
+    (art / "plots" / "loss.png").write_bytes(b"\x89PNG")
+    (art / "rank1" / "model.onnx.data").write_bytes(b"stale weights")  # listed: replaced
+    os.chmod(art, 0o2770)
+    group = os.getgid() + 4242 if os.geteuid() == 0 else os.getgid()  # root may hand it another group
+    os.chown(art, -1, group)
+    pid, host = _dead_pid(), socket.gethostname()
+    kept = [_temporary(work / f".art.tmp-{pid}-x", pid, None),      # named like ours, no marker
+            _temporary(work / f".art.old-{pid}", pid, None),
+            _temporary(work / f".art.tmp-{pid}-y", pid, "elsewhere"),  # another host: its pid says nothing
+            _temporary(work / f".art.tmp-{os.getppid()}-z", os.getppid(), host)]  # a live writer
+    removed = _temporary(work / f".art.tmp-{pid}-w", pid, host)
+    trace_tmp = tmp_path / "tmp"
+    stale_trace = _temporary(trace_tmp / f"llama405-trace-{pid}-q", pid, host)
+    user_trace = _temporary(trace_tmp / "llama405-trace-mine", pid, None)
+    monkeypatch.setattr("tempfile.tempdir", str(trace_tmp))
+    user_files = {k: v for k, v in tree(work).items() if not k.startswith(("art/", f".art.tmp-{pid}-w"))}
+    user_files.update({k: v for k, v in tree(work).items() if k in ("art/NOTES.md", "art/rank0/mine.txt",
+                                                                    "art/plots/loss.png")})
+    code, _, err = run(capsys, *export_argv(checkpoint, art, "--force"))
+    assert code == 0, err
+    assert f"removed {removed}" in err and f"removed {stale_trace}" in err and "mine" not in err
+    after = tree(work)
+    assert {k: after.get(k) for k in user_files} == user_files
+    assert all(p.is_dir() for p in kept) and not removed.exists() and not stale_trace.exists()
+    assert user_trace.is_dir() and [p.name for p in trace_tmp.iterdir()] == [user_trace.name]
+    assert after["art/rank1/model.onnx.data"] == (artifact / "rank1" / "model.onnx.data").read_bytes()
+    assert after["art/manifest.json"] == (artifact / "manifest.json").read_bytes()
+    assert art.stat().st_mode & 0o7777 == 0o2770 and art.stat().st_gid == group
+    assert (art / "rank0" / "model.onnx").stat().st_gid == group
+    assert not (art / ".llama405-writer").exists()
+    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".art.tmp")) == [".art.old-%d" % pid, "art"]
