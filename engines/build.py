@@ -40,7 +40,7 @@ from typing import Any
 from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, builder_host_bytes
 from engines.profiles import BuildOptions, optimization_profiles
 from export.errors import Llama405Error, MissingRequirement
-from export.manifest import Manifest, load_manifest, write_manifest
+from export.manifest import Manifest, check_rank_identity, load_manifest, read_rank_identity, write_manifest
 from export.trt_flavours import cuda_devices, version_tuple
 from export.trt_flavours import flavour as trt_flavour
 
@@ -225,6 +225,7 @@ def build_rank_engine(artifact_dir: str | Path, rank: int, options: BuildOptions
     manifest = manifest or load_manifest(directory, only=[])
     entry = manifest.rank(rank)
     onnx_path = directory / entry.onnx_path
+    check_rank_identity(read_rank_identity(onnx_path), onnx_path, manifest, entry)
     logger = make_logger(trt)
     started = time.perf_counter()
     try:

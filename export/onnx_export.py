@@ -42,7 +42,8 @@ from export.checkpoint_quant import CheckpointQuantization
 from export.config import LlamaConfig
 from export.errors import ArtifactError, CheckpointError, InternalError
 from export.manifest import (CACHE_WRITES, DATA_FILE, ONNX_FILE, Manifest, RankEntry, TensorSpec, artifact_files,
-                             config_digest, file_entry, is_finished_artifact, options_digest, rank_folder, write_manifest)
+                             config_digest, file_entry, is_finished_artifact, options_digest, rank_folder, rank_identity,
+                             write_manifest)
 from export.output_dir import (check_replaceable, exclusive_writer, marked_temporary_folder, move_into_place,
                                remove_stale_siblings, remove_stale_temporaries, temporary_sibling)
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
@@ -322,6 +323,10 @@ def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, 
         stats["trace_s"] = graphs.trace_s
     attach_initializers(model, written, cfg, spec, dtype)
     model.producer_name, model.producer_version = "llama405", _version()
+    layers = stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank)
+    identity = RankEntry(rank=spec.rank, tp_rank=spec.tp_rank, pp_rank=spec.pp_rank,
+                         layers=(layers.start, layers.stop), inputs=(), outputs=(), collectives=0)
+    onnx.helper.set_model_props(model, rank_identity(identity, spec.tp_size, spec.pp_size))
     model.doc_string = (f"Llama 3.1 rank {spec.rank} (tp {spec.tp_rank}/{spec.tp_size}, "
                         f"pp {spec.pp_rank}/{spec.pp_size})")
     onnx_path = rank_dir / ONNX_FILE

@@ -152,3 +152,60 @@ def test_force_replaces_only_listed_files_and_cleanup_only_marked_temporaries(ch
     assert (art / "rank0" / "model.onnx").stat().st_gid == group
     assert not (art / ".llama405-writer").exists()
     assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".art.tmp")) == [".art.old-%d" % pid, "art"]
+
+
+# -- tampering that no check may pass --------------------------------------------------------
+
+def _edit_manifest(art: Path, edit) -> None:
+    manifest = json.loads((art / "manifest.json").read_text())
+    edit(manifest)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_tampering_is_refused_where_the_artifact_is_read(artifact, tmp_path, capsys):
+    unlisted = tmp_path / "unlisted"
+    shutil.copytree(artifact, unlisted)
+    _edit_manifest(unlisted, lambda m: m["files"].pop("rank1/model.onnx.data"))
+    data = unlisted / "rank1" / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    swapped = tmp_path / "swapped"  # two TP ranks' graphs swapped, and their manifest entries with them
+    shutil.copytree(artifact, swapped)
+    a, b = swapped / "rank0" / "model.onnx", swapped / "rank1" / "model.onnx"
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+
+    def swap(manifest):
+        files = manifest["files"]
+        files["rank0/model.onnx"], files["rank1/model.onnx"] = files["rank1/model.onnx"], files["rank0/model.onnx"]
+    _edit_manifest(swapped, swap)
+    before = {"unlisted": tree(unlisted), "swapped": tree(swapped)}
+    for argv, message in (
+            (["verify", unlisted], "rank1/model.onnx.data is part of the artifact but has no entry"),
+            (["generate", "--artifact", unlisted, "--backend", "ort", "--prompt", "hi"], "has no entry"),
+            (["verify", swapped], "the graph is rank 1"),
+            (["generate", "--artifact", swapped, "--backend", "ort", "--prompt", "hi"], "rank files were swapped"),
+            (["logits", "--artifact", swapped, "--backend", "torch", "--tokens", "1,2", "--out", tmp_path / "l.npy"],
+             "rank files were swapped"),
+            (["build", "--artifact", swapped, "--trt", "rtx"], "rank files were swapped")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in one_line(err), (argv, err)
+    assert {"unlisted": tree(unlisted), "swapped": tree(swapped)} == before
+    assert not (tmp_path / "l.npy").exists()
+
+
+def test_nan_bytes_in_the_weights_stop_the_run_naming_rank_and_step(artifact, tmp_path, capsys):
+    art = tmp_path / "nan"
+    shutil.copytree(artifact, art)
+    data = art / "rank1" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[:4096] = b"\xff" * 4096  # float32 NaNs over the first weights (the embedding slice)
+    data.write_bytes(bytes(raw))
+    before = tree(art)
+    for backend in ("ort", "torch"):
+        code, out, err = run(capsys, "logits", "--artifact", art, "--backend", backend, "--tokens", "1,2,3",
+                             "--out", tmp_path / "logits.npy")
+        line = one_line(err)
+        # TP: the all-reduce spreads rank 1's NaNs to its stage, so the line names the stage's ranks
+        assert code == 2 and "ranks 0-1 (stage 0) returned non-finite logits" in line and "at step 0" in line, err
+    assert not (tmp_path / "logits.npy").exists() and tree(art) == before
