@@ -209,3 +209,44 @@ def test_nan_bytes_in_the_weights_stop_the_run_naming_rank_and_step(artifact, tm
         # TP: the all-reduce spreads rank 1's NaNs to its stage, so the line names the stage's ranks
         assert code == 2 and "ranks 0-1 (stage 0) returned non-finite logits" in line and "at step 0" in line, err
     assert not (tmp_path / "logits.npy").exists() and tree(art) == before
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+def _cli(argv: list, tmpdir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmpdir)}
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_signals_mid_build_and_mid_export_end_the_run_and_clean_up(checkpoint, artifact, tmp_path):
+    """TensorRT's logger catches an exception raised inside it: SIGTERM during `build --trt rtx` must
+    still end the run (exit 143), not print "built 1 engine(s)"; SIGHUP cleans up like SIGTERM."""
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    before = tree(art)
+    build = _cli(["build", "--artifact", art, "--trt", "rtx"], private_tmp)
+    for line in build.stdout:
+        if line.startswith("building rank 0 engine"):
+            break
+    time.sleep(1)  # TensorRT is building now
+    build.send_signal(signal.SIGTERM)
+    out, err = build.communicate(timeout=300)
+    assert build.returncode == 143, (out, err)
+    assert one_line(err).endswith("terminated; nothing half-written was left behind") and "built" not in out
+    assert tree(art) == before  # no engine, no temporary, the manifest untouched
+
+    work = tmp_path / "work"
+    work.mkdir()
+    export = _cli(export_argv(checkpoint, work / "new"), private_tmp)
+    deadline = time.monotonic() + 120
+    while not list(work.glob(".new.tmp-*")) and time.monotonic() < deadline and export.poll() is None:
+        time.sleep(0.05)
+    assert export.poll() is None, "the export finished before it could be hung up"
+    export.send_signal(signal.SIGHUP)
+    _, err = export.communicate(timeout=120)
+    assert export.returncode == 129, err
+    assert one_line(err).endswith("hung up (SIGHUP); nothing half-written was left behind")
+    assert list(work.iterdir()) == [] and list(private_tmp.iterdir()) == []  # lock, temporary, trace folder
