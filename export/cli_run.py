@@ -62,6 +62,9 @@ class Terminated(BaseException):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
+    def __reduce__(self):  # raised in a build worker process, re-raised in the parent
+        return Terminated, (self.signum,)
+
 
 def _terminate(signum, frame):
     raise Terminated(signum)
