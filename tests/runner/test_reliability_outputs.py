@@ -18,31 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from runner.cli import main as llama405
 from tests.conftest import hf_model, save_hf, tiny_config
+from tests.runner.test_reliability import one_line, run, tree  # the first pass's helpers
 
 MAX_SEQ = 32
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = llama405([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-def tree(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
