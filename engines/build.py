@@ -39,8 +39,10 @@ from pathlib import Path
 from engines.plan import BUILDER_HOST_BYTES_PER_WEIGHT_BYTE, builder_host_bytes
 from engines.profiles import BuildOptions, optimization_profiles
 from export.errors import ArtifactError, Llama405Error, MissingRequirement, naming
+from export.cli_run import DeferredSignals, signals_deferred
 from export.engines_record import ENGINES_FORMAT, BuildGpu, EnginesSection, RankEngine, engines_section
-from export.manifest import MANIFEST, Manifest, load_manifest, write_manifest
+from export.manifest import (MANIFEST, Manifest, check_rank_identity, load_manifest, read_rank_identity,
+                             write_manifest)
 from export.quantization import Quantization
 from export.trt_flavours import cuda_devices, version_tuple
 from export.trt_flavours import flavour as trt_flavour
@@ -121,8 +123,7 @@ def describe_flavour(options: BuildOptions) -> str:
 def make_logger(trt):
     """The TensorRT logger of this process for module `trt` (TensorRT registers the first logger
     process-wide and warns about any other), printing warnings and errors to stderr, one line
-    each. The parser's "Make sure input X has Int64 binding" is dropped: llama405 binds int64 ids
-    on purpose."""
+    each, but for the lines in _QUIET."""
     if trt.__name__ not in _LOGGERS:
         _LOGGERS[trt.__name__] = _new_logger(trt)
     return _LOGGERS[trt.__name__]
@@ -131,13 +132,18 @@ def make_logger(trt):
 _LOGGERS: dict[str, object] = {}
 
 
+# Dropped log lines: llama405 binds int64 ids on purpose ("Make sure input X has Int64 binding"), and a
+# build cancelled by a signal (_cancel_monitor) says so in the command's own one line.
+_QUIET = ("has Int64 binding", "BuildCanceled")
+
+
 def _new_logger(trt):
     class Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
 
         def log(self, severity, msg):
-            if int(severity) <= int(trt.ILogger.Severity.WARNING) and "has Int64 binding" not in msg:
+            if int(severity) <= int(trt.ILogger.Severity.WARNING) and not any(quiet in msg for quiet in _QUIET):
                 print(f"[{trt.__name__} {str(severity).rsplit('.', 1)[-1]}] {' '.join(msg.split())}", file=sys.stderr)
 
     return Logger()
@@ -221,13 +227,40 @@ def _flags(options: BuildOptions) -> list[str]:
     return flags
 
 
+def _cancel_monitor(trt, signals: DeferredSignals):
+    """A TensorRT progress monitor that cancels the build once a signal is pending (the build then
+    returns None and `signals_deferred` raises the signal's exception)."""
+    class CancelOnSignal(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return not signals.pending
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return CancelOnSignal()
+
+
 def build_rank_engine(artifact_dir: str | Path, rank: int, options: BuildOptions, trt_module,
                       timing_cache: bytes = b"", manifest: Manifest | None = None) -> tuple[RankEngine, bytes]:
-    """Build rank{rank}/engine.plan; returns (its metadata for the manifest, grown timing cache)."""
+    """Build rank{rank}/engine.plan; returns (its metadata for the manifest, grown timing cache).
+    Signals are deferred while TensorRT runs (export/cli_run.py: its callbacks would swallow them)."""
+    with signals_deferred() as signals:
+        return _build_rank_engine(Path(artifact_dir), rank, options, trt_module, timing_cache, manifest, signals)
+
+
+def _build_rank_engine(artifact_dir: Path, rank: int, options: BuildOptions, trt_module, timing_cache: bytes,
+                       manifest: Manifest | None, signals: DeferredSignals) -> tuple[RankEngine, bytes]:
     trt, directory, chosen = trt_module, Path(artifact_dir), trt_flavour(options.flavour)
     manifest = manifest or load_manifest(directory, only=[])
     entry = manifest.rank(rank)
     onnx_path = directory / entry.onnx_path
+    check_rank_identity(read_rank_identity(onnx_path), onnx_path, manifest, entry)
     logger = make_logger(trt)
     started = time.perf_counter()
     try:
@@ -259,6 +292,9 @@ def build_rank_engine(artifact_dir: str | Path, rank: int, options: BuildOptions
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
 
+    if hasattr(trt, "IProgressMonitor"):
+        monitor = _cancel_monitor(trt, signals)
+        config.progress_monitor = monitor  # kept alive by the local until the build returns
     uses_timing_cache = not chosen.builds_without_gpu
     if uses_timing_cache:
         config.set_timing_cache(config.create_timing_cache(timing_cache), ignore_mismatch=False)

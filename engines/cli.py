@@ -24,6 +24,7 @@ from export.cli_flags import (FP8_ONLY, NOT_FROM_ARTIFACT, ArgumentParser, FlagS
 from export.config import PRESETS
 from export.cli_run import run_command
 from export.errors import InputError
+from export.io_guard import refuse_outputs_over_inputs
 from export.trt_flavours import FLAVOURS
 
 size = flag_type(parse_size)  # argparse type: "16GiB", "512MiB", a byte count
@@ -239,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help (0), or a flag argparse refused: one line, exit 2
         return done.code
-    return run_command("build-engine", lambda: run_build(args))
+    def command() -> int:
+        refuse_outputs_over_inputs("build", args)  # export/io_guard.py: before anything is written
+        return run_build(args)
+    return run_command("build-engine", command)
 
 
 if __name__ == "__main__":

@@ -269,6 +269,12 @@ def is_converted_checkpoint(directory: Path) -> bool:
     return _read_record(Path(directory)) is not None
 
 
+def converted_files(directory: Path) -> set[str]:
+    """The files convert-gguf wrote in a folder it wrote (its record lists them, and itself)."""
+    files = (_read_record(Path(directory)) or {}).get("files")
+    return {*(files if isinstance(files, dict) else {}), RECORD}
+
+
 def _up_to_date(out: Path, wanted: dict) -> bool:
     """out holds this very conversion, every file at its recorded size."""
     record = _read_record(out)
@@ -308,7 +314,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, storage: str = "float32", ex
         tmp = temporary_sibling(out)
         try:
             _write_converted(model, tmp, storage, wanted)
-            move_into_place(tmp, out)
+            move_into_place(tmp, out, converted_files)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

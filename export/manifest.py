@@ -156,6 +156,63 @@ class Manifest:
             raise ArtifactError(f"{source}: malformed manifest ({err!r}); re-export the artifact") from None
 
 
+# Files a reader opens by name in the artifact folder besides the rank files: present, they must be
+# listed (else an edited one would pass every size and sha256 check).
+READ_BY_NAME = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
+                "genai_config.json")
+# model.onnx metadata_props: which rank of which layout the graph is (two swapped rank graphs of
+# the same shapes would otherwise run, with each other's vocab slice and columns).
+RANK_PROPS = ("llama405.rank", "llama405.tp_rank", "llama405.tp", "llama405.pp_rank", "llama405.pp")
+
+
+def rank_identity(entry: RankEntry, tp: int, pp: int) -> dict[str, str]:
+    """The metadata_props export writes into a rank's model.onnx."""
+    return dict(zip(RANK_PROPS, map(str, (entry.rank, entry.tp_rank, tp, entry.pp_rank, pp))))
+
+
+def check_rank_identity(props: dict[str, str], path: Path, manifest: Manifest, entry: RankEntry) -> None:
+    """Refuse a rank graph whose metadata_props say it is another rank (or another layout) than
+    the manifest's entry that points at it. Reading them costs a parse of the graph without its
+    weights, which every reader of the graph does anyway."""
+    want = rank_identity(entry, manifest.tp, manifest.pp)
+    have = {key: props.get(key) for key in RANK_PROPS}
+    if have == want:
+        return
+    if all(v is None for v in have.values()):
+        raise ArtifactError(f"{path}: the graph does not record which rank it is (exported by an older llama405, "
+                            "or replaced); re-export the artifact")
+    raise ArtifactError(f"{path}: the graph is rank {have['llama405.rank']} (tp {have['llama405.tp_rank']}/"
+                        f"{have['llama405.tp']}, pp {have['llama405.pp_rank']}/{have['llama405.pp']}) but the "
+                        f"manifest's {entry.onnx_path} is rank {entry.rank} (tp {entry.tp_rank}/{manifest.tp}, pp "
+                        f"{entry.pp_rank}/{manifest.pp}); rank files were swapped or copied — re-export the artifact")
+
+
+def read_rank_identity(path: Path) -> dict[str, str]:
+    """A rank graph's metadata_props, reading the graph without its external data."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, DecodeError) as err:
+        raise ArtifactError(f"{path}: cannot read the rank graph ({err}); re-export the artifact") from None
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def check_complete(manifest: Manifest, directory: Path, source: str) -> None:
+    """Every file the layout needs is listed: each rank's graph and data, each recorded engine, and
+    any file a reader opens by name. A deleted entry would otherwise hide an altered file from
+    every size and sha256 check."""
+    needed = [rel for e in manifest.ranks for rel in (e.onnx_path, e.data_path)]
+    engines = manifest.extra.get("engines")
+    if isinstance(engines, dict) and isinstance(engines.get("ranks"), dict):
+        needed += [m["file"] for m in engines["ranks"].values() if isinstance(m, dict) and isinstance(m.get("file"), str)]
+    needed += [name for name in READ_BY_NAME if (directory / name).exists()]
+    for rel in needed:
+        if rel not in manifest.files:
+            raise ArtifactError(f"{source}: {rel} is part of the artifact but has no entry in the manifest's files "
+                                "(the manifest was edited); re-export the artifact")
+
+
 def check_schema(raw: dict[str, Any], source: str) -> None:
     """Checked before anything reads the manifest, so an edited field is one line naming it, not a
     failure deep inside ONNX Runtime."""
@@ -204,6 +261,14 @@ def is_finished_artifact(directory: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(raw, dict) and raw.get("format") == FORMAT
+
+
+def artifact_files(directory: Path) -> set[str]:
+    """The files llama405 wrote in a finished artifact: the manifest and every file it lists
+    (what `export --force` replaces; anything else there stays)."""
+    raw = json.loads((Path(directory) / MANIFEST).read_text())
+    files = raw.get("files") if isinstance(raw, dict) else None
+    return {MANIFEST, *(files if isinstance(files, dict) else {})}
 
 
 def config_digest(config: LlamaConfig) -> str:
@@ -259,6 +324,7 @@ def load_manifest(directory: str | Path, verify_hashes: bool = False,
         raise ArtifactError(f"{path}: tp/pp, dtype, quant, kv-cache, max-batch, max-seq-len, logits or the rank "
                             "list differ from what the rank graphs were exported with (the manifest was edited); "
                             "re-export the artifact")
+    check_complete(manifest, directory, str(path))
     for rel, entry in manifest.files.items():
         if only is not None and rel not in only:
             continue
@@ -274,4 +340,9 @@ def load_manifest(directory: str | Path, verify_hashes: bool = False,
         if verify_hashes and sha256_file(file) != entry["sha256"]:
             raise ArtifactError(f"{file}: sha256 differs from the manifest; the file was modified — "
                                 "re-export the artifact")
+    if verify_hashes:  # every byte was just read: the graphs' rank identity is cheap beside it
+        for entry in manifest.ranks:
+            if only is None or entry.onnx_path in only:
+                check_rank_identity(read_rank_identity(directory / entry.onnx_path), directory / entry.onnx_path,
+                                    manifest, entry)
     return manifest

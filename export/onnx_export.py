@@ -43,10 +43,11 @@ from export.checkpoint_quant import CheckpointQuantization
 from export.config import LlamaConfig
 from export.errors import ArtifactError, CheckpointError, InternalError, naming
 from export.scales_record import FROM_CALIBRATION, FROM_CHECKPOINT, CalibrationRecord, ScalesRecord
-from export.manifest import (CACHE_WRITES, DATA_FILE, ONNX_FILE, Manifest, RankEntry, TensorSpec, config_digest,
-                             file_entry, is_finished_artifact, options_digest, rank_folder, write_manifest)
-from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
-                               output_folder, temporary_sibling)
+from export.manifest import (CACHE_WRITES, DATA_FILE, ONNX_FILE, Manifest, RankEntry, TensorSpec, artifact_files,
+                             config_digest, file_entry, is_finished_artifact, options_digest, rank_folder, rank_identity,
+                             write_manifest)
+from export.output_dir import (check_replaceable, exclusive_writer, marked_temporary_folder, move_into_place,
+                               output_folder, remove_stale_siblings, remove_stale_temporaries, temporary_sibling)
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
 from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
                              shares_tied_head, stage_layers, stored_tensor_names, tensor_slice, validate_parallelism)
@@ -251,11 +252,14 @@ def _spec_entries(values) -> tuple[TensorSpec, ...]:
     return tuple(out)
 
 
+TRACE_PREFIX = "llama405-trace-"  # $TMPDIR/llama405-trace-PID-*: where torch.onnx writes a traced layer
+
+
 def rank_graph_proto(cfg: LlamaConfig, spec: RankSpec, options: ExportOptions) -> tuple[onnx.ModelProto, int]:
     """The finished rank graph without weights: traced, collectives rewritten, dims named.
     Returns it and the number of DistCollective nodes."""
-    with tempfile.TemporaryDirectory(prefix="llama405-trace-") as workdir:
-        model = rank_graph(cfg, spec, options.model_options, dtype_named(options.dtype).torch, Path(workdir))
+    with marked_temporary_folder(TRACE_PREFIX) as workdir:
+        model = rank_graph(cfg, spec, options.model_options, dtype_named(options.dtype).torch, workdir)
     n_collectives = collectives.rewrite_collectives(model, spec.tp_size) if spec.tp_size > 1 else 0
     _name_symbolic_dims(model, spec, options.model_options.cache_layout)
     return model, n_collectives
@@ -301,6 +305,10 @@ def export_rank(checkpoint: Checkpoint, spec: RankSpec, options: ExportOptions, 
         stats["trace_s"] = graphs.trace_s
     attach_initializers(model, written, cfg, spec, dtype)
     model.producer_name, model.producer_version = "llama405", _version()
+    layers = stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank)
+    identity = RankEntry(rank=spec.rank, tp_rank=spec.tp_rank, pp_rank=spec.pp_rank,
+                         layers=(layers.start, layers.stop), inputs=(), outputs=(), collectives=0)
+    onnx.helper.set_model_props(model, rank_identity(identity, spec.tp_size, spec.pp_size))
     model.doc_string = (f"Llama 3.1 rank {spec.rank} (tp {spec.tp_rank}/{spec.tp_size}, "
                         f"pp {spec.pp_rank}/{spec.pp_size})")
     onnx_path = rank_dir / ONNX_FILE
@@ -425,6 +433,7 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
     with exclusive_writer(out):
         check_replaceable(out, **replaceable)  # again, now that no other export can change it
         remove_stale_siblings(out, log)
+        remove_stale_temporaries(Path(tempfile.gettempdir()), TRACE_PREFIX, log)
         _export_locked(checkpoint, specs, out, options, progress, calibration_tokens, calibration_source, stats)
     return out
 
@@ -473,7 +482,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
             toolchain=_toolchain(), extra=extra)
         manifest.source["options_sha256"] = options_digest(manifest)
         write_manifest(tmp, manifest)
-        move_into_place(tmp, out)
+        move_into_place(tmp, out, artifact_files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,12 +4,17 @@ replace, one writer at a time, temporary siblings that say whose they are.
 - `--force` replaces only what llama405 itself finished there (its marker says so: an artifact's
   manifest, a synthesized checkpoint's index) or an empty folder. Anything else — a user's folder,
   a file, the checkpoint being read or any folder that contains it or lies inside it — is refused
-  before anything is touched.
+  before anything is touched. Inside a replaced folder only the files llama405's record lists
+  (the manifest's files, synth's index) are replaced or removed: anything else there (a user's
+  NOTES.md) is hard-linked into the new folder, byte for byte, and the folder keeps its mode and
+  group (a setgid 2770 folder stays one).
 - A writer holds an exclusive `flock` on `.NAME.lock` beside `--out` for its whole run; a second
   writer to the same `--out` is refused, naming the process that holds it.
-- Temporary siblings are `.NAME.tmp-PID-*` (and `.NAME.old-PID` while swapping): a later writer
-  removes those whose process is gone, and says so. They get the permissions the user's umask
-  gives a new folder (mkdtemp alone makes them 0700).
+- Temporary siblings are `.NAME.tmp-PID-*` (and `.NAME.old-PID` while swapping), each holding a
+  marker file naming the writer's process and host. A later writer removes only those that
+  carry the marker and whose writer is provably gone (same host, process not alive), and says
+  so; a folder merely named like one is never touched. They get the permissions the user's
+  umask gives a new folder (mkdtemp alone makes them 0700).
 """
 
 from __future__ import annotations
@@ -19,16 +24,14 @@ import fcntl
 import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from export.errors import ArtifactError, Llama405Error
-
-
-def _inside(a: Path, b: Path) -> bool:
-    """a is b or lies inside b."""
-    return a == b or b in a.parents
+from export.errors import ArtifactError, InternalError, Llama405Error
+from export.io_guard import Read, refuse_overlap
 
 
 # The longest sibling name llama405 makes beside --out is `.NAME.tmp-PID-XXXXXXXX` (mkdtemp's 8
@@ -58,12 +61,7 @@ def output_folder(out: str | Path) -> Path:
 def check_replaceable(out: Path, force: bool, is_ours: Callable[[Path], bool], what: str,
                       protected: Sequence[Path] = (), error: type[Llama405Error] = ArtifactError) -> None:
     """Refuse (with `error`) an --out that --force may not replace, or that exists without --force."""
-    resolved = out.resolve()
-    for path in protected:
-        guarded = Path(path).resolve()
-        if _inside(resolved, guarded) or _inside(guarded, resolved):
-            raise error(f"--out {out}: is, contains or lies inside {path}, which this command reads; "
-                                "choose an --out outside it")
+    refuse_overlap("--out", out, [Read("an input", Path(p)) for p in protected], error)
     if not (out.exists() or out.is_symlink()):
         return
     if out.is_symlink() or not out.is_dir():
@@ -78,6 +76,32 @@ def check_replaceable(out: Path, force: bool, is_ours: Callable[[Path], bool], w
                             "those — remove it yourself or choose another --out")
 
 
+WRITER_MARKER = ".llama405-writer"  # inside a temporary folder: "llama405 PID HOST"
+
+
+def write_marker(folder: Path) -> None:
+    """Mark folder as a temporary of this process (what a later run may remove once we are gone)."""
+    (folder / WRITER_MARKER).write_text(f"llama405 {os.getpid()} {socket.gethostname()}\n")
+
+
+def left_by_a_gone_writer(folder: Path, pid: int | None = None) -> bool:
+    """folder carries llama405's marker, written on this host by a process (pid, when given) that
+    is no longer alive. A folder without the marker, from another host, or of a live process is
+    never ours to remove."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        words = (folder / WRITER_MARKER).read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if len(words) != 3 or words[0] != "llama405" or not words[1].isdigit():
+        return False
+    writer = int(words[1])
+    if (pid is not None and writer != pid) or words[2] != socket.gethostname():
+        return False
+    return writer != os.getpid() and not _pid_alive(writer)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -89,18 +113,39 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_siblings(out: Path, log: Callable[[str], None]) -> None:
-    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` left by writers that are gone."""
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` left by writers that are gone (their marker says
+    so: the name alone is not enough)."""
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)(?:-.*)?$")
     if not out.parent.is_dir():
         return
     for entry in sorted(out.parent.iterdir()):
         match = pattern.match(entry.name)
-        if match and int(match[1]) != os.getpid() and not _pid_alive(int(match[1])):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        if match and left_by_a_gone_writer(entry, int(match[1])):
+            shutil.rmtree(entry)
             log(f"removed {entry}: left by an earlier run (process {match[1]}) that did not finish")
+
+
+def remove_stale_temporaries(parent: Path, prefix: str, log: Callable[[str], None]) -> None:
+    """Remove `PREFIX*` folders in parent (e.g. `$TMPDIR/llama405-trace-*`) that a killed run
+    left: only those with llama405's marker whose writer is provably gone."""
+    if not parent.is_dir():
+        return
+    for entry in sorted(parent.glob(f"{prefix}*")):
+        if left_by_a_gone_writer(entry):
+            shutil.rmtree(entry)
+            log(f"removed {entry}: left by an earlier run that did not finish")
+
+
+@contextlib.contextmanager
+def marked_temporary_folder(prefix: str) -> Iterator[Path]:
+    """A new folder in the temporary directory, carrying the writer marker, removed on the way out
+    (a SIGKILL leaves it for `remove_stale_temporaries`)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    try:
+        write_marker(folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -136,24 +181,78 @@ def exclusive_writer(out: Path) -> Iterator[None]:
 
 
 def temporary_sibling(out: Path) -> Path:
-    """A new empty `.NAME.tmp-PID-*` folder beside out, with umask permissions."""
+    """A new `.NAME.tmp-PID-*` folder beside out, with umask permissions, holding only the writer
+    marker (removed when it is moved into place)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
+    write_marker(tmp)
     return tmp
 
 
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out, replacing out (already checked replaceable) at the very end."""
+def _keep_unlisted(out: Path, tmp: Path, listed: set[str]) -> None:
+    """Hard-link every file of out that llama405's record does not list into tmp at the same
+    place (byte for byte, the same inode), so replacing out loses none of the user's files."""
+    for folder, dirs, files in os.walk(out):  # symlinks to folders are entries, not descended into
+        here = Path(folder)
+        entries = files + [d for d in dirs if (here / d).is_symlink()]
+        if here != out and not entries and not dirs:
+            (tmp / here.relative_to(out)).mkdir(parents=True, exist_ok=True)  # an empty folder of the user's
+        for name in entries:
+            path = here / name
+            rel = path.relative_to(out).as_posix()
+            if rel in listed or (here == out and name == WRITER_MARKER):
+                continue
+            target = tmp / rel
+            if target.exists() or target.is_symlink():
+                raise ArtifactError(f"--out {out}: {path} is not one of llama405's files, but the new output "
+                                    f"writes {rel}; move your file elsewhere and run again")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target, follow_symlinks=False)
+            except OSError as err:
+                raise ArtifactError(f"--out {out}: cannot keep {path} (not one of llama405's files) in the replaced "
+                                    f"folder ({err.strerror}); move it elsewhere and run again") from None
+
+
+def _keep_mode_and_group(out: Path, tmp: Path) -> None:
+    """tmp takes out's mode and group (a shared setgid folder stays one); with setgid, everything
+    inside takes the group too, as it would have had it been created in out."""
+    st = out.stat()
+    if st.st_gid != tmp.stat().st_gid:
+        os.chown(tmp, -1, st.st_gid)
+    os.chmod(tmp, stat.S_IMODE(st.st_mode))
+    if st.st_mode & stat.S_ISGID:
+        for path in tmp.rglob("*"):
+            if not path.is_symlink() and path.stat().st_gid != st.st_gid:
+                os.chown(path, -1, st.st_gid)
+            if path.is_dir() and not path.is_symlink():
+                os.chmod(path, path.stat().st_mode | stat.S_ISGID)
+
+
+def move_into_place(tmp: Path, out: Path, listed: Callable[[Path], set[str]] | None = None) -> None:
+    """Rename tmp to out, replacing out (already checked replaceable) at the very end.
+
+    listed(out): the relative paths of the files llama405 wrote in an existing out (its record);
+    every other file there is kept (see `_keep_unlisted`). None: out must be empty or absent."""
     if not out.exists():
+        (tmp / WRITER_MARKER).unlink(missing_ok=True)
         os.replace(tmp, out)
         return
+    if any(out.iterdir()):  # an empty folder: nothing to keep but its mode and group
+        if listed is None:
+            raise InternalError(f"move_into_place({out}): replacing a folder needs the list of llama405's files")
+        _keep_unlisted(out, tmp, listed(out))
+    _keep_mode_and_group(out, tmp)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
+    write_marker(out)  # while renamed aside it is a temporary like the others
     os.replace(out, old)
     try:
         os.replace(tmp, out)
     except OSError:
         os.replace(old, out)  # out never ends up missing
+        (out / WRITER_MARKER).unlink(missing_ok=True)
         raise
+    (out / WRITER_MARKER).unlink(missing_ok=True)
     shutil.rmtree(old)

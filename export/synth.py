@@ -36,7 +36,7 @@ from export.errors import CheckpointError, ConfigError, naming
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
                                output_folder, temporary_sibling)
 from export.sharding import RankSpec, expected_shape, rank_tensor_names
-from export.tokenizer_files import copy_tokenizer_files
+from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files
 
 SYNTH_PRODUCER = "llama405 synth"  # in the index's metadata: what `synth --force` may replace
 
@@ -328,7 +328,7 @@ def _publish(tmp: Path, out: Path, durable: bool) -> None:
     """Rename the finished temp dir into place, replacing `out` (force) only at the end."""
     if durable:
         _fsync_dir(tmp)  # the JSON and tokenizer files' directory entries
-    move_into_place(tmp, out)
+    move_into_place(tmp, out, synthesized_files)
     if durable:
         _fsync_dir(out.parent)  # the rename itself
 
@@ -341,6 +341,13 @@ def is_synthesized_checkpoint(directory: Path) -> bool:
         return False
     return isinstance(index, dict) and isinstance(index.get("metadata"), dict) and \
         index["metadata"].get("producer") == SYNTH_PRODUCER
+
+
+def synthesized_files(directory: Path) -> set[str]:
+    """The files synth wrote in a checkpoint it wrote (what --force replaces; anything else stays)."""
+    index = json.loads((Path(directory) / "model.safetensors.index.json").read_text())
+    shards = {f for f in index.get("weight_map", {}).values() if isinstance(f, str)}
+    return shards | {"config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES}
 
 
 def synthesize_checkpoint(cfg: LlamaConfig, out: Path, dtype: str = "bfloat16", seed: int = 0, *,

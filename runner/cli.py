@@ -22,6 +22,7 @@ from export.cli_flags import (CHECKPOINT_RUN_DEFAULTS, CHECKPOINT_RUN_FIELDS, DT
                               calibration_file, checkpoint_run_options, export_options_from, verify_artifact)
 from export import convert_cli
 from export.errors import InputError, naming
+from export.io_guard import refuse_outputs_over_inputs
 from engines import cli as engines_cli
 from runner import parity_cli
 from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_options, open_backend
@@ -263,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as done:  # --help (0), or a flag argparse refused: one line, exit 2
         return done.code
-    return run_command(f"llama405 {args.command}", lambda: COMMANDS[args.command](args))
+    return run_command(f"llama405 {args.command}", lambda: _run(args))
+
+
+def _run(args) -> int:
+    refuse_outputs_over_inputs(args.command, args)  # export/io_guard.py: before anything is written
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 from export.dtypes import dtype
 from export.errors import ArtifactError, MissingRequirement
 from export.kv_cache import past_of, present_of
-from export.manifest import Manifest, TensorSpec, load_manifest
+from export.manifest import Manifest, TensorSpec, check_rank_identity, load_manifest, read_rank_identity
 from export.onnx_export import io_names
 from export.sharding import all_ranks
 from runner.backends.base import Backend, RankSession
@@ -126,6 +126,7 @@ class OrtRankSession(RankSession):
         inputs, outputs = io_names(manifest.config, spec)
         self.first_name, self.output_name = inputs[0], outputs[0]
         onnx_path = directory / self.entry.onnx_path
+        check_rank_identity(read_rank_identity(onnx_path), onnx_path, manifest, self.entry)
         self.segments: list[Segment] = split_at_collectives(onnx_path)
         providers = execution_providers(placement, options.tf32)
         # One SessionOptions per session: make_session adds the external-data folder to it, and a

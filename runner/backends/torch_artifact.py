@@ -25,7 +25,7 @@ from onnx import TensorProto, numpy_helper
 
 from export.dtypes import COMPUTE_DTYPE_NAMES, dtype_of_onnx
 from export.errors import ArtifactError, InputError
-from export.manifest import Manifest, load_manifest
+from export.manifest import Manifest, check_rank_identity, load_manifest
 from export.model import ModelOptions, build_rank_module, rank_constants
 from export.quantization import Unquantized
 from export.sharding import RankSpec, all_ranks, shares_tied_head
@@ -53,6 +53,8 @@ class ArtifactWeights:
         except (OSError, DecodeError) as err:
             raise ArtifactError(f"{onnx_path}: cannot read the rank graph ({err}); re-export the "
                                 "artifact") from None
+        check_rank_identity({p.key: p.value for p in model.metadata_props}, onnx_path, self.manifest,
+                            self.manifest.rank(spec.rank))
         options = artifact_model_options(self.manifest)
         shapes = {name: tuple(t.shape) for name, t in build_rank_module(self.config, spec, options).state_dict().items()}
         # A tied head the graph shares is the embedding's initializer (export/sharding.py).

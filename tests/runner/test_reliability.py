@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -305,6 +306,8 @@ def test_stale_temporary_folders_of_dead_writers_are_removed(checkpoint, tmp_pat
     (stale / "rank0").mkdir(parents=True)
     old = tmp_path / f".art.old-{pid}"
     old.mkdir()
+    for folder in (stale, old):  # llama405's marker: the name alone is not enough (test_reliability_outputs.py)
+        (folder / ".llama405-writer").write_text(f"llama405 {pid} {socket.gethostname()}\n")
     code, _, err = run(capsys, *export_argv(checkpoint, tmp_path / "art"))
     assert code == 0 and f"removed {stale}" in err and f"(process {pid})" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
