@@ -254,7 +254,7 @@ def run_check(args) -> int:
     missing = cuda_missing(devices)
     if missing is not None:
         from export.errors import MissingRequirement
-        raise MissingRequirement(f"gpu-check --devices {args.devices}: {missing}")
+        raise MissingRequirement(f"--devices {args.devices}: {missing}")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-check-"))
     rng = np.random.default_rng(0)
     cfg = LlamaConfig(**CHECK_CONFIG)

@@ -85,7 +85,7 @@ def test_calibration_row_compares_every_amax(harness_run):
 def test_without_cuda_exits_3_with_one_line(capsys):
     assert gpu_check.main(["--devices", "cuda,cpu"]) == 3
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("gpu-check: gpu-check --devices cuda,cpu: "), err
+    assert len(err.splitlines()) == 1 and err.startswith("gpu-check: --devices cuda,cpu: "), err
 
 
 @pytest.mark.parametrize("argv,what", [(["--variants", "tp9"], "--variants tp9"),
