@@ -184,14 +184,18 @@ def hbm_tbps(device: Device, given: float | None) -> tuple[float | None, str]:
     return None, f"{name}: unknown bandwidth, pass --hbm-tbps"
 
 
-def speed_rows(workdir: Path, device: Device, given_tbps: float | None, prompt_len: int = 128) -> list[Row]:
+def speed_rows(workdir: Path, device: Device, given_tbps: float | None, prompt_len: int = 128,
+               config: dict | None = None) -> list[Row]:
+    """Decode ms/step on ORT and torch eager over one TP1 fp16 static rank of `config` (default
+    SPEED_CONFIG), and the HBM floor; figures, not judged."""
     from export.config import preset
     from export.manifest import load_manifest
     from export.onnx_export import ExportOptions, export_artifact
     from export.synth import synthesize_checkpoint
     from runner.backends.registry import open_backend
-    fields = dict(SPEED_CONFIG)
+    fields = dict(config or SPEED_CONFIG)
     cfg = preset(fields.pop("preset")).replace(**fields)
+    width = f"{cfg.hidden_size}-wide {cfg.num_hidden_layers}-layer tp1 fp16"
     checkpoint = synthesize_checkpoint(cfg, workdir / "speed-ckpt", force=True, progress=False, durable=False,
                                        log=lambda line: None)
     artifact = export_artifact(checkpoint, workdir / "speed-art", ExportOptions(
@@ -204,8 +208,7 @@ def speed_rows(workdir: Path, device: Device, given_tbps: float | None, prompt_l
     for kind in ("ort", "torch"):
         ms = _decode_ms(open_backend(kind, artifact, options=_options(kind, device)), prompt_len)
         ratio = "" if floor_ms is None else f" = {ms / floor_ms:.1f}x floor"
-        rows.append(Row("speed", "8B-width 8-layer tp1 fp16", f"{kind} {device}", f"decode {ms:.2f} ms/step{ratio}",
-                        bar, None))
+        rows.append(Row("speed", width, f"{kind} {device}", f"decode {ms:.2f} ms/step{ratio}", bar, None))
     return rows
 
 

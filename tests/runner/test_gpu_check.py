@@ -95,3 +95,14 @@ def test_bad_requests_exit_2(argv, what, capsys):
     assert gpu_check.main(argv + ["--skip-speed"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and what in err, err
+
+
+def test_speed_rows_time_decode_against_a_floor(tmp_path):
+    """The speed rows' plumbing on a 2-layer toy rank on the CPU (a given bandwidth, since the CPU
+    has no HBM figure): figures, never judged. The 8B-width rank is a GPU host's job."""
+    toy = dict(preset="llama-3.1-tiny", num_hidden_layers=2, vocab_size=2048)
+    rows = gpu_check.speed_rows(tmp_path, Device("cpu"), 1.0, prompt_len=8, config=toy)
+    assert [(r.check, r.sides, r.passed) for r in rows] == [("speed", "ort cpu", None), ("speed", "torch cpu", None)]
+    assert all(r.variant == "256-wide 2-layer tp1 fp16" and "x floor" in r.measured and "--hbm-tbps" in r.bar
+               for r in rows), rows
+    assert gpu_check.exit_code(rows) == 0 and "-" in gpu_check.format_table(rows, (Device("cpu"),) * 2)
