@@ -584,14 +584,14 @@ def test_calibration_memory_and_reads_are_bounded(tmp_path):
             print(json.dumps({{**state, "verdict": verdict, "base": base, "end": end}}), flush=True)
             os._exit(0)
 
-        real_read = Checkpoint.read
-        def counting_read(self, name, part):
-            t = real_read(self, name, part)
+        real_read = Checkpoint._read_part  # every read of the file goes through it
+        def counting_read(self, name, rows, columns):
+            t = real_read(self, name, rows, columns)
             state["bytes_read"] += t.numel() * t.element_size()
             if state["bytes_read"] > 1.5 * {size}:
                 report("read more than 1.5x the checkpoint")
             return t
-        Checkpoint.read = counting_read
+        Checkpoint._read_part = counting_read
 
         def sample():
             while True:
@@ -623,7 +623,8 @@ def test_calibration_memory_and_reads_are_bounded(tmp_path):
     # reader of every layer touches (and the kernel can drop); they are printed above.
     assert r["verdict"] == "done"
     assert growth < bound
-    assert r["bytes_read"] <= 1.1 * size  # every tensor once, the embedding only at the tokens' rows
+    # Every tensor once (2 samples: one calibration batch), the embedding only at the tokens' rows.
+    assert 0.9 * (size - 2 * cfg.vocab_size * h * 2) <= r["bytes_read"] <= 1.1 * size
 
 
 def test_streamed_calibration_equals_whole_linears_bit_for_bit(base):
