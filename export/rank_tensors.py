@@ -87,9 +87,11 @@ def rank_module_blocks(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtyp
             yield from quant.rank_tensors(checkpoint, spec, name, dtype, input_scales)
         elif fp8_in_file:
             # Stored FP8 but kept in the compute dtype here (an exclusion): dequantize the slice.
-            raw = checkpoint.read_rank_tensor(name, spec)
+            raw = checkpoint.read_rank_tensor(name, spec)  # fp8, 1 byte a weight
             scale = _scale_slice(checkpoint, spec, name)
-            yield name, iter([(raw.float() * scale[:, None]).to(dtype)])
+            rows = raw.shape[0] if max_bytes is None else max(1, max_bytes // (raw.shape[1] * dtype.itemsize))
+            yield name, ((raw[r:r + rows].float() * scale[r:r + rows, None]).to(dtype)
+                         for r in range(0, raw.shape[0], rows))
         else:
             source_bytes = None if max_bytes is None else max(1, max_bytes * checkpoint.info(
                 checkpoint_name(cfg, name)).dtype.itemsize // dtype.itemsize)

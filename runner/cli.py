@@ -19,13 +19,15 @@ from export.cli_run import run_command
 from export.bounds import SEED
 from export.cli_flags import (CHECKPOINT_RUN_DEFAULTS, CHECKPOINT_RUN_FIELDS, DTYPE_CHOICES, NOT_FROM_ARTIFACT,
                               ArgumentParser, FlagScope, add_export_flags, add_option_flags, add_verify_flag,
-                              calibration_file, checkpoint_run_options, export_options_from, verify_artifact)
+                              calibration_file, checkpoint_run_options, export_options_from, flag_type,
+                              verify_artifact)
 from export import convert_cli
 from export.errors import InputError, naming
 from export.io_guard import refuse_outputs_over_inputs
 from engines import cli as engines_cli
 from runner import parity_cli
 from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_options, open_backend
+from runner.device import CPU, parse_device
 from runner.generate import sampling_problem
 
 
@@ -45,6 +47,8 @@ def _add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
     add_export_flags(p)
+    p.add_argument("--calib-device", type=flag_type(parse_device), default=CPU, metavar="cpu|cuda[:N]",
+                   help="where FP8 calibration runs (default cpu; cuda: a CUDA build of PyTorch, TF32 off)")
     p.add_argument("--force", action="store_true", help="replace a finished artifact (or an empty folder) at --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
 
@@ -135,6 +139,19 @@ def calibration_input(args, options):
     return checkpoint_calibration_tokens(args.checkpoint, text, args.calib_samples, args.calib_seq_len)
 
 
+def calibration_device(args, options) -> str:
+    """--calib-device as torch names it ("cpu", "cuda:N"); exit 3 with one line where this PyTorch
+    has no CUDA or no GPU shows (never a silent fall-back to the CPU)."""
+    device = args.calib_device
+    if device != CPU and not calibration_file(args, options)[0]:
+        raise InputError(f"--calib-device {device}: nothing is calibrated without --quant fp8 and a --calib-text; "
+                         "drop --calib-device")
+    if device.is_cuda:
+        from runner.backends.torch import require_cuda_torch
+        require_cuda_torch(device, "--calib-device")
+    return device.for_rank(0).torch
+
+
 def cmd_export(args) -> int:
     import time
     from export.manifest import load_manifest
@@ -142,10 +159,11 @@ def cmd_export(args) -> int:
     from export.scales_record import scales_record
     options = export_options_from(args)
     started = time.perf_counter()
+    calib_device = calibration_device(args, options)
     tokens, source = calibration_input(args, options)
     out = export_artifact(args.checkpoint, args.out, options, force=args.force,
                           progress=sys.stderr.isatty() and not args.json,
-                          calibration_tokens=tokens, calibration_source=source)
+                          calibration_tokens=tokens, calibration_source=source, calibration_device=calib_device)
     manifest = load_manifest(out)
     size = sum(f["size"] for f in manifest.files.values())
     summary = {"artifact": str(out), "ranks": [r.rank for r in manifest.ranks], "tp": options.tp,

@@ -95,7 +95,7 @@ class TorchBackend(Backend):
         return [self.runners[r].module for r in sorted(self.runners)]
 
 
-def require_cuda_torch(device) -> None:
+def require_cuda_torch(device, flag: str = "--device") -> None:
     if not torch.cuda.is_available():
-        raise MissingRequirement(f"--device {device}: this PyTorch ({torch.__version__}) has no CUDA (a CPU build, or "
+        raise MissingRequirement(f"{flag} {device}: this PyTorch ({torch.__version__}) has no CUDA (a CPU build, or "
                                  "no GPU visible); install a CUDA build of PyTorch, or use --device cpu")

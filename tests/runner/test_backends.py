@@ -128,6 +128,21 @@ def test_torch_on_cuda_without_cuda_exits_3(hf_checkpoint, tmp_path, capsys):
     assert code == 3 and len(err.splitlines()) == 1 and "has no CUDA" in err, err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this PyTorch has CUDA")
+def test_calibration_on_cuda_without_cuda_exits_3(hf_checkpoint, tmp_path, capsys):
+    out = tmp_path / "art"
+    export = ["export", "--checkpoint", str(hf_checkpoint[0]), "--out", str(out)]
+    code = main(export + ["--quant", "fp8", "--calib-device", "cuda:0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and len(err.splitlines()) == 1 and "--calib-device cuda:0" in err and "has no CUDA" in err, err
+    for argv, what in ((["--quant", "fp8", "--calib-device", "gpu"], "argument --calib-device"),
+                       (["--calib-device", "cuda"], "nothing is calibrated")):  # no --quant fp8: refused
+        code = main(export + argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and what in err, err
+    assert not out.exists()
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
                     reason="this onnxruntime has a CUDA provider")
 def test_a_session_that_fell_back_to_the_cpu_is_refused(static_artifact, monkeypatch):

@@ -88,3 +88,21 @@ def test_torch_cuda_equals_torch_cpu(hf_checkpoint, tp, dtype, kv_cache):
 def test_torch_cuda_rows_equal_the_row_run_alone(hf_checkpoint):
     check_rows(TorchBackend(Checkpoint(hf_checkpoint[0]), options=ModelOptions(max_seq_len=32),
                             run=TorchOptions(device=Device("cuda"))))
+
+
+@torch_cuda
+def test_calibration_on_cuda_equals_the_cpu(hf_checkpoint):
+    """--calib-device cuda: the same amax as the CPU within fp32 rounding (TF32 off)."""
+    from export.calibrate import calibrate
+    tokens = np.random.default_rng(0).integers(3, 256, (4, 32))
+    on_gpu, on_cpu = (calibrate(Checkpoint(hf_checkpoint[0]), tokens, device=d).amax for d in ("cuda:0", "cpu"))
+    assert on_gpu.keys() == on_cpu.keys()
+    assert all(on_gpu[n] == pytest.approx(on_cpu[n], rel=1e-5) for n in on_cpu), (on_gpu, on_cpu)
+
+
+@ort_cuda
+@torch_cuda
+def test_make_gpu_check_passes(tmp_path):
+    """`make gpu-check` without the 4 GB speed rows: every variant, ORT/torch/fidelity/calibration."""
+    from runner import gpu_check
+    assert gpu_check.main(["--devices", "cuda,cpu", "--skip-speed", "--workdir", str(tmp_path)]) == 0
