@@ -29,6 +29,7 @@ from export.fp8 import FP8_MAX
 from export.kv_cache import KV_CACHE_LAYOUTS
 from export.model import DecoderLayer, additive_mask, load_rank_weights, rope_at, rope_tables
 from export.rank_tensors import rank_module_blocks, rank_module_tensors
+from export.quantization import Unquantized
 from export.sharding import RankSpec, TensorSlice
 
 FLOAT16_MAX = 65504.0
@@ -101,7 +102,7 @@ class StreamedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
         start = 0
-        for _, blocks in rank_module_blocks(self.checkpoint, self.spec, torch.float32, None, None,
+        for _, blocks in rank_module_blocks(self.checkpoint, self.spec, torch.float32, Unquantized(), None,
                                             only=self.weight_name, max_bytes=self.block_bytes):
             for block in blocks:  # [rows, in] fp32, on the host
                 rows = block.shape[0]

@@ -51,22 +51,30 @@ HBM_TBPS = {"H200": 4.8, "H100 NVL": 3.9, "H100 80GB HBM3": 3.35, "H100 PCIe": 2
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    name: str
     tp: int
     pp: int
     kv_cache: str
     dtype: str
-    quant: str = "none"
+    quant: str = "none"  # an --quant name
+
+    @property
+    def name(self) -> str:
+        scheme = f"{self.quant}-" if self.quantization.quantized else ""
+        return f"tp{self.tp}pp{self.pp}-{self.kv_cache}-{scheme}{self.dtype}"
+
+    @property
+    def quantization(self):
+        from export.quantization import quantization_named
+        return quantization_named(self.quant)
 
     def tolerance(self) -> Tolerance:
-        if self.quant == "fp8":
-            return DEFAULT_TOLERANCES[default_preset(self.dtype, "fp8")]
+        if self.quantization.quantized:
+            return DEFAULT_TOLERANCES[default_preset(self.dtype, self.quantization)]
         max_abs, top1 = BARS[self.dtype]
         return Tolerance(max_abs=max_abs, min_top1=top1, **_ANYTHING)
 
 
-VARIANTS = tuple(Variant(f"tp{tp}pp{pp}-{kv}-{dt}" if quant == "none" else f"tp{tp}pp{pp}-{kv}-fp8-{dt}",
-                         tp, pp, kv, dt, quant) for tp, pp, kv, dt, quant in (
+VARIANTS = tuple(Variant(tp, pp, kv, dt, quant) for tp, pp, kv, dt, quant in (
     (1, 1, "static", "float16", "none"), (1, 1, "concat", "float16", "none"),
     (1, 1, "static", "float32", "none"), (1, 1, "concat", "float32", "none"),
     (2, 1, "static", "float16", "none"), (2, 1, "concat", "float32", "none"),
@@ -135,9 +143,9 @@ def variant_rows(v: Variant, artifact: Path, checkpoint: Path, devices: tuple[De
     rows = [parity_row(kind, v.name, sides, open_backend(kind, artifact, options=_options(kind, a)),
                        open_backend(kind, artifact, options=_options(kind, b)), v.tolerance(), prompt)
             for kind in ("ort", "torch")]
-    if v.quant == "fp8":
+    if v.quantization.quantized:
         reference = open_backend("torch", artifact, reference=checkpoint, options=_options("torch", Device("cpu")))
-        fidelity = DEFAULT_TOLERANCES["fp8"]
+        fidelity = DEFAULT_TOLERANCES[default_preset(v.dtype, v.quantization, reference=True)]
         rows += [parity_row("fidelity", v.name, f"ort {d} vs checkpoint (torch cpu)",
                             open_backend("ort", artifact, options=_options("ort", d)), reference, fidelity, prompt)
                  for d in dict.fromkeys(devices)]
@@ -269,7 +277,7 @@ def run_check(args) -> int:
     for v in variants:
         artifact = export_artifact(checkpoint, workdir / v.name, ExportOptions(
             tp=v.tp, pp=v.pp, kv_cache=v.kv_cache, dtype=v.dtype, quant=v.quant, max_seq_len=MAX_SEQ_LEN),
-            force=True, calibration_tokens=tokens if v.quant == "fp8" else None,
+            force=True, calibration_tokens=tokens if v.quantization.needs_activation_scales else None,
             calibration_source="gpu-check tokens", log=lambda line: None)
         rows += variant_rows(v, artifact, checkpoint, devices, prompt)
         print(f"{v.name}: {', '.join(r.verdict for r in rows[-2:])}", file=sys.stderr, flush=True)
