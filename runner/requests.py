@@ -114,7 +114,8 @@ def _sampling_value(where: str, key: str, value):
 
 def check_fits_model(requests: list[RequestLine], vocab_size: int, max_seq_len: int, bounded: bool) -> None:
     """What the model refuses, before any prompt is tokenized: token ids past its vocabulary, stop
-    ids past it, and a max_new_tokens that no prompt (at least one token) leaves room for."""
+    ids past it, a max_new_tokens that no prompt (at least one token) leaves room for, and a
+    token prompt without room for its new tokens."""
     for r in requests:
         for what, ids in (("\"tokens\"", r.tokens or ()), ("\"stop\"", r.stop_ids)):
             bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -125,6 +126,8 @@ def check_fits_model(requests: list[RequestLine], vocab_size: int, max_seq_len: 
             raise InputError(f"{r.where}: max_new_tokens {r.options.max_new_tokens} leaves no room for a prompt in "
                              f"the model's {max_seq_len} cache slots (max_seq_len); lower it to at most "
                              f"{max_seq_len - 1} or re-export with a larger --max-seq-len")
+        if r.tokens is not None:
+            check_room(r, len(r.tokens), max_seq_len, bounded)
 
 
 def check_room(line: RequestLine, prompt_tokens: int, max_seq_len: int, bounded: bool) -> None:

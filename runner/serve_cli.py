@@ -70,7 +70,8 @@ def run(args: argparse.Namespace, open_backend: Callable, tokenizer_for: Callabl
             prompt = tokenizer.encode_dialog([{"role": "user", "content": line.text}])
         else:
             prompt = tokenizer.encode(line.text, bos=True)
-        check_room(line, len(prompt), backend.max_seq_len, layout.bounded)
+        if line.tokens is None:  # token prompts: checked with the model
+            check_room(line, len(prompt), backend.max_seq_len, layout.bounded)
         requests.append(line.request(prompt, stop_ids))
     served = serve(backend, requests, max_batch, batching, width=args.decode_width or "live",
                    detokenize=tokenizer.decode)
