@@ -1,6 +1,6 @@
 """`make bench`: load, export, peer-exporter, decode, engine-build, graph-size, genai-runtime and decode-width benchmarks.
 
-    python -m bench [--quick] [--only plan,load,export,fp8,recipes,peers,decode,engines,graph,genai,batching]
+    python -m bench [--quick] [--only plan,load,export,fp8,recipes,peers,decode,engines,graph,genai,batching,serving]
                     [--workdir DIR] [--no-keep]
 
 Prints one Markdown table (what | figure | unit | against what) on stdout and writes the same

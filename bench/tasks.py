@@ -17,6 +17,7 @@ from bench.harness import dir_bytes, evict_from_page_cache, run_child
 from bench.report import GB
 from bench.suites.batching import prep_decode_width, task_decode_width
 from bench.suites.genai_speed import prep_genai_speed, task_genai_overhead, task_genai_speed
+from bench.suites.serving import prep_serving, task_serving
 
 
 def _prep_torch():
@@ -364,6 +365,7 @@ TASKS: dict[str, tuple[Callable[[], None], Callable[[dict], dict]]] = {
     "genai_overhead": (prep_genai_speed, task_genai_overhead),
     "graph_counts": (_prep_graph_counts, task_graph_counts),
     "decode_width": (prep_decode_width, task_decode_width),
+    "serving": (prep_serving, task_serving),
 }
 UNSAMPLED_TASKS = {"genai_speed", "genai_overhead"}
 

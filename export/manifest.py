@@ -101,14 +101,16 @@ class Manifest:
         """PER_SEQUENCE or LOCKSTEP (export/kv_cache.py): what the graphs were exported with."""
         return self.extra.get(CACHE_WRITES, LOCKSTEP)
 
-    def require_per_sequence_writes(self, directory: str | Path, what: str) -> None:
+    def require_per_sequence_writes(self, directory: str | Path, what: str, otherwise: str = "") -> None:
         """Refuse an artifact whose graphs write every row at the same slot, for `what` (e.g.
-        "continuous batching"), which needs rows at their own lengths."""
+        "continuous batching"), which needs rows at their own lengths; `otherwise`: what the
+        user can run this artifact with instead (appended to the fix)."""
         if self.cache_writes != PER_SEQUENCE:
             why = ("a concat KV cache appends every row's step at the same slot" if self.cache_layout.writes == LOCKSTEP
                    else "it was exported before per-sequence cache slots: every row writes at the same slot")
-            raise ArtifactError(f"{directory}: {what} needs each row to write its own cache slot, but {why}; "
-                                "re-export with --kv-cache static using this llama405")
+            raise ArtifactError(f"{directory}: {what} needs each row to write its own cache slot, but its manifest "
+                                f"records {CACHE_WRITES}={self.cache_writes!r} ({why}); re-export with --kv-cache "
+                                f"static using this llama405{otherwise and ', or ' + otherwise}")
 
     def rank(self, rank: int) -> RankEntry:
         for entry in self.ranks:

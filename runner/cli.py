@@ -25,7 +25,7 @@ from export import convert_cli
 from export.errors import InputError, naming
 from export.io_guard import refuse_outputs_over_inputs
 from engines import cli as engines_cli
-from runner import parity_cli
+from runner import parity_cli, serve_cli
 from runner.backends.registry import BACKEND_KINDS, add_backend_flags, backend_options, open_backend
 from runner.device import CPU, parse_device
 from runner.generate import sampling_problem
@@ -85,7 +85,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_source(p)
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
+    given.add_argument("--requests", type=Path, help="a JSON-lines file of requests, served in batches "
+                                                     "(runner/requests.py has the format)")
+    serve_cli.add_flags(p)
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat format")
     p.add_argument("--tokenizer", type=Path,
                    help="tokenizer.json / tokenizer.model or their directory (default: the model's own)")
@@ -211,6 +215,9 @@ def _tokenizer_for(args):
 
 
 def cmd_generate(args) -> int:
+    if args.requests is not None:
+        return serve_cli.run(args, lambda: _open_backend(args), lambda: _tokenizer_for(args), _is_primary)
+    serve_cli.refuse_without_requests(args)
     from runner.generate import SamplingOptions, check_room, generate
     options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     backend = _open_backend(args)  # first: --verify checks the artifact's hashes before its tokenizer is read

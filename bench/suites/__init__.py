@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bench.harness import Context
-from bench.suites import batching, decode, engines, export, fp8, genai, graph, load, peers, plan, recipes, smollm2
+from bench.suites import (batching, decode, engines, export, fp8, genai, graph, load, peers, plan, recipes,
+                          serving, smollm2)
 
 SUITES: dict[str, Callable[[Context], None]] = {
     "plan": plan.run, "load": load.run, "export": export.run, "fp8": fp8.run, "recipes": recipes.run,
     "peers": peers.run, "decode": decode.run, "engines": engines.run, "graph": graph.run, "genai": genai.run,
-    "batching": batching.run, "smollm2": smollm2.run,
+    "batching": batching.run, "serving": serving.run, "smollm2": smollm2.run,
 }
 BENCHES = tuple(SUITES)

@@ -546,3 +546,22 @@ def test_batching_suite_times_every_decode_width_on_the_decode_model():
     assert any(len({decode_width(k, n, plan.max_seq_len) for k in DECODE_WIDTHS}) == 3 for n in plan.lengths)
     quick = batching_suite.width_plan(quick=True)
     assert max(quick.lengths) <= quick.max_seq_len
+
+
+# -- serving suite ---------------------------------------------------------------------------------
+
+
+def test_serving_suite_serves_the_issue_workload_both_ways_on_the_decode_model():
+    from bench.suites import serving as serving_suite
+    assert "serving" in BENCHES and tasks.TASKS["serving"][1] is serving_suite.task_serving
+    full = serving_suite.serving_plan(quick=False)
+    assert (full.requests, full.prompt_tokens, full.new_tokens, full.max_batch) == (64, (16, 512), (16, 256), 8)
+    for plan in (full, serving_suite.serving_plan(quick=True)):
+        # A lockstep batch holds its longest prompt and its longest output at once.
+        assert plan.prompt_tokens[1] + plan.new_tokens[1] <= plan.max_seq_len
+        work = serving_suite.workload(plan, 32000)
+        assert work == serving_suite.workload(plan, 32000) and len(work) == plan.requests  # seeded
+        assert all(plan.prompt_tokens[0] <= len(p) <= plan.prompt_tokens[1] for p, _ in work)
+        assert all(plan.new_tokens[0] <= n <= plan.new_tokens[1] for _, n in work)
+        assert all(0 <= t < 32000 for p, _ in work for t in p)
+        assert len({n for _, n in work}) > 1  # outputs of different lengths: what lockstep waits for
