@@ -176,12 +176,13 @@ def test_checkpoint_contents_hf_refuses_are_refused_by_name(user_files, capsys, 
 
 
 def test_a_shard_replaced_while_the_export_reads_it_is_refused(user_files, capsys, monkeypatch):
-    """Another process swaps a shard (a new inode at the same path) after the export read its header."""
+    """Another process swaps a shard (a new inode at the same path) after the export read its header:
+    the next read of it (here layer 1's k_proj, while the KV-head layout is checked) is refused."""
     from export.safetensors_file import SafetensorsFile
     original, swapped = SafetensorsFile.read, []
 
     def read_then_swap(self, name, *args, **kwargs):
-        if not swapped and name.endswith("mlp.up_proj.weight"):
+        if not swapped and name == "model.layers.1.self_attn.k_proj.weight":
             copy = self.path.with_name(self.path.name + ".new")
             shutil.copy2(self.path, copy)
             os.replace(copy, self.path)
