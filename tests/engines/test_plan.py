@@ -201,7 +201,8 @@ def test_invalid_requests():
 # -- command line ----------------------------------------------------------------------------
 
 def _plan_cli(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    from export.cli_flags import ArgumentParser  # the commands' parser: flags that cannot take effect are refused
+    parser = ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     cli.add_parsers(sub)
     return parser.parse_args(["plan", *argv])
