@@ -365,7 +365,7 @@ def test_a_full_disk_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
      "is not a token id"),
     (["logits", "--artifact", "{art}", "--backend", "ort", "--tokens", "1", "--out", "{tmp}/f/x.npy"], "f: File exists"),
     (["parity", "--artifact", "{art}", "--steps", "1", "--report", "{tmp}/f/r.json"], "f: File exists"),
-    (["generate", "--checkpoint", "{ckpt}", "--prompt", "hi", "--max-seq-len", "-1"], "--max-seq-len -1"),
+    (["generate", "--checkpoint", "{ckpt}", "--prompt", "hi", "--max-seq-len", "-1"], "--max-seq-len: -1"),
     (["export", "--checkpoint", "{ckpt}", "--out", "{tmp}/f/art"], "f: File exists"),
     (["export", "--checkpoint", "{ckpt}", "--out", "{tmp}/a", "--max-batch", "0"], "--max-batch 0"),
     (["verify", "{tmp}"], "no manifest"),
