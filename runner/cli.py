@@ -37,7 +37,8 @@ def _add_model_source(p: ArgumentParser) -> None:
     layout = (NOT_FROM_ARTIFACT,)
     p.add_scoped("--tp", type=int, default=1, scopes=layout, help="tensor-parallel ranks (--checkpoint)")
     p.add_scoped("--pp", type=int, default=1, scopes=layout, help="pipeline stages (--checkpoint)")
-    p.add_scoped("--dtype", choices=DTYPE_CHOICES, default="float32", scopes=layout, help="compute dtype (--checkpoint)")
+    p.add_scoped("--dtype", choices=DTYPE_CHOICES, default="float32", scopes=layout,
+                 help="compute dtype (--checkpoint)")
     p.add_scoped("--kv-cache", choices=tuple(KV_CACHE_LAYOUTS), default="static", scopes=layout,
                  help="KV-cache layout (--checkpoint)")
     p.add_scoped("--max-seq-len", type=MAX_SEQ_LEN.flag_type, default=2048, scopes=layout,
