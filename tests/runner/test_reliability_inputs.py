@@ -176,12 +176,13 @@ def test_checkpoint_contents_hf_refuses_are_refused_by_name(user_files, capsys, 
 
 
 def test_a_shard_replaced_while_the_export_reads_it_is_refused(user_files, capsys, monkeypatch):
-    """Another process swaps a shard (a new inode at the same path) after the export read its header."""
+    """Another process swaps a shard (a new inode at the same path) after the export read its header:
+    the next read of it (here layer 1's k_proj, while the KV-head layout is checked) is refused."""
     from export.safetensors_file import SafetensorsFile
     original, swapped = SafetensorsFile.read, []
 
     def read_then_swap(self, name, *args, **kwargs):
-        if not swapped and name.endswith("mlp.up_proj.weight"):
+        if not swapped and name == "model.layers.1.self_attn.k_proj.weight":
             copy = self.path.with_name(self.path.name + ".new")
             shutil.copy2(self.path, copy)
             os.replace(copy, self.path)
@@ -211,7 +212,8 @@ def _config_change(**changes):
      "max_position_embeddings=1099511627776 exceeds 1048576: caches and RoPE tables are allocated for every position"),
     (_config_change(vocab_size=2**30), ["generate", "--checkpoint", "{root}/ck", "--prompt", "hi"],
      "vocab_size=1073741824 exceeds 16777216"),
-    (None, ["export", "--checkpoint", "{root}/ck", "--out", "{root}/new", "--quant", "fp8", "--calib-seq-len", "100000"],
+    (None, ["export", "--checkpoint", "{root}/ck", "--out", "{root}/new", "--quant", "fp8", "--calib-seq-len",
+            "100000"],
      "argument --calib-seq-len: 100000 exceeds 8192"),
     (None, ["export", "--checkpoint", "{root}/ck", "--out", "{root}/new", "--quant", "fp8", "--calib-samples",
             "1000000"], "argument --calib-samples: 1000000 exceeds 4096"),
