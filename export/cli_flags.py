@@ -81,7 +81,8 @@ def export_options_from(args: argparse.Namespace):
     return ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
                          logits=args.logits, ranks=ranks, fp8_recipe=args.fp8_recipe,
                          fp8_exclude=tuple(args.fp8_exclude),
-                         fp8_checkpoint_exclusions=args.fp8_checkpoint_exclusions, **sizes)
+                         fp8_checkpoint_exclusions=args.fp8_checkpoint_exclusions,
+                         fp8_smoothing=args.fp8_smoothing, **sizes)
 
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
@@ -97,11 +98,24 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
                    help="a pre-quantized checkpoint's own list of unquantized modules (quantization_config "
                         "modules_to_not_convert / ignore / exclude_modules): honour it (default) or quantize "
                         "those linears too")
+    p.add_argument("--fp8-smoothing", type=_smoothing_alpha, default=DEFAULTS.fp8_smoothing, metavar="ALPHA|none",
+                   help="divide each MLP's up_proj rows by s and multiply its down_proj columns by s "
+                        "(exact; SmoothQuant's s = amax_x^alpha / amax_w^(1-alpha) from calibration) so the "
+                        "down_proj input's massive activations fit one FP8 scale; docs/fp8-real-activations.md")
     p.add_argument("--calib-text", default="default",
                    help="UTF-8 text for FP8 activation calibration; 'default' = the shipped text, "
                         "'none' = only use input_scale tensors from the checkpoint")
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-seq-len", type=int, default=256)
+
+
+def _smoothing_alpha(value: str) -> float | None:
+    if value == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number in (0, 1] or none") from None
 
 
 def add_verify_flag(p: argparse.ArgumentParser) -> None:

@@ -33,8 +33,9 @@ from tqdm import tqdm
 from export import attention_op, cache_ops, collectives, fp8, rotary_op
 from export.custom_ops import translation_table
 from export.calibrate import Calibration, calibrate
-from export.fp8 import QuantConfig
+from export.fp8 import QuantConfig, input_scale_from_amax
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
+from export.smoothing import Smoothing, SmoothedCheckpoint, smooth_down_proj_inputs
 from export.checkpoint import Checkpoint
 from export.kv_cache import PARTS, KVCacheLayout, past_name, present_name
 from export.options import ExportOptions
@@ -361,11 +362,12 @@ def check_disk(directory: Path, needed: int) -> None:
 
 def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
                          calibration_tokens: np.ndarray | None, calibration_source: str,
-                         progress: bool) -> tuple[dict[str, float] | None, dict]:
-    """Static FP8 activation scales: the checkpoint's own, else calibration. Returns the scales
-    and what the manifest records about them."""
+                         progress: bool) -> tuple[dict[str, float] | None, dict, Smoothing | None]:
+    """Static FP8 activation scales: the checkpoint's own, else calibration. Returns the scales,
+    what the manifest records about them, and the up->down smoothing (--fp8-smoothing) the
+    scales assume, which the rank weights must then get (export/smoothing.py)."""
     if options.quant != "fp8":
-        return None, {}
+        return None, {}, None
     quant = options.quant_config
     cfg = checkpoint.config
     needed = sorted({n.rsplit(".", 1)[0] for s in all_ranks(options.tp, options.pp)
@@ -378,13 +380,16 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
         info["checkpoint_exclusions"] = checkpoint.quantization.manifest_record(
             honoured=options.fp8_checkpoint_exclusions == "honour")
     if all(name in stored for name in needed):
+        if options.fp8_smoothing is not None:
+            raise CheckpointError(f"{checkpoint.directory}: --fp8-smoothing needs calibrated activation ranges, "
+                                  "but this checkpoint carries its own input_scale tensors; drop --fp8-smoothing")
         for name in needed:
             if not (stored[name] > 0 and np.isfinite(stored[name])):
                 raise CheckpointError(f"{checkpoint.directory}: {name}.input_scale is {stored[name]}; "
                                       "scales must be positive and finite")
         info.update(scales_from="checkpoint input_scale tensors",
                     input_scales={n: stored[n] for n in needed})
-        return {n: stored[n] for n in needed}, info
+        return {n: stored[n] for n in needed}, info, None
     if calibration_tokens is None:
         missing = [n for n in needed if n not in stored]
         raise CheckpointError(f"{checkpoint.directory}: --quant fp8 needs static activation scales, but "
@@ -395,15 +400,20 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
     warning = calibration.float16_headroom_warning()
     if warning and options.dtype == "float16":
         print(f"warning: {warning}", file=sys.stderr)
-    scales = calibration.input_scales()
+    amax, smoothing = calibration.amax, None
+    if options.fp8_smoothing is not None:
+        smoothing, amax = smooth_down_proj_inputs(checkpoint, calibration.channel_amax, amax,
+                                                  options.fp8_smoothing, needed)
+        info["smoothing"] = smoothing.manifest_record()
+    scales = {n: input_scale_from_amax(a) for n, a in amax.items()}
     info.update(scales_from="calibration", input_scales={n: scales[n] for n in needed},
-                amax={n: calibration.amax[n] for n in needed},
+                amax={n: amax[n] for n in needed},
                 calibration={"source": calibration_source, "samples": calibration.samples,
                              "seq_len": calibration.seq_len,
                              "max_activation": calibration.max_activation},
                 checkpoint_weights="fp8" if any(n.endswith(".weight_scale") for n in checkpoint.weight_map)
                 else "unquantized")
-    return scales, info
+    return scales, info, smoothing
 
 
 def with_checkpoint_exclusions(options: ExportOptions, quantization: CheckpointQuantization) -> ExportOptions:
@@ -462,8 +472,10 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
     total = sum(rank_bytes(checkpoint, s, dtype) for s in specs)
     check_disk(out.parent, total + tokenizer_bytes + graph_bytes)
 
-    input_scales, fp8_info = resolve_input_scales(checkpoint, options, calibration_tokens,
-                                                  calibration_source, progress)
+    input_scales, fp8_info, smoothing = resolve_input_scales(checkpoint, options, calibration_tokens,
+                                                             calibration_source, progress)
+    if smoothing is not None:
+        checkpoint = SmoothedCheckpoint(checkpoint.directory, smoothing)
     graphs = StageGraphs(cfg, options)
     tmp = temporary_sibling(out)
     try:

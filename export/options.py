@@ -48,6 +48,7 @@ class ExportOptions:
     fp8_recipe: str = "default"
     fp8_exclude: tuple[str, ...] = ()  # fnmatch or re: patterns; the checkpoint's own list joins them
     fp8_checkpoint_exclusions: str = "honour"  # or "ignore" (export/checkpoint_quant.py)
+    fp8_smoothing: float | None = None  # alpha of the up->down smoothing (export/smoothing.py); None: off
 
     def validate(self, cfg: LlamaConfig | None = None) -> None:
         """ConfigError naming the flag; cfg adds the checks against the model's geometry."""
@@ -67,6 +68,10 @@ class ExportOptions:
                     re.compile(pattern[3:])
                 except re.error as err:
                     raise ConfigError(f"--fp8-exclude {pattern!r}: not a regular expression ({err})") from None
+        if self.fp8_smoothing is not None and (isinstance(self.fp8_smoothing, bool) or not isinstance(
+                self.fp8_smoothing, (int, float)) or not 0 < self.fp8_smoothing <= 1):
+            raise ConfigError(f"--fp8-smoothing {self.fp8_smoothing!r}: the migration strength alpha must be in "
+                              "(0, 1] (0.5 is SmoothQuant's default), or none")
         if cfg is not None and self.max_seq_len > cfg.max_position_embeddings:
             raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
                               f"({cfg.max_position_embeddings}); choose at most that")
