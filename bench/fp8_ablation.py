@@ -84,12 +84,16 @@ class Ablation:
         for h in hooks:
             h.remove()
 
-    def measure(self, quantized: list[str], smoothing_alpha: float | None = None) -> dict:
-        """Quantize `quantized` (module paths), optionally smoothing every up->down pair first."""
+    def measure(self, quantized: list[str], smoothing_alpha: float | None = None,
+                smoothed_layers: list[int] | None = None) -> dict:
+        """Quantize `quantized` (module paths), optionally smoothing the up->down pair of
+        `smoothed_layers` (None: every layer) first."""
         saved, layers = {}, self.model.model.layers
         amax = dict(self.amax)
         if smoothing_alpha is not None:
             for i, layer in enumerate(layers):
+                if smoothed_layers is not None and i not in smoothed_layers:
+                    continue
                 name = f"model.layers.{i}.mlp.down_proj"
                 s = smoothing_factors(self.channel_amax[name], layer.mlp.down_proj.weight.data, smoothing_alpha)
                 saved[i] = (layer.mlp.up_proj.weight.data, layer.mlp.down_proj.weight.data)
@@ -144,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         "all but down_proj": lambda: ab.measure(without(every, "down_proj")),
         f"down_proj of layers {massive[:2]} 16-bit": lambda: ab.measure(without(every, *down_projs(massive[:2]))),
         f"down_proj of layers {massive} 16-bit": lambda: ab.measure(without(every, *down_projs(massive))),
-        **{f"smoothing {a}": (lambda a=a: ab.measure(every, a)) for a in (0.3, 0.5, 0.7, 0.85)},
+        **{f"smoothing {a}": (lambda a=a: ab.measure(every, a)) for a in (0.3, 0.5)},
+        f"smoothing 0.5, layers {massive} only": lambda: ab.measure(every, 0.5, massive),
         f"smoothing 0.5 + down_proj of layers {massive[:2]} 16-bit":
             lambda: ab.measure(without(every, *down_projs(massive[:2])), 0.5),
+        **{f"smoothing {a}": (lambda a=a: ab.measure(every, a)) for a in (0.7, 0.85)},
     }
     results = {}
     for name, run in variants.items():
