@@ -141,18 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     layers = len(ab.model.model.layers)
     meta = [n for n in every if ".self_attn." not in n and not n.startswith(("model.layers.0.", f"model.layers.{layers - 1}."))]
     massive = sorted(range(layers), key=lambda i: -ab.amax[down_projs([i])[0]])[:3]
-    variants = {
+    variants = {  # the cheap-to-explain ones first: on a busy machine the sweep takes a while
         "default": lambda: ab.measure(every),
-        "meta": lambda: ab.measure(meta),
-        **{f"only {g}": (lambda g=g: ab.measure([n for n in every if n.endswith(g)])) for g in GROUPS},
-        "all but down_proj": lambda: ab.measure(without(every, "down_proj")),
+        f"smoothing 0.5, layers {massive} only": lambda: ab.measure(every, 0.5, massive),
+        f"smoothing 0.3, layers {massive} only": lambda: ab.measure(every, 0.3, massive),
         f"down_proj of layers {massive[:2]} 16-bit": lambda: ab.measure(without(every, *down_projs(massive[:2]))),
         f"down_proj of layers {massive} 16-bit": lambda: ab.measure(without(every, *down_projs(massive))),
-        **{f"smoothing {a}": (lambda a=a: ab.measure(every, a)) for a in (0.3, 0.5)},
-        f"smoothing 0.5, layers {massive} only": lambda: ab.measure(every, 0.5, massive),
+        **{f"only {g}": (lambda g=g: ab.measure([n for n in every if n.endswith(g)])) for g in GROUPS},
+        "meta": lambda: ab.measure(meta),
+        "all but down_proj": lambda: ab.measure(without(every, "down_proj")),
+        **{f"smoothing {a}": (lambda a=a: ab.measure(every, a)) for a in (0.3, 0.5, 0.7, 0.85)},
         f"smoothing 0.5 + down_proj of layers {massive[:2]} 16-bit":
             lambda: ab.measure(without(every, *down_projs(massive[:2])), 0.5),
-        **{f"smoothing {a}": (lambda a=a: ab.measure(every, a)) for a in (0.7, 0.85)},
     }
     results = {}
     for name, run in variants.items():
