@@ -19,9 +19,9 @@ ARTIFACTS = {"fp8": {"dtype": "float16", "quant": "fp8"}, "fp16": {"dtype": "flo
 # FP8 recipes measured on held-out text (docs/fp8-real-activations.md): name -> export options.
 # --quick keeps the first two.
 FP8_RECIPES = {
-    "smoothing 0.5": {"fp8_smoothing": 0.5},
     "default": {},
     "meta": {"fp8_recipe": "meta"},
+    "smoothing 0.5": {"fp8_smoothing": 0.5},
 }
 HELDOUT_SEQ_LEN = 1024  # the held-out text is 865 tokens with SmolLM2's tokenizer
 LINEARS = 7 * 30  # SmolLM2's quantizable linears
