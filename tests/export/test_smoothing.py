@@ -178,3 +178,14 @@ def test_factors_match_numpy():
     x[3] = 0.0  # a dead channel stays finite
     got = smoothing_factors(torch.from_numpy(x), torch.from_numpy(w), 0.7).numpy()
     np.testing.assert_allclose(got, numpy_factors(x, w, 0.7), rtol=1e-5)
+
+
+def test_the_flag_reaches_the_export_options():
+    from export.cli_flags import export_options_from
+    from runner.cli import _parser
+    base = ["export", "--checkpoint", "c", "--out", "o", "--quant", "fp8"]
+    assert export_options_from(_parser().parse_args(base + ["--fp8-smoothing", "0.5"])).fp8_smoothing == 0.5
+    assert export_options_from(_parser().parse_args(base + ["--fp8-smoothing", "none"])).fp8_smoothing is None
+    assert export_options_from(_parser().parse_args(base)).fp8_smoothing is None  # off unless asked
+    with pytest.raises(SystemExit):
+        _parser().parse_args(base + ["--fp8-smoothing", "strong"])
