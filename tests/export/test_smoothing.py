@@ -189,3 +189,16 @@ def test_the_flag_reaches_the_export_options():
     assert export_options_from(_parser().parse_args(base)).fp8_smoothing is None  # off unless asked
     with pytest.raises(SystemExit):
         _parser().parse_args(base + ["--fp8-smoothing", "strong"])
+
+
+@pytest.mark.parametrize("input_scale", ["one", None])
+def test_a_prequantized_checkpoint_is_refused(outlier_model, tmp_path, input_scale):
+    """Smoothing rescales unquantized weights with calibrated ranges: a checkpoint that is
+    already FP8 (its own input scales, or calibrated ones over FP8 weights) cannot have it."""
+    from export.errors import CheckpointError
+    from tests.export.test_fp8 import write_fp8_checkpoint
+    path, model = outlier_model
+    fp8 = write_fp8_checkpoint(model, path, tmp_path / "fp8", "row", input_scale)
+    options = ExportOptions(dtype="float32", quant="fp8", max_seq_len=64, fp8_smoothing=0.5)
+    with pytest.raises(CheckpointError, match="drop --fp8-smoothing"):
+        export_artifact(fp8.path, tmp_path / "art", options, calibration_tokens=CAL_TOKENS, calibration_source="t")
