@@ -298,6 +298,27 @@ def task_fidelity(args: dict) -> dict:
     return {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
 
 
+def task_fidelity_heldout(args: dict) -> dict:
+    """What `llama405 parity --reference CKPT --fidelity-text heldout` measures: the artifact in
+    onnxruntime against the unquantized checkpoint (torch, the artifact's dtype and layout) on the
+    shipped held-out text, tokenized with the artifact's tokenizer; plus how many of its linears
+    are FP8."""
+    from importlib import resources
+    from export.manifest import load_manifest
+    from export.tokenizer import model_tokenizer
+    from runner.backends.ort import OrtBackend
+    from runner.backends.torch_artifact import reference_backend
+    from runner.fidelity import fidelity_report
+    artifact = Path(args["artifact"])
+    text = resources.files("export").joinpath("data/heldout.txt").read_text(encoding="utf-8")
+    ids = model_tokenizer(artifact).encode(text, bos=True)
+    reference = reference_backend(artifact, Path(args["checkpoint"]))
+    report = fidelity_report(OrtBackend(artifact), reference, ids, window=len(ids))
+    result = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+    result["quantized_linears"] = load_manifest(artifact).extra["fp8"]["quantized_linears"]
+    return result
+
+
 def onnx_node_counts(path: Path) -> dict[str, int]:
     """{op type: count} of a graph's top-level nodes, its weights not loaded."""
     from collections import Counter
@@ -361,6 +382,7 @@ TASKS: dict[str, tuple[Callable[[], None], Callable[[dict], dict]]] = {
     "decode_hf": (_prep_hf, task_decode_hf),
     "calibrate": (_prep_export, task_calibrate),
     "fidelity": (_prep_ort, task_fidelity),
+    "fidelity_heldout": (_prep_ort, task_fidelity_heldout),
     "genai_speed": (prep_genai_speed, task_genai_speed),
     "genai_overhead": (prep_genai_speed, task_genai_overhead),
     "graph_counts": (_prep_graph_counts, task_graph_counts),

@@ -44,6 +44,8 @@ class Calibration:
     samples: int
     seq_len: int
     source: str
+    # linear module path -> max |input| per input channel [in_features] (export/smoothing.py)
+    channel_amax: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def input_scales(self) -> dict[str, float]:
         return {name: value / FP8_MAX for name, value in self.amax.items()}
@@ -157,11 +159,12 @@ def _calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str, batch: i
     positions = torch.arange(seq, device=device)[None].expand(samples, seq)
     tables = tuple(t.to(device) for t in rope_tables(cfg, torch.float32))  # [max_positions, head_dim / 2] each
     amax: dict[str, float] = {}
+    channel_amax: dict[str, torch.Tensor] = {}
     max_activation = float(h.abs().max())
     for layer_id in tqdm(range(cfg.num_hidden_layers), desc="calibrate", disable=not progress):
         layer = _streamed_layer(checkpoint, spec, layer_id, device, block_bytes)
         prefix = f"model.layers.{layer_id}."
-        hooks = [module.register_forward_pre_hook(_amax_hook(prefix + name, amax))
+        hooks = [module.register_forward_pre_hook(_amax_hook(prefix + name, amax, channel_amax))
                  for name, module in layer.named_modules() if isinstance(module, StreamedLinear)]
         outputs = []
         with torch.inference_mode():
@@ -183,13 +186,16 @@ def _calibrate(checkpoint: Checkpoint, tokens: np.ndarray, source: str, batch: i
             raise CheckpointError(f"{checkpoint.directory}: calibration amax of {name} is {value}; a zero or "
                                   "non-finite activation range cannot give an FP8 scale — check the weights "
                                   "(NaN/inf?) or the calibration text")
-    return Calibration(amax, max_activation, samples, seq, source)
+    return Calibration(amax, max_activation, samples, seq, source, channel_amax)
 
 
-def _amax_hook(name: str, amax: dict[str, float]):
+def _amax_hook(name: str, amax: dict[str, float], channel_amax: dict[str, torch.Tensor]):
     def hook(module, inputs):
-        value = float(inputs[0].detach().abs().max())
+        x = inputs[0].detach().abs()
+        value = float(x.max())
         amax[name] = max(amax.get(name, 0.0), value) if math.isfinite(value) else value
+        per_channel = x.reshape(-1, x.shape[-1]).amax(dim=0)  # [in_features]
+        channel_amax[name] = torch.maximum(channel_amax[name], per_channel) if name in channel_amax else per_channel
     return hook
 
 

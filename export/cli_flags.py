@@ -207,6 +207,11 @@ def add_export_flags(p: ArgumentParser) -> None:
     p.add_scoped("--calib-text", default=CALIB_SHIPPED, scopes=fp8,
                  help=f"UTF-8 text for FP8 activation calibration; '{CALIB_SHIPPED}' = the shipped text, "
                       f"'{CALIB_OFF}' = only use input_scale tensors from the checkpoint")
+    p.add_scoped("--fp8-smoothing", type=_smoothing_alpha, default=DEFAULTS.fp8_smoothing, scopes=(*fp8, CALIBRATED),
+                 metavar="ALPHA|none",
+                 help="divide each MLP's up_proj rows by s and multiply its down_proj columns by s (exact; "
+                      "SmoothQuant's s = amax_x^alpha / amax_w^(1-alpha) from calibration) so the down_proj input's "
+                      "massive activations fit one FP8 scale (default none; docs/fp8-real-activations.md)")
     p.add_scoped("--calib-samples", type=CALIB_SAMPLES.flag_type, default=8, scopes=(*fp8, CALIBRATED),
                  help=f"calibration sequences (default 8; {CALIB_SAMPLES.describe()})")
     p.add_scoped("--calib-seq-len", type=CALIB_SEQ_LEN.flag_type, default=256, scopes=(*fp8, CALIBRATED),
@@ -224,7 +229,8 @@ def export_options_from(args: argparse.Namespace):
     options = ExportOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, quant=args.quant, kv_cache=args.kv_cache,
                             logits=args.logits, ranks=ranks, fp8_recipe=args.fp8_recipe,
                             fp8_exclude=tuple(args.fp8_exclude),
-                            fp8_checkpoint_exclusions=args.fp8_checkpoint_exclusions, **sizes)
+                            fp8_checkpoint_exclusions=args.fp8_checkpoint_exclusions,
+                            fp8_smoothing=args.fp8_smoothing, **sizes)
     options.validate()  # sizes within their bounds before a checkpoint is opened or text tokenized
     return options
 
@@ -235,6 +241,15 @@ def calibration_file(args: argparse.Namespace, options: ExportOptions) -> tuple[
     if not options.quantization.needs_activation_scales or args.calib_text == CALIB_OFF:
         return False, None
     return True, None if args.calib_text == CALIB_SHIPPED else args.calib_text
+
+
+def _smoothing_alpha(value: str) -> float | None:
+    if value == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number in (0, 1] or none") from None
 
 
 def add_verify_flag(p: argparse.ArgumentParser) -> None:

@@ -35,7 +35,9 @@ from export import attention_op, cache_ops, collectives, fp8, rotary_op
 from export.custom_ops import translation_table
 from export.dtypes import dtype as dtype_named, dtype_of_onnx, dtype_of_torch
 from export.calibrate import Calibration, calibrate
+from export.fp8 import input_scale_from_amax
 from export.rank_tensors import checkpoint_input_scales, rank_module_blocks
+from export.smoothing import Smoothing, SmoothedCheckpoint, smooth_down_proj_inputs
 from export.checkpoint import Checkpoint
 from export.kv_cache import PARTS, KVCacheLayout, past_name, present_name
 from export.options import ExportOptions
@@ -353,13 +355,14 @@ def check_disk(directory: Path, needed: int) -> None:
 def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
                          calibration_tokens: np.ndarray | None, calibration_source: str,
                          progress: bool, calibration_device: str = "cpu"
-                         ) -> tuple[dict[str, float] | None, ScalesRecord | None]:
+                         ) -> tuple[dict[str, float] | None, ScalesRecord | None, Smoothing | None]:
     """Static activation scales: the checkpoint's own, else calibration (on calibration_device).
-    Returns the scales and what the manifest records about them (None for a scheme without
-    static scales)."""
+    Returns the scales, what the manifest records about them (None for a scheme without static
+    scales), and the up->down smoothing (--fp8-smoothing) the scales assume, which the rank
+    weights must then get (export/smoothing.py)."""
     quant = options.quantization
     if not quant.needs_activation_scales:
-        return None, None
+        return None, None, None
     cfg = checkpoint.config
     needed = sorted({n.rsplit(".", 1)[0] for s in all_ranks(options.tp, options.pp)
                      for n in rank_tensor_names(cfg, s)
@@ -370,12 +373,15 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
     record = functools.partial(ScalesRecord, recipe=quant.recipe, exclude=quant.patterns(cfg.num_hidden_layers),
                                quantized_linears=len(needed), checkpoint_exclusions=exclusions)
     if all(name in stored for name in needed):
+        if options.fp8_smoothing is not None:
+            raise CheckpointError(f"{checkpoint.directory}: --fp8-smoothing needs calibrated activation ranges, "
+                                  "but this checkpoint carries its own input_scale tensors; drop --fp8-smoothing")
         for name in needed:
             if not (stored[name] > 0 and np.isfinite(stored[name])):
                 raise CheckpointError(f"{checkpoint.directory}: {name}.input_scale is {stored[name]}; "
                                       "scales must be positive and finite")
         return {n: stored[n] for n in needed}, record(scales_from=FROM_CHECKPOINT,
-                                                      input_scales={n: stored[n] for n in needed})
+                                                      input_scales={n: stored[n] for n in needed}), None
     if calibration_tokens is None:
         missing = [n for n in needed if n not in stored]
         raise CheckpointError(f"{checkpoint.directory}: --quant fp8 needs static activation scales, but "
@@ -386,13 +392,18 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
     warning = calibration.float16_headroom_warning()
     if warning and options.dtype == "float16":
         print(f"warning: {warning}", file=sys.stderr)
-    scales = calibration.input_scales()
+    amax, smoothing = calibration.amax, None
+    if options.fp8_smoothing is not None:
+        smoothing, amax = smooth_down_proj_inputs(checkpoint, calibration.channel_amax, amax,
+                                                  options.fp8_smoothing, needed)
+    scales = {n: input_scale_from_amax(a) for n, a in amax.items()}
     return scales, record(scales_from=FROM_CALIBRATION, input_scales={n: scales[n] for n in needed},
-                          amax={n: calibration.amax[n] for n in needed},
+                          amax={n: amax[n] for n in needed},
                           calibration=CalibrationRecord(calibration_source, calibration.samples, calibration.seq_len,
                                                         calibration.max_activation),
                           checkpoint_weights="fp8" if any(n.endswith(".weight_scale") for n in checkpoint.weight_map)
-                          else "unquantized")
+                          else "unquantized",
+                          smoothing=smoothing.manifest_record() if smoothing is not None else None), smoothing
 
 
 def with_checkpoint_exclusions(options: ExportOptions, quantization: CheckpointQuantization) -> ExportOptions:
@@ -456,8 +467,10 @@ def _export_locked(checkpoint: Checkpoint, specs: list[RankSpec], out: Path, opt
     total = sum(rank_bytes(checkpoint, s, dtype) for s in specs)
     check_disk(out.parent, total + tokenizer_bytes + graph_bytes)
 
-    input_scales, scales_info = resolve_input_scales(checkpoint, options, calibration_tokens,
-                                                     calibration_source, progress, calibration_device)
+    input_scales, scales_info, smoothing = resolve_input_scales(checkpoint, options, calibration_tokens,
+                                                                calibration_source, progress, calibration_device)
+    if smoothing is not None:
+        checkpoint = SmoothedCheckpoint(checkpoint.directory, smoothing)
     graphs = StageGraphs(cfg, options)
     tmp = temporary_sibling(out)
     try:

@@ -37,6 +37,12 @@ def choices() -> dict[str, tuple[str, ...]]:
 POSITIVE = ("tp", "pp", "max_batch", "max_seq_len")
 
 
+# Fields added after the manifest's format 2, written only when not at their default: an artifact
+# exported before one existed (or without it) has the same manifest and fingerprint as before,
+# and reads back with the default.
+LATER_FIELDS: dict[str, Any] = {"fp8_smoothing": None}
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
     tp: int = 1
@@ -51,6 +57,7 @@ class ExportOptions:
     fp8_recipe: str = "default"
     fp8_exclude: tuple[str, ...] = ()  # fnmatch or re: patterns; the checkpoint's own list joins them
     fp8_checkpoint_exclusions: str = "honour"  # or "ignore" (export/checkpoint_quant.py)
+    fp8_smoothing: float | None = None  # alpha of the up->down smoothing (export/smoothing.py); None: off
 
     def validate(self, cfg: LlamaConfig | None = None) -> None:
         """ConfigError naming the flag; cfg adds the checks against the model's geometry."""
@@ -91,6 +98,10 @@ class ExportOptions:
                     re.compile(pattern[3:])
                 except re.error as err:
                     raise ConfigError(f"--fp8-exclude {pattern!r}: not a regular expression ({err})") from None
+        if self.fp8_smoothing is not None and (isinstance(self.fp8_smoothing, bool) or not isinstance(
+                self.fp8_smoothing, (int, float)) or not 0 < self.fp8_smoothing <= 1):
+            raise ConfigError(f"--fp8-smoothing {self.fp8_smoothing!r}: the migration strength alpha must be in "
+                              "(0, 1] (0.5 is SmoothQuant's default), or none")
 
     @property
     def cache_layout(self) -> KVCacheLayout:
@@ -114,12 +125,17 @@ class ExportOptions:
         raw = dataclasses.asdict(self)
         raw["ranks"] = list(self.ranks) if self.ranks is not None else None
         raw["fp8_exclude"] = list(self.fp8_exclude)
+        for name, default in LATER_FIELDS.items():
+            if raw[name] == default:
+                del raw[name]
         return raw
 
     @classmethod
     def from_dict(cls, raw: Any, source: str) -> ExportOptions:
         """Exactly the options to_dict wrote; ConfigError naming the field otherwise."""
         fields = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(raw, dict):
+            raw = {**LATER_FIELDS, **raw}
         if not isinstance(raw, dict) or set(raw) != fields:
             got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
             raise ConfigError(f"{source}: options must hold exactly {sorted(fields)}, got {got}")

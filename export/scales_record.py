@@ -38,6 +38,7 @@ class ScalesRecord:
     amax: dict[str, float] | None = None  # calibration only: max |input| per linear
     calibration: CalibrationRecord | None = None  # calibration only
     checkpoint_weights: str | None = None  # calibration only: "fp8" (stored FP8 weights) or "unquantized"
+    smoothing: dict[str, Any] | None = None  # --fp8-smoothing: export/smoothing.py Smoothing.manifest_record
 
     @property
     def calibrated(self) -> bool:

@@ -9,6 +9,11 @@ changes what the other is asked.
 
   perplexity      exp(mean NLL) of token t+1 given tokens 0..t, log-softmax in float64
   top-1           fraction of positions where both backends' argmax agree
+  KL              mean over positions of KL(reference || backend) of the next-token distributions,
+                  nats: the expected perplexity cost on text the reference would write, and a far
+                  steadier ranking of quantization recipes than a perplexity delta on a few hundred
+                  tokens, which rounding noise moves by about a percent either way
+                  (docs/fp8-real-activations.md)
   KV cache        per layer, after the same prefill: max |a - b| and ||a - b|| / ||b|| over the
                   filled slots; the worst layer is the one with the largest relative error (the
                   absolute error of keys grows with their magnitude, which differs by layer)
@@ -67,6 +72,18 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_z - x[np.arange(targets.size), targets]  # [n]
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)  # [n, vocab]
+    peak = x.max(axis=-1, keepdims=True)
+    return x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
+
+
+def _kl(logits: np.ndarray, reference_logits: np.ndarray) -> np.ndarray:
+    """Per-position KL(reference || logits) in nats, float64 [n]."""
+    log_q, log_p = _log_softmax(logits), _log_softmax(reference_logits)
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
 def perplexity(backend: Backend, token_ids: Sequence[int] | np.ndarray, window: int) -> float:
     """exp(mean NLL) of tokens 1..n-1, each given all tokens before it (teacher forcing through the
     backend's KV cache, `window` tokens per forward step). The text must fit the KV cache."""
@@ -109,11 +126,12 @@ def fidelity_report(fp8_backend: Backend, reference_backend: Backend, token_ids:
                          "compare an artifact with the checkpoint it was exported from")
     ids = _token_array(token_ids, reference_backend.config.vocab_size)
     nll_a = nll_b = 0.0
-    agree = 0
+    agree, kl = 0, 0.0
     for (la, targets), (lb, _) in zip(_teacher_forced(fp8_backend, ids, window),
                                       _teacher_forced(reference_backend, ids, window)):
         nll_a += float(_nll(la, targets).sum())
         nll_b += float(_nll(lb, targets).sum())
+        kl += float(_kl(la, lb).sum())
         agree += int(np.sum(la.argmax(axis=-1) == lb.argmax(axis=-1)))
     n = ids.size - 1
     ppl_a, ppl_b = math.exp(nll_a / n), math.exp(nll_b / n)
@@ -125,6 +143,7 @@ def fidelity_report(fp8_backend: Backend, reference_backend: Backend, token_ids:
         "perplexity_delta": ppl_a - ppl_b,
         "perplexity_delta_rel": (ppl_a - ppl_b) / ppl_b,
         "mean_nll_delta": (nll_a - nll_b) / n,
+        "mean_kl": kl / n,
         "kv_cache": _kv_report(fp8_backend.cache(), reference_backend.cache(), n),
     }
 
@@ -136,7 +155,7 @@ def format_fidelity(report: dict[str, Any]) -> str:
         f"fidelity  perplexity {report['perplexity']:.4g} vs reference {report['reference_perplexity']:.4g}: "
         f"delta {report['perplexity_delta']:+.4g} ({100 * report['perplexity_delta_rel']:+.2f}%) over "
         f"{report['predictions']} predicted tokens{' of ' + report['text'] if report.get('text') else ''}; "
-        f"top-1 agreement {report['top1_agreement']:.3f}",
+        f"top-1 agreement {report['top1_agreement']:.3f}; mean KL {report['mean_kl']:.4g}",
         f"          KV cache worst layer {kv['worst_layer']} (rel_l2 {kv['worst_layer_rel_l2']:.3g}); "
         f"largest |a-b| {kv['max_abs']:.3g} at layer {kv['max_abs_layer']} {kv['max_abs_part']}",
     ])

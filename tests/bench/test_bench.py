@@ -565,3 +565,25 @@ def test_serving_suite_serves_the_issue_workload_both_ways_on_the_decode_model()
         assert all(plan.new_tokens[0] <= n <= plan.new_tokens[1] for _, n in work)
         assert all(0 <= t < 32000 for p, _ in work for t in p)
         assert len({n for _, n in work}) > 1  # outputs of different lengths: what lockstep waits for
+def test_smollm2_recipe_row_is_the_heldout_perplexity_delta(tmp_path, monkeypatch):
+    """One row per FP8 recipe: the artifact exported with the recipe's options, then
+    fidelity_heldout on it; the figure is the perplexity delta in %, the KL and 16-bit count beside."""
+    from bench.suites import smollm2 as smollm2_suite
+    ctx = harness.Context(workdir=tmp_path, quick=True, created=[])
+    asked = []
+
+    def measure(bench, label, task, args, timeout=3600):
+        asked.append((task, args))
+        if task == "export":
+            return {"result": {}}
+        return {"result": {"perplexity": 30.2, "reference_perplexity": 29.9, "perplexity_delta_rel": 0.3 / 29.9,
+                           "predictions": 864, "top1_agreement": 0.88, "mean_kl": 0.027, "quantized_linears": 84}}
+
+    monkeypatch.setattr(ctx, "measure", measure)
+    smollm2_suite.fp8_fidelity(ctx, tmp_path / "ckpt", "meta", smollm2_suite.FP8_RECIPES["meta"])
+    assert [t for t, _ in asked] == ["export", "fidelity_heldout"]
+    assert asked[0][1]["options"]["fp8_recipe"] == "meta" and asked[0][1]["options"]["max_seq_len"] >= 865
+    (row,) = ctx.rows
+    assert row.figure == round(100 * 0.3 / 29.9, 2) and row.unit == "%"
+    assert "126 of 210 linears 16-bit" in row.against and "mean KL 0.0270" in row.against
+    assert "fidelity_heldout" in tasks.TASKS

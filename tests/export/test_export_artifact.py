@@ -584,7 +584,7 @@ def test_the_manifest_round_trips_the_export_options_exactly(tmp_path):
     from export.options import ExportOptions
     options = ExportOptions(tp=2, pp=2, dtype="bfloat16", quant="fp8", kv_cache="concat", max_batch=3, max_seq_len=96,
                             logits="last", ranks=(1, 3), fp8_recipe="meta", fp8_exclude=("re:.*o_proj", "*.mlp.up_proj"),
-                            fp8_checkpoint_exclusions="ignore")
+                            fp8_checkpoint_exclusions="ignore", fp8_smoothing=0.5)
     manifest = Manifest(config=tiny_config(), options=options, opset=24, ranks=(RankEntry(1, 1, 0, (0, 1), (), (), 2),),
                         files={}, source={}, toolchain={})
     back = Manifest.from_json(manifest.to_json(), "m.json")

@@ -13,6 +13,7 @@ from export.checkpoint import Checkpoint
 from export.errors import InputError
 from export.model import ModelOptions
 from export.onnx_export import ExportOptions, export_artifact
+from runner.backends.base import make_feed
 from runner.backends.ort import OrtBackend
 from runner.backends.torch import TorchBackend
 from runner.fidelity import fidelity_report, format_fidelity, perplexity
@@ -78,7 +79,7 @@ def test_identical_backends_have_no_gap(reference, hf_checkpoint):
     backend, model = reference
     twin = TorchBackend(Checkpoint(hf_checkpoint[0]), dtype="float32", options=ModelOptions(max_seq_len=MAX_SEQ))
     report = fidelity_report(twin, backend, sample_tokens(model, 20, seed=1), window=6)
-    assert report["perplexity_delta"] == 0 and report["top1_agreement"] == 1.0
+    assert report["perplexity_delta"] == 0 and report["top1_agreement"] == 1.0 and report["mean_kl"] == 0
     assert report["kv_cache"]["max_abs"] == 0 and report["kv_cache"]["per_layer_rel_l2"] == [0.0] * 3
 
 
@@ -110,6 +111,15 @@ def test_fp8_artifact_fidelity_against_checkpoint(confident_checkpoint, tmp_path
     assert report["perplexity"] == pytest.approx(perplexity(fp8, ids, 63), rel=1e-6)
     assert math.isfinite(report["perplexity_delta"]) and report["perplexity_delta"] > 0
     assert 0.5 <= report["top1_agreement"] < 1.0  # E4M3 flips some argmaxes, not most
+    # KL(reference || fp8) per position, as torch computes it from both backends' logits.
+    logits = []
+    for backend in (fp8, ref):
+        backend.start(1)
+        logits.append(torch.from_numpy(backend.infer(make_feed(ids[None, :-1], np.arange(63)[None],
+                                                               np.ones((1, 63))))["logits"][0]).double())
+    want = torch.nn.functional.kl_div(torch.log_softmax(logits[0], -1), torch.log_softmax(logits[1], -1),
+                                      log_target=True, reduction="batchmean")
+    assert report["mean_kl"] == pytest.approx(float(want), rel=1e-6) and report["mean_kl"] > 0
     assert len(kv["per_layer_rel_l2"]) == len(kv["per_layer_max_abs"]) == 3
     assert all(math.isfinite(x) and x > 0 for x in kv["per_layer_rel_l2"] + kv["per_layer_max_abs"])
     assert kv["worst_layer"] == int(np.argmax(kv["per_layer_rel_l2"]))

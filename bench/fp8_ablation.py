@@ -1,0 +1,183 @@
+"""Where SmolLM2's FP8 error comes from: an ablation over transformers' fp32 model, for
+docs/fp8-real-activations.md. `python -m bench.fp8_ablation CKPT [--out F.json]` (minutes on 2 cores).
+
+Each FP8 linear is simulated with llama405's own quantizers (export/fp8.py: per-output-channel
+weight scales, x / s clamped to ±448 and rounded by the float8_e4m3fn cast, per-tensor static
+input scales from calibration) in front of transformers' LlamaForCausalLM in fp32; smoothing uses
+export/smoothing.py's factors. Numbers differ slightly from the artifact's (float16 compute,
+fp16 reference), which `make bench` (bench/suites/smollm2.py) measures for the chosen recipes;
+the point here is the cheap sweep: one linear group at a time, alpha, exclusions, calibration size.
+
+Reported per variant: held-out perplexity and its change against the fp32 model, top-1 agreement,
+and the mean KL(fp32 || fp8) per position, which ranks variants more stably than a perplexity
+delta on ~900 tokens (quantization noise can lower perplexity by chance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.calibrate import checkpoint_calibration_tokens
+from export.fp8 import FP8_MAX, QUANTIZABLE, _dequantize_eager, _quantize_eager, quantize_weight
+from export.smoothing import smoothing_factors
+from export.tokenizer import model_tokenizer
+
+GROUPS = tuple(leaf.rsplit(".", 1)[1] for leaf in QUANTIZABLE)
+
+
+class SimulatedFp8Linear(nn.Module):
+    """dq(q(x)) @ dq(W): what export/fp8.py's Fp8Linear computes, in fp32."""
+
+    def __init__(self, linear: nn.Linear, input_scale: float):
+        super().__init__()
+        weight, scale = quantize_weight(linear.weight.data)
+        self.weight = _dequantize_eager(weight, scale, 1)  # [in, out] fp32
+        self.input_scale = torch.tensor(input_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _dequantize_eager(_quantize_eager(x, self.input_scale), self.input_scale, -1).to(x.dtype) @ self.weight
+
+
+class Ablation:
+    def __init__(self, checkpoint: str, calib: tuple[int, int]):
+        from transformers import LlamaForCausalLM
+        self.checkpoint = checkpoint
+        self.model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        text = resources.files("export").joinpath("data/heldout.txt").read_text(encoding="utf-8")
+        self.ids = torch.tensor([model_tokenizer(checkpoint).encode(text, bos=True)])
+        self.linears = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+        self.reference = self._logits()
+        self.reference_ppl = self._perplexity(self.reference)
+        self.calibrate(calib)
+
+    def _logits(self) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(self.ids).logits[0].double()  # [tokens, vocab]
+
+    def _perplexity(self, logits: torch.Tensor) -> float:
+        logp = torch.log_softmax(logits[:-1], -1)
+        return math.exp(float(-logp[torch.arange(self.ids.shape[1] - 1), self.ids[0, 1:]].mean()))
+
+    def calibrate(self, calib: tuple[int, int]) -> None:
+        """amax and per-channel amax of every linear input over the shipped calibration text."""
+        tokens, _ = checkpoint_calibration_tokens(self.checkpoint, None, *calib)
+        self.calib, self.amax, self.channel_amax = calib, {}, {}
+        hooks = []
+        for name in self.linears:
+            def hook(module, args, name=name):
+                x = args[0].detach().abs()
+                per_channel = x.reshape(-1, x.shape[-1]).amax(dim=0)
+                old = self.channel_amax.get(name)
+                self.channel_amax[name] = per_channel if old is None else torch.maximum(old, per_channel)
+                self.amax[name] = float(self.channel_amax[name].max())
+            hooks.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
+        with torch.inference_mode():
+            for row in tokens:
+                self.model(torch.as_tensor(row)[None])
+        for h in hooks:
+            h.remove()
+
+    def measure(self, quantized: list[str], smoothing_alpha: float | None = None,
+                smoothed_layers: list[int] | None = None) -> dict:
+        """Quantize `quantized` (module paths), optionally smoothing the up->down pair of
+        `smoothed_layers` (None: every layer) first."""
+        saved, layers = {}, self.model.model.layers
+        amax = dict(self.amax)
+        if smoothing_alpha is not None:
+            for i, layer in enumerate(layers):
+                if smoothed_layers is not None and i not in smoothed_layers:
+                    continue
+                name = f"model.layers.{i}.mlp.down_proj"
+                s = smoothing_factors(self.channel_amax[name], layer.mlp.down_proj.weight.data, smoothing_alpha)
+                saved[i] = (layer.mlp.up_proj.weight.data, layer.mlp.down_proj.weight.data)
+                layer.mlp.up_proj.weight.data = saved[i][0] / s[:, None]
+                layer.mlp.down_proj.weight.data = saved[i][1] * s[None, :]
+                amax[name] = float((self.channel_amax[name] / s).max())
+        originals = {}
+        for name in quantized:
+            parent, leaf = name.rsplit(".", 1)
+            originals[name] = getattr(self.model.get_submodule(parent), leaf)
+            setattr(self.model.get_submodule(parent), leaf, SimulatedFp8Linear(originals[name], amax[name] / FP8_MAX))
+        try:
+            logits = self._logits()
+        finally:
+            for name, module in originals.items():
+                parent, leaf = name.rsplit(".", 1)
+                setattr(self.model.get_submodule(parent), leaf, module)
+            for i, (up, down) in saved.items():
+                layers[i].mlp.up_proj.weight.data, layers[i].mlp.down_proj.weight.data = up, down
+        ppl = self._perplexity(logits)
+        ref_logp, logp = torch.log_softmax(self.reference, -1), torch.log_softmax(logits, -1)
+        return {"perplexity": ppl, "delta_pct": 100 * (ppl / self.reference_ppl - 1),
+                "top1": float((logits.argmax(-1) == self.reference.argmax(-1)).double().mean()),
+                "kl": float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()),
+                "fp8_linears": len(quantized), "calib": list(self.calib)}
+
+
+def without(linears: list[str], *suffixes: str) -> list[str]:
+    return [n for n in linears if not n.endswith(suffixes)]
+
+
+def down_projs(layers) -> tuple[str, ...]:
+    return tuple(f"model.layers.{i}.mlp.down_proj" for i in layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="SmolLM2 HF checkpoint (`llama405 convert-gguf --smollm2 --out DIR`)")
+    p.add_argument("--out", type=Path, help="also write the results here (JSON)")
+    p.add_argument("--only", help="comma-separated variant name prefixes to run (default: all)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    ab = Ablation(args.checkpoint, (4, 256))
+    every = ab.linears
+    layers = len(ab.model.model.layers)
+    meta = [n for n in every if ".self_attn." not in n and not n.startswith(("model.layers.0.", f"model.layers.{layers - 1}."))]
+    massive = sorted(range(layers), key=lambda i: -ab.amax[down_projs([i])[0]])[:3]
+    variants = {  # the cheap-to-explain ones first: on a busy machine the sweep takes a while
+        "default": lambda: ab.measure(every),
+        f"smoothing 0.5, layers {massive} only": lambda: ab.measure(every, 0.5, massive),
+        f"smoothing 0.3, layers {massive} only": lambda: ab.measure(every, 0.3, massive),
+        f"down_proj of layers {massive[:2]} 16-bit": lambda: ab.measure(without(every, *down_projs(massive[:2]))),
+        f"down_proj of layers {massive} 16-bit": lambda: ab.measure(without(every, *down_projs(massive))),
+        **{f"only {g}": (lambda g=g: ab.measure([n for n in every if n.endswith(g)])) for g in GROUPS},
+        "meta": lambda: ab.measure(meta),
+        "all but down_proj": lambda: ab.measure(without(every, "down_proj")),
+        **{f"smoothing {a}": (lambda a=a: ab.measure(every, a)) for a in (0.3, 0.5, 0.7, 0.85)},
+        f"smoothing 0.5 + down_proj of layers {massive[:2]} 16-bit":
+            lambda: ab.measure(without(every, *down_projs(massive[:2])), 0.5),
+    }
+    results = {}
+    for name, run in variants.items():
+        if args.only and not any(name.startswith(o) for o in args.only.split(",")):
+            continue
+        results[name] = run()
+        r = results[name]
+        print(f"{name:55s} ppl {r['perplexity']:.3f} ({r['delta_pct']:+.2f}%) top-1 {r['top1']:.3f} "
+              f"KL {r['kl']:.5f} fp8 {r['fp8_linears']}", flush=True)
+    for calib in ((1, 256), (8, 512)):
+        ab.calibrate(calib)
+        for name, alpha in ((f"default, calibration {calib[0]}x{calib[1]}", None),
+                            (f"smoothing 0.5, calibration {calib[0]}x{calib[1]}", 0.5)):
+            if args.only and not any(name.startswith(o) for o in args.only.split(",")):
+                continue
+            results[name] = r = ab.measure(every, alpha)
+            print(f"{name:55s} ppl {r['perplexity']:.3f} ({r['delta_pct']:+.2f}%) top-1 {r['top1']:.3f} "
+                  f"KL {r['kl']:.5f} fp8 {r['fp8_linears']}", flush=True)
+    record = {"fp32_perplexity": ab.reference_ppl, "tokens": int(ab.ids.shape[1]),
+              "down_proj_input_amax": {n: ab.amax[n] for n in every if n.endswith("down_proj")},
+              "results": results}
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
