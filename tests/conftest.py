@@ -15,6 +15,19 @@ TINY_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                         original_max_position_embeddings=64)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trace_cache():
+    """Every in-process export of the session traces each (template, rank, options, dtype) once
+    (tests/artifacts.py tells what is shared and what is not)."""
+    import export.onnx_export as onnx_export
+    from tests.artifacts import TraceCache
+    cache = TraceCache()
+    patch = pytest.MonkeyPatch()
+    patch.setattr(onnx_export, "trace_rank_graph", cache)
+    yield cache
+    patch.undo()
+
+
 def tiny_config(**changes) -> LlamaConfig:
     base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=256, rope_scaling=TINY_ROPE, bos_token_id=1,
