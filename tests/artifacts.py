@@ -20,6 +20,7 @@ per (checkpoint, options) per session.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +39,22 @@ class TraceCache:
         self._reads = {name: getattr(onnx_export, name) for name in self.real.__code__.co_names
                        if hasattr(onnx_export, name)}
         self._traces: dict[tuple, onnx.ModelProto] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.bypassed = 0
+        self.trace_s = 0.0
 
     def _patched(self) -> bool:
         return any(getattr(onnx_export, name) is not value for name, value in self._reads.items())
 
     def __call__(self, cfg, spec, options, dtype, workdir: Path) -> onnx.ModelProto:
         if self._patched():
+            self.bypassed += 1
             return self.real(cfg, spec, options, dtype, workdir)
         key = (cfg, spec, options, dtype)
         if key not in self._traces:
             self.misses += 1
+            started = time.perf_counter()
             self._traces[key] = self.real(cfg, spec, options, dtype, workdir)
+            self.trace_s += time.perf_counter() - started
         else:
             self.hits += 1
         copy = onnx.ModelProto()
