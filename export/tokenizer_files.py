@@ -19,6 +19,7 @@ checkpoint or artifact never carries them:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -72,8 +73,7 @@ def copy_tokenizer_files(dest: Path, source: Path | None = None) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for name in TOKENIZER_FILES:
-        repair = _REPAIRS.get(name)
-        data = repair(source / name) if repair else None
+        data = _repaired(name, source / name, (source / name).read_bytes()) if name in _REPAIRS else None
         if data is None:
             # Content only (copyfile, not copy2): the installed package's modes and mtimes
             # are not the artifact's business, and the manifest hashes content.
@@ -84,10 +84,19 @@ def copy_tokenizer_files(dest: Path, source: Path | None = None) -> list[Path]:
     return written
 
 
-def _load_json(path: Path) -> dict:
+@functools.lru_cache(maxsize=4)
+def _repaired(name: str, path: Path, content: bytes) -> bytes | None:
+    """The repaired bytes of one tokenizer file (None: copy it as is). Memoized on the file's
+    content: re-encoding the 9 MB tokenizer.json with indent takes seconds (json's pure-Python
+    encoder), and a process that exports many times (the tests, the benches) repairs the same
+    shipped file each time. Errors are raised, never cached."""
+    return _REPAIRS[name](path, content)
+
+
+def _load_json(path: Path, content: bytes) -> dict:
     fix = f"replace it with the file from {PIP_NAME} or the model's Hub repository"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(content.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({excerpt(exc)}); {fix}") from exc
     if not isinstance(data, dict):
@@ -105,10 +114,10 @@ def _past_vocab(token_id: object) -> bool:
     return str(token_id).isdigit() and int(str(token_id)) >= VOCAB_SIZE
 
 
-def _repaired_tokenizer_json(path: Path) -> bytes | None:
+def _repaired_tokenizer_json(path: Path, content: bytes) -> bytes | None:
     """tokenizer.json with whole-word vocabulary lookup and no ids past the text vocab;
     None when the file needs no change (then it is copied byte for byte)."""
-    data = _load_json(path)
+    data = _load_json(path, content)
     model = data.get("model", {})
     added = data.get("added_tokens", [])
     kept = [token for token in added if not _past_vocab(token.get("id"))]
@@ -121,8 +130,8 @@ def _repaired_tokenizer_json(path: Path) -> bytes | None:
     return _dump_json(data, trailing_newline=False)
 
 
-def _repaired_tokenizer_config(path: Path) -> bytes | None:
-    data = _load_json(path)
+def _repaired_tokenizer_config(path: Path, content: bytes) -> bytes | None:
+    data = _load_json(path, content)
     decoder = data.get("added_tokens_decoder", {})
     kept = {key: value for key, value in decoder.items() if not _past_vocab(key)}
     if len(kept) == len(decoder):

@@ -15,6 +15,29 @@ TINY_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                         original_max_position_embeddings=64)
 
 
+TRACE_CACHE = pytest.StashKey()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trace_cache(request):
+    """Every in-process export of the session traces each (template, rank, options, dtype) once
+    (tests/artifacts.py tells what is shared and what is not)."""
+    import export.onnx_export as onnx_export
+    from tests.artifacts import TraceCache
+    cache = request.config.stash[TRACE_CACHE] = TraceCache()
+    patch = pytest.MonkeyPatch()
+    patch.setattr(onnx_export, "trace_rank_graph", cache)
+    yield cache
+    patch.undo()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    cache = config.stash.get(TRACE_CACHE, None)
+    if cache is not None:
+        terminalreporter.write_line(f"trace cache: {cache.misses} rank traces made ({cache.trace_s:.0f} s), "
+                                    f"{cache.hits} reused, {cache.bypassed} made afresh under a patched tracer")
+
+
 def tiny_config(**changes) -> LlamaConfig:
     base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=256, rope_scaling=TINY_ROPE, bos_token_id=1,

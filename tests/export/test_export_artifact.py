@@ -39,25 +39,18 @@ from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shap
 from export.trt_support import silent_trt_problems
 from tests.trt_parser import parsed_layers
 from runner.cli import main as cli_main
+from tests.artifacts import shared_artifact as session_artifact
 from tests.conftest import tiny_config
 
 MAX_SEQ_LEN = 32
-_EXPORTS: dict[tuple, Path] = {}
 
 
 def shared_artifact(tmp_path_factory, checkpoint: Path, *, tp: int = 1, pp: int = 1, dtype: str = "float32",
                     kv_cache: str = "static", max_seq_len: int = MAX_SEQ_LEN) -> Path:
-    """An artifact of `checkpoint`, exported once per pytest session for each layout.
-
-    Read-only for callers: copy it (shutil.copytree) before changing anything.
-    """
-    key = (str(checkpoint), tp, pp, dtype, kv_cache, max_seq_len)
-    if key not in _EXPORTS:
-        name = f"tp{tp}pp{pp}-{kv_cache}-{dtype}-{max_seq_len}"
-        out = tmp_path_factory.mktemp("shared-artifacts") / name
-        _EXPORTS[key] = export_artifact(checkpoint, out, ExportOptions(
-            tp=tp, pp=pp, dtype=dtype, kv_cache=kv_cache, max_seq_len=max_seq_len))
-    return _EXPORTS[key]
+    """An artifact of `checkpoint`, exported once per pytest session for each layout
+    (tests/artifacts.py's cache). Read-only for callers: copy it before changing anything."""
+    return session_artifact(tmp_path_factory, checkpoint, tp=tp, pp=pp, dtype=dtype, kv_cache=kv_cache,
+                            max_seq_len=max_seq_len)
 
 
 def all_files(directory: Path) -> dict[str, bytes]:

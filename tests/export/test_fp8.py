@@ -29,7 +29,6 @@ import torch
 from onnx import TensorProto, numpy_helper
 from safetensors.torch import save_file
 
-from export import onnx_export
 from export.checkpoint import Checkpoint
 from export.errors import CheckpointError
 from export.quantization import Fp8
@@ -56,28 +55,7 @@ ONNX_COMPUTE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 pytestmark = pytest.mark.slow  # 6 rank traces (~6-15 s each on a 2-core machine) + a 0.7 GB synth
 
 
-# -- fixtures ----------------------------------------------------------------------------------
-
-_TRACES: dict = {}  # (config, rank spec, model options, dtype) -> traced rank graph; per session
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _trace_once_per_layout():
-    real = onnx_export.trace_rank_graph
-
-    def trace(cfg, spec, options, dtype, workdir):
-        key = (cfg, spec, options, dtype)
-        if key not in _TRACES:
-            _TRACES[key] = real(cfg, spec, options, dtype, workdir)
-        copy = onnx.ModelProto()
-        copy.CopyFrom(_TRACES[key])
-        return copy
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(onnx_export, "trace_rank_graph", trace)
-    yield
-    patch.undo()
-
+# -- fixtures (rank traces are shared by the session: tests/artifacts.py) ----------------------
 
 def export(checkpoint: Path, out: Path, calibrate: bool = True, **options) -> Path:
     options = {"dtype": "float32", "quant": "fp8", "max_seq_len": MAX_SEQ, **options}
