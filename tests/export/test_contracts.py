@@ -15,11 +15,14 @@ from onnx import TensorProto, helper
 
 from export import trt_flavours
 from export.checkpoint_quant import CheckpointQuantization, read_checkpoint_quantization
+from export.engines_record import ENGINES_FORMAT, BuildGpu, EnginesSection
+from export.quantization import quantization_named
 from export.errors import ConfigError, InputError
 from export.graph_passes import fold_constant_arithmetic
 from export.kv_cache import KV_CACHE_LAYOUTS
 
 STATIC, CONCAT = KV_CACHE_LAYOUTS["static"], KV_CACHE_LAYOUTS["concat"]
+NONE, FP8 = quantization_named("none"), quantization_named("fp8")
 
 
 # -- kv_cache: TensorRT optimization profile points ------------------------------------------
@@ -125,10 +128,10 @@ RTX, TENSORRT = trt_flavours.flavour("rtx"), trt_flavours.flavour("tensorrt")
 
 
 def test_rtx_targets_default_lowercase_and_dedupe():
-    assert RTX.resolve_targets(None, "none") == RTX.default_targets
-    assert RTX.resolve_targets("", "fp8") == RTX.fp8_targets
+    assert RTX.resolve_targets(None, NONE) == RTX.default_targets
+    assert RTX.resolve_targets("", FP8) == RTX.fp8_targets
     assert set(RTX.fp8_targets) <= set(RTX.targets) and set(RTX.default_targets) <= set(RTX.targets)
-    assert RTX.resolve_targets(" SM89, sm120,sm89 ", "none") == ("sm89", "sm120")
+    assert RTX.resolve_targets(" SM89, sm120,sm89 ", NONE) == ("sm89", "sm120")
     assert "sm90" not in RTX.targets  # no H100 target: the docstring's promise
 
 
@@ -139,13 +142,13 @@ def test_rtx_targets_default_lowercase_and_dedupe():
 ])
 def test_rtx_refuses_targets_it_cannot_build(requested, quant, message):
     with pytest.raises(InputError, match=message):
-        RTX.resolve_targets(requested, quant)
+        RTX.resolve_targets(requested, quantization_named(quant))
 
 
 def test_tensorrt_builds_for_its_own_gpu_only():
-    assert TENSORRT.resolve_targets(None, "fp8") == () and not TENSORRT.builds_without_gpu
+    assert TENSORRT.resolve_targets(None, FP8) == () and not TENSORRT.builds_without_gpu
     with pytest.raises(InputError, match="ahead-of-time targets need --trt rtx"):
-        TENSORRT.resolve_targets("sm89", "none")
+        TENSORRT.resolve_targets("sm89", NONE)
     with pytest.raises(InputError, match="choose one of tensorrt, rtx"):
         trt_flavours.flavour("trt")
 
@@ -164,7 +167,11 @@ def test_version_tuple_reads_three_numbers():
 ])
 def test_why_engines_cannot_run(monkeypatch, devices, section, why):
     monkeypatch.setattr(trt_flavours, "cuda_devices", lambda: devices)
-    got = trt_flavours.why_engines_cannot_run(section)
+    gpu = section.get("gpu")
+    typed = EnginesSection(format=ENGINES_FORMAT, flavour=section["flavour"], version="0", targets=tuple(
+        section.get("targets", ())), flags=(), builder_optimization_level=3, workspace_bytes=None, max_batch=1,
+        max_input_len=1, max_seq_len=16, opt_batch=1, opt_input_len=1, gpu=(BuildGpu(**gpu),) if gpu else ())
+    got = trt_flavours.why_engines_cannot_run(typed)
     assert got is None if why is None else why in got, got
 
 
