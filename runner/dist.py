@@ -64,12 +64,19 @@ class LocalAllReduce:
 
 
 def run_in_lockstep(work: Sequence[Callable[[], T]], group: LocalAllReduce | None = None) -> list[T]:
-    """Run one callable per rank concurrently; the first failure is raised, not a hang."""
+    """Run one callable per rank concurrently; the failure that broke the group is raised (not the
+    BrokenBarrierError it caused in the ranks that were waiting), not a hang."""
     if len(work) == 1:
         return [work[0]()]
     with ThreadPoolExecutor(max_workers=len(work)) as pool:
         futures = [pool.submit(_abort_on_error, fn, group) for fn in work]
-        return [f.result() for f in futures]
+        errors = [f.exception() for f in futures]  # waits for every rank
+    cause = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
+    if cause is None:
+        cause = next((e for e in errors if e is not None), None)
+    if cause is not None:
+        raise cause
+    return [f.result() for f in futures]
 
 
 def _abort_on_error(fn: Callable[[], T], group: LocalAllReduce | None) -> T:

@@ -45,8 +45,6 @@ def test_a_failing_first_rank_is_raised_not_a_hang():
         run_in_lockstep([fail, lambda: group.for_rank(1)(np.ones(2))], group)
 
 
-@pytest.mark.xfail(strict=True, reason="run_in_lockstep raises the first rank's BrokenBarrierError, not the "
-                                       "failure of a later rank that broke the barrier (reported, not fixed here)")
 def test_a_failing_later_rank_is_raised_not_a_hang():
     group = LocalAllReduce(2)
 
