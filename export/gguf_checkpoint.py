@@ -37,8 +37,8 @@ from export.config import LlamaConfig
 from export.dtypes import dtype as dtype_info
 from export.errors import CheckpointError
 from export.gguf_tokenizer import GgufVocab, write_tokenizer_files
-from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
-                               output_folder, temporary_sibling)
+from export.output_dir import (WRITER_MARKER, check_replaceable, exclusive_writer, move_into_place, output_folder,
+                               remove_stale_siblings, temporary_sibling)
 from export.sharding import RankSpec, checkpoint_name, rank_tensor_names
 
 PRODUCER = "llama405 convert-gguf"
@@ -330,7 +330,7 @@ def _write_converted(model: GgufModel, tmp: Path, storage: str, record: dict) ->
     _write_json(tmp / "generation_config.json", {"bos_token_id": cfg.bos_token_id,
                                                  "eos_token_id": list(cfg.eos_token_id)})
     write_tokenizer_files(model.vocab(), model.path, tmp, cfg.max_position_embeddings)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != WRITER_MARKER}
     _write_json(tmp / RECORD, {**record, "files": files})
 
 

@@ -309,8 +309,10 @@ def test_force_replaces_an_artifact_with_a_byte_identical_export(hf_checkpoint, 
 
     assert cli_main(args + ["--force"]) == 0
     assert json.loads(capsys.readouterr().out)["artifact"] == str(out)
-    # Replaced, not merged; and the second export of the same inputs is byte-identical.
+    # The manifest's files replaced, byte-identical to the first export of the same inputs; a file
+    # llama405 did not write is kept as it was (issue 20: --force deletes only what llama405 wrote).
     a, b = all_files(original), all_files(out)
+    assert b.pop("stray.bin") == b"left over"
     assert sorted(a) == sorted(b) and "manifest.json" in a
     assert [name for name in a if a[name] != b[name]] == []
     assert leftovers(tmp_path, "art") == []

@@ -122,15 +122,17 @@ def test_force_replaces_only_listed_files_and_cleanup_only_marked_temporaries(ch
     user_files = {k: v for k, v in tree(work).items() if not k.startswith(("art/", f".art.tmp-{pid}-w"))}
     user_files.update({k: v for k, v in tree(work).items() if k in ("art/NOTES.md", "art/rank0/mine.txt",
                                                                     "art/plots/loss.png")})
-    code, _, err = run(capsys, *export_argv(checkpoint, art, "--force"))
+    code, _, err = run(capsys, *export_argv(checkpoint, art, "--force", "--tp", "1"))  # TP1: half the export
     assert code == 0, err
     assert f"removed {removed}" in err and f"removed {stale_trace}" in err and "mine" not in err
     after = tree(work)
     assert {k: after.get(k) for k in user_files} == user_files
     assert all(p.is_dir() for p in kept) and not removed.exists() and not stale_trace.exists()
     assert user_trace.is_dir() and [p.name for p in trace_tmp.iterdir()] == [user_trace.name]
-    assert after["art/rank1/model.onnx.data"] == (artifact / "rank1" / "model.onnx.data").read_bytes()
-    assert after["art/manifest.json"] == (artifact / "manifest.json").read_bytes()
+    manifest = json.loads(after["art/manifest.json"])
+    assert manifest["options"]["tp"] == 1 and sorted(manifest["files"]) == sorted(
+        k[len("art/"):] for k in after if k.startswith("art/") and k not in user_files and k != "art/manifest.json")
+    assert not (art / "rank1").exists()  # listed by the old manifest, not written by the new export: removed
     assert art.stat().st_mode & 0o7777 == 0o2770 and art.stat().st_gid == group
     assert (art / "rank0" / "model.onnx").stat().st_gid == group
     assert not (art / ".llama405-writer").exists()
