@@ -185,8 +185,8 @@ def fidelity_tokens(args, manifest) -> list[int] | None:
     """The --fidelity-text ids (None: measure on the prompt), checked to fit the artifact's cache."""
     if args.fidelity_text is None:
         return None
-    if manifest.quant != "fp8":
-        raise InputError(f"--fidelity-text measures what FP8 quantization lost, but {args.artifact} is not "
+    if not manifest.quantization.quantized:
+        raise InputError(f"--fidelity-text measures what quantization lost, but {args.artifact} is not "
                          f"quantized (quant={manifest.quant}); drop it")
     from importlib import resources
 
