@@ -4,8 +4,8 @@ compressed-tensors / fbgemm layouts) match a transformers oracle, calibration is
 streams, and bad scales end in one line and exit code 2.
 
 Exports are the expensive part (~15 s of tracing per rank on a 2-core machine): artifacts are
-module-scoped, and `_trace_once_per_layout` reuses a rank trace for exports that share its exact
-inputs (config, rank, model options, dtype). The trace is a pure function of those — weights are
+module-scoped, and the session's trace cache (tests/artifacts.py) reuses a rank trace for exports
+that share its exact inputs (config, rank, model options, dtype). The trace is a pure function of those — weights are
 on the meta device then and are attached afterwards from each checkpoint — so every artifact
 is still written from its own checkpoint and scales.
 """

@@ -18,8 +18,6 @@ from runner.backends.ort import OrtBackend
 from runner.backends.torch import TorchBackend
 from runner.fidelity import fidelity_report, format_fidelity, perplexity
 from tests.conftest import hf_model, save_hf, tiny_config
-# Reuses test_fp8's rank traces when both modules run in one session (same config and options).
-from tests.export.test_fp8 import _trace_once_per_layout  # noqa: F401
 
 MAX_SEQ = 64
 
