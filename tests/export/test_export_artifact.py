@@ -445,24 +445,26 @@ def largest_slice_bytes(cfg, spec: RankSpec, itemsize: int = 2) -> int:
 
 
 def layer_view(source: Path, dest: Path, layers: int) -> Path:
-    """The first `layers` layers of a checkpoint: same shard files (hard links), trimmed config
-    and index, so two layer counts need one synthesized checkpoint."""
+    """The first `layers` layers of a checkpoint: shards rewritten with only the kept tensors (the
+    checkpoint reader refuses a shard tensor its index does not list, as HF would drop it
+    silently), trimmed config and index, so two layer counts need one synthesized checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
     dest.mkdir()
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    layer = re.compile(r"model\.layers\.(\d+)\.")
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items()
+                           if not (m := layer.match(k)) or int(m[1]) < layers}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(source / shard, framework="pt") as f:
+            kept = {k: f.get_tensor(k) for k in f.keys() if index["weight_map"].get(k) == shard}
+            save_file(kept, dest / shard, metadata=f.metadata())
     for f in source.iterdir():
-        if f.suffix == ".safetensors":
-            try:
-                os.link(f, dest / f.name)
-            except OSError:
-                os.symlink(f, dest / f.name)
-        elif f.name not in ("config.json", "model.safetensors.index.json"):
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(f, dest / f.name)
     config = json.loads((source / "config.json").read_text())
     config["num_hidden_layers"] = layers
     (dest / "config.json").write_text(json.dumps(config))
-    index = json.loads((source / "model.safetensors.index.json").read_text())
-    keep = re.compile(r"model\.layers\.(\d+)\.")
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items()
-                           if not (m := keep.match(k)) or int(m[1]) < layers}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index))
     return dest
 
