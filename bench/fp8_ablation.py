@@ -25,12 +25,9 @@ import torch
 from torch import nn
 
 from export.calibrate import checkpoint_calibration_tokens
-from export.fp8 import FP8_MAX, QUANTIZABLE, _dequantize_eager, _quantize_eager, quantize_weight
+from export.fp8 import FP8_MAX, _dequantize_eager, _quantize_eager, quantize_weight
 from export.smoothing import smoothing_factors
 from export.tokenizer import model_tokenizer
-
-GROUPS = tuple(leaf.rsplit(".", 1)[1] for leaf in QUANTIZABLE)
-
 
 class SimulatedFp8Linear(nn.Module):
     """dq(q(x)) @ dq(W): what export/fp8.py's Fp8Linear computes, in fp32."""
@@ -138,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     ab = Ablation(args.checkpoint, (4, 256))
     every = ab.linears
+    groups = tuple(dict.fromkeys(n.rsplit(".", 1)[1] for n in every))  # q_proj, ..., down_proj
     layers = len(ab.model.model.layers)
     meta = [n for n in every if ".self_attn." not in n and not n.startswith(("model.layers.0.", f"model.layers.{layers - 1}."))]
     massive = sorted(range(layers), key=lambda i: -ab.amax[down_projs([i])[0]])[:3]
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         f"smoothing 0.3, layers {massive} only": lambda: ab.measure(every, 0.3, massive),
         f"down_proj of layers {massive[:2]} 16-bit": lambda: ab.measure(without(every, *down_projs(massive[:2]))),
         f"down_proj of layers {massive} 16-bit": lambda: ab.measure(without(every, *down_projs(massive))),
-        **{f"only {g}": (lambda g=g: ab.measure([n for n in every if n.endswith(g)])) for g in GROUPS},
+        **{f"only {g}": (lambda g=g: ab.measure([n for n in every if n.endswith(g)])) for g in groups},
         "meta": lambda: ab.measure(meta),
         "all but down_proj": lambda: ab.measure(without(every, "down_proj")),
         **{f"smoothing {a}": (lambda a=a: ab.measure(every, a)) for a in (0.3, 0.5, 0.7, 0.85)},

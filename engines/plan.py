@@ -49,8 +49,8 @@ from export.kv_cache import KV_CACHE_LAYOUTS
 from export.logits import logits_named
 from export.options import ExportOptions
 from export.quantization import Quantization, quantization_named
-from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shape, heads_local, kv_heads_local,
-                             stage_layers, stored_tensor_names, tensor_slice, validate_parallelism)
+from export.rank_layout import checkpoint_name, expected_shape, rank_layout, stored_tensor_names, tensor_slice
+from export.sharding import RankSpec, all_ranks, heads_local, kv_heads_local, stage_layers, validate_parallelism
 
 GiB = 1 << 30
 DEFAULT_GPU_BYTES = 80 * GiB  # H100 80 GB (SXM/PCIe)
@@ -205,10 +205,11 @@ def weights_bytes(cfg: LlamaConfig, spec: RankSpec, quant: str | Quantization = 
     c = DTYPE_BYTES[dtype]
     scheme = _scheme(quant, fp8_recipe, fp8_exclude)
     total = rope_table_bytes(cfg, dtype)
+    quantized = rank_layout(cfg, spec).quantized_linears(scheme)
     for name in stored_tensor_names(cfg, spec):  # a tied head the graph shares is counted once
         shape = _local_shape(cfg, spec, name)  # HF layout [out, in]
         elements = math.prod(shape)
-        if name.endswith(".weight") and scheme.quantizes(name.rsplit(".", 1)[0], cfg.num_hidden_layers):
+        if name.endswith(".weight") and name.rpartition(".")[0] in quantized:
             total += scheme.weight_bytes(elements, shape[0], c)
         else:
             total += elements * c

@@ -17,8 +17,8 @@ from export.checkpoint_quant import CheckpointQuantization, read_checkpoint_quan
 from export.config import LlamaConfig
 from export.errors import CheckpointError, ConfigError
 from export.safetensors_file import DuplicateKey, SafetensorsFile, TensorInfo, unique_keys
-from export.sharding import (RankSpec, TensorSlice, checkpoint_name, expected_shape,
-                             rank_tensor_names, tensor_slice)
+from export.rank_layout import checkpoint_name, expected_shape, rank_tensor_names, tensor_slice
+from export.sharding import RankSpec, TensorSlice
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

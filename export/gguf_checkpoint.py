@@ -39,7 +39,8 @@ from export.errors import CheckpointError
 from export.gguf_tokenizer import GgufVocab, write_tokenizer_files
 from export.output_dir import (WRITER_MARKER, check_replaceable, exclusive_writer, move_into_place, output_folder,
                                remove_stale_siblings, temporary_sibling)
-from export.sharding import RankSpec, checkpoint_name, rank_tensor_names
+from export.rank_layout import checkpoint_name, rank_tensor_names
+from export.sharding import RankSpec
 
 PRODUCER = "llama405 convert-gguf"
 CONVERTER_VERSION = 1  # bump when the output for the same input changes

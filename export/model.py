@@ -1,9 +1,10 @@
 """Llama 3.1 decoder for one tensor/pipeline-parallel rank — the single source of the graph.
 
-The module a rank builds holds only that rank's shard (shapes from export/sharding.py) and
-calls `reduce` wherever Megatron-style partial sums must be added across the tensor-parallel
-group. Eager runs pass a real reducer (in-process sum, torch.distributed); the ONNX export
-passes a placeholder op that becomes TensorRT's DistCollective. State-dict names are Hugging
+The module a rank builds holds only that rank's shard: every weight's owner carries its
+tensor-parallel style (export/parallel.py), which sizes it here and tells export/rank_layout.py
+which checkpoint slice fills it. The module calls `reduce` wherever Megatron-style partial sums
+must be added across the tensor-parallel group. Eager runs pass a real reducer (in-process sum,
+torch.distributed); the ONNX export passes a placeholder op that becomes TensorRT's DistCollective. State-dict names are Hugging
 Face's, so the exporter can name every initializer after the checkpoint tensor it comes from.
 
 Written to be traced by torch.export: real-valued RoPE, no data-dependent Python control flow,
@@ -27,10 +28,12 @@ from export.errors import InternalError
 from export.kv_cache import KVCacheLayout, kv_cache_layout
 from export.logits import Logits, logits_named
 from export.quantization import Quantization, Unquantized
+from export.parallel import (ParallelStyle, Replicated, column_parallel, kv_head_parallel, row_parallel,
+                             vocab_parallel)
 from export.sharding import RankSpec, heads_local, kv_heads_local, stage_layers
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
-LinearFactory = Callable[[str, int, int], nn.Module]  # (module path, in, out) -> module
+LinearFactory = Callable[..., nn.Module]  # (module path, style, quantizable=True) -> the rank's linear
 
 
 def no_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -90,19 +93,28 @@ def rope_at(cos_table: torch.Tensor, sin_table: torch.Tensor, position_ids: torc
     return F.embedding(position_ids, cos_table), F.embedding(position_ids, sin_table)  # [batch, seq, head_dim / 2]
 
 
-def linear_factory(cfg: LlamaConfig, quant: Quantization) -> LinearFactory:
-    """nn.Linear, or the quantization's linear for the linears it selects."""
-    def make(name: str, in_features: int, out_features: int) -> nn.Module:
-        if quant.quantizes(name, cfg.num_hidden_layers):
-            return quant.linear(in_features, out_features)
-        return nn.Linear(in_features, out_features, bias=False)
+def linear_factory(cfg: LlamaConfig, spec: RankSpec, quant: Quantization) -> LinearFactory:
+    """The rank's share of a linear (sized by its style): nn.Linear, or the quantization's linear
+    where the scheme selects a `quantizable` one (a decoder layer's projections; never lm_head).
+    The module keeps `parallel` and `quantizable` for export/rank_layout.py to read."""
+    def make(name: str, style: ParallelStyle, quantizable: bool = True) -> nn.Module:
+        out_features, in_features = style.local_shape(spec)
+        if quantizable and quant.quantizes(name, cfg.num_hidden_layers):
+            module = quant.linear(in_features, out_features)
+        else:
+            module = nn.Linear(in_features, out_features, bias=False)
+        module.parallel, module.quantizable = style, quantizable
+        return module
     return make
 
 
 class RMSNorm(nn.Module):
+    quantizable = False
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
+        self.parallel = Replicated((dim,))
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,15 +129,15 @@ class Attention(nn.Module):
                  cache: KVCacheLayout):
         super().__init__()
         self.cache = cache  # how past K/V become present K/V (export/kv_cache.py)
-        d = cfg.head_dim
+        d, h = cfg.head_dim, cfg.hidden_size
         self.n_heads = heads_local(cfg, spec.tp_size)
         self.n_kv = kv_heads_local(cfg, spec.tp_size)
         self.head_dim = d
         self.reduce = reduce
-        self.q_proj = linear(prefix + "q_proj", cfg.hidden_size, self.n_heads * d)
-        self.k_proj = linear(prefix + "k_proj", cfg.hidden_size, self.n_kv * d)
-        self.v_proj = linear(prefix + "v_proj", cfg.hidden_size, self.n_kv * d)
-        self.o_proj = linear(prefix + "o_proj", self.n_heads * d, cfg.hidden_size)
+        self.q_proj = linear(prefix + "q_proj", column_parallel(cfg.num_attention_heads * d, h))
+        self.k_proj = linear(prefix + "k_proj", kv_head_parallel(cfg.num_key_value_heads, d, h))
+        self.v_proj = linear(prefix + "v_proj", kv_head_parallel(cfg.num_key_value_heads, d, h))
+        self.o_proj = linear(prefix + "o_proj", row_parallel(h, cfg.num_attention_heads * d))
 
     def forward(self, x, rope, mask, past_k, past_v, slots):
         """rope: (cos, sin) [batch, seq, head_dim / 2] (rope_at); slots: the cache layout's
@@ -148,11 +160,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, linear: LinearFactory, prefix: str):
         super().__init__()
-        ffn = cfg.intermediate_size // spec.tp_size
+        h, ffn = cfg.hidden_size, cfg.intermediate_size
         self.reduce = reduce
-        self.gate_proj = linear(prefix + "gate_proj", cfg.hidden_size, ffn)
-        self.up_proj = linear(prefix + "up_proj", cfg.hidden_size, ffn)
-        self.down_proj = linear(prefix + "down_proj", ffn, cfg.hidden_size)
+        self.gate_proj = linear(prefix + "gate_proj", column_parallel(ffn, h))
+        self.up_proj = linear(prefix + "up_proj", column_parallel(ffn, h))
+        self.down_proj = linear(prefix + "down_proj", row_parallel(h, ffn))
 
     def forward(self, x):
         return self.reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))  # [batch, seq, hidden]
@@ -162,7 +174,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer, layer_id: int, cache: KVCacheLayout,
                  quant: Quantization = Unquantized()):
         super().__init__()
-        linear = linear_factory(cfg, quant)
+        linear = linear_factory(cfg, spec, quant)
         prefix = f"model.layers.{layer_id}."
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, spec, reduce, linear, prefix + "self_attn.", cache)
@@ -175,17 +187,31 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), k, v  # [batch, seq, hidden]
 
 
+def embedding_style(cfg: LlamaConfig) -> ParallelStyle:
+    return vocab_parallel(cfg.vocab_size, cfg.hidden_size)
+
+
+def lm_head_style(cfg: LlamaConfig) -> ParallelStyle:
+    """Split over hidden: a rank multiplies its hidden columns, the logits are all-reduced."""
+    return row_parallel(cfg.vocab_size, cfg.hidden_size)
+
+
 class VocabParallelEmbedding(nn.Module):
     """Rows [vocab_start, vocab_start + local) of the embedding; other ids contribute zeros."""
 
+    quantizable = False
+
     def __init__(self, cfg: LlamaConfig, spec: RankSpec, reduce: Reducer):
         super().__init__()
-        self.local = cfg.vocab_size // spec.tp_size
+        self.parallel = embedding_style(cfg)
+        shape = self.parallel.local_shape(spec)  # [vocab / tp, hidden]
+        self.local = shape[0]
         self.sharded = spec.tp_size > 1
         self.reduce = reduce
-        self.weight = nn.Parameter(torch.empty(self.local, cfg.hidden_size))
+        self.weight = nn.Parameter(torch.empty(shape))
         if self.sharded:  # a tensor, not an int: every TP rank of a stage traces to one graph
-            self.register_buffer("vocab_start", torch.tensor(spec.tp_rank * self.local), persistent=False)
+            (start, _), = self.parallel.tensor_slice(spec).blocks
+            self.register_buffer("vocab_start", torch.tensor(start), persistent=False)
 
     def forward(self, input_ids):
         if not self.sharded:
@@ -251,7 +277,8 @@ class LlamaRank(nn.Module):
         self.cache = options.cache_layout  # chosen once: every layer's update follows it
         self.model = Body(cfg, spec, reduce, self.cache, options.quant)
         if spec.is_last_stage:
-            self.lm_head = nn.Linear(cfg.hidden_size // spec.tp_size, cfg.vocab_size, bias=False)
+            # Split over hidden: each rank multiplies its hidden columns, the logits all-reduced.
+            self.lm_head = linear_factory(cfg, spec, options.quant)("lm_head", lm_head_style(cfg), quantizable=False)
         self.reduce = reduce
         for name, value in rank_constants(cfg, spec, torch.float32).items():
             if "." not in name:
@@ -303,10 +330,11 @@ def rank_constants(cfg: LlamaConfig, spec: RankSpec, dtype: torch.dtype) -> dict
     cos, sin = rope_tables(cfg, dtype)
     constants = {"rope_cos": cos, "rope_sin": sin}  # [max_position_embeddings, head_dim / 2]
     if spec.tp_size > 1 and spec.is_first_stage:
-        constants["model.embed_tokens.vocab_start"] = torch.tensor(spec.tp_rank * (cfg.vocab_size // spec.tp_size))
+        (start, _), = embedding_style(cfg).tensor_slice(spec).blocks  # the vocabulary rows this rank holds
+        constants["model.embed_tokens.vocab_start"] = torch.tensor(start)
     if spec.tp_size > 1 and spec.is_last_stage:
-        width = cfg.hidden_size // spec.tp_size  # the hidden columns this rank's lm_head slice multiplies
-        constants["hidden_index"] = torch.arange(spec.tp_rank * width, (spec.tp_rank + 1) * width)
+        (start, stop), = lm_head_style(cfg).tensor_slice(spec).blocks  # the hidden columns its lm_head multiplies
+        constants["hidden_index"] = torch.arange(start, stop)
     return constants
 
 

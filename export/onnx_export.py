@@ -51,8 +51,9 @@ from export.manifest import (CACHE_WRITES, DATA_FILE, ONNX_FILE, Manifest, RankE
 from export.output_dir import (check_replaceable, exclusive_writer, marked_temporary_folder, move_into_place,
                                output_folder, remove_stale_siblings, remove_stale_temporaries, temporary_sibling)
 from export.model import ModelOptions, build_rank_module, no_reduce, rank_constants
-from export.sharding import (RankSpec, all_ranks, checkpoint_name, kv_heads_local, rank_tensor_names,
-                             shares_tied_head, stage_layers, stored_tensor_names, tensor_slice, validate_parallelism)
+from export.rank_layout import (checkpoint_name, layer_linears, rank_layout, shares_tied_head, stored_tensor_names,
+                                tensor_slice)
+from export.sharding import RankSpec, all_ranks, kv_heads_local, stage_layers, validate_parallelism
 from export.genai_config import NOT_SUPPORTED as GENAI_NOT_SUPPORTED
 from export.genai_config import genai_supported, write_genai_config
 from export.graph_passes import fold_constant_arithmetic
@@ -99,12 +100,13 @@ def rank_graph(cfg: LlamaConfig, spec: RankSpec, options: ModelOptions, dtype: t
     """The rank's graph, no initializers: one traced layer per distinct layer pattern (which
     linears are FP8), stamped for every layer of the stage."""
     layers = list(stage_layers(cfg.num_hidden_layers, spec.pp_size, spec.pp_rank))
-    patterns = {i: options.quant.layer_pattern(i, cfg.num_hidden_layers) for i in layers}
+    leaves = layer_linears(cfg)
+    patterns = {i: options.quant.layer_pattern(leaves, i, cfg.num_hidden_layers) for i in layers}
     # With num_hidden_layers = pp every stage holds exactly one layer: layer number pp_rank.
     template_cfg = cfg.replace(num_hidden_layers=spec.pp_size)
     traces: dict[tuple[bool, ...], onnx.ModelProto] = {}
     for pattern in dict.fromkeys(patterns.values()):  # first-seen order: deterministic
-        template_options = dataclasses.replace(options, quant=options.quant.for_template(pattern, spec.pp_rank))
+        template_options = dataclasses.replace(options, quant=options.quant.for_template(leaves, pattern, spec.pp_rank))
         traces[pattern] = trace_rank_graph(template_cfg, spec, template_options, dtype, workdir)
     base = traces[patterns[layers[0]]]
     others = {i: traces[p] for i, p in patterns.items() if traces[p] is not base}
@@ -364,9 +366,7 @@ def resolve_input_scales(checkpoint: Checkpoint, options: ExportOptions,
     if not quant.needs_activation_scales:
         return None, None, None
     cfg = checkpoint.config
-    needed = sorted({n.rsplit(".", 1)[0] for s in all_ranks(options.tp, options.pp)
-                     for n in rank_tensor_names(cfg, s)
-                     if quant.quantizes(n.rsplit(".", 1)[0], cfg.num_hidden_layers)})
+    needed = sorted(set().union(*(rank_layout(cfg, s).quantized_linears(quant) for s in all_ranks(options.tp, options.pp))))
     stored = checkpoint_input_scales(checkpoint)
     exclusions = (checkpoint.quantization.manifest_record(honoured=options.fp8_checkpoint_exclusions == "honour")
                   if checkpoint.quantization.not_quantized else None)

@@ -74,8 +74,9 @@ class ExportOptions:
     def _check_exclusions_match(self, cfg: LlamaConfig) -> None:
         """Each --fp8-exclude pattern keeps at least one linear of this model unquantized; one that
         matches none (a typo, another naming scheme) would quantize everything it meant to keep."""
-        from export.quantization import QUANTIZABLE, matches
-        linears = [f"model.layers.{layer}.{leaf}" for layer in range(cfg.num_hidden_layers) for leaf in QUANTIZABLE]
+        from export.quantization import matches
+        from export.rank_layout import quantizable_linears
+        linears = quantizable_linears(cfg)
         for pattern in self.fp8_exclude:
             if not any(matches(name, pattern) for name in linears):
                 raise ConfigError(f"--fp8-exclude {pattern!r} matches none of this model's quantizable linears "

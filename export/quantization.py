@@ -35,10 +35,6 @@ if TYPE_CHECKING:
     from export.options import ExportOptions
     from export.sharding import RankSpec
 
-# The linears of a decoder layer a scheme may quantize (module path leaves). Embedding and
-# lm_head always stay in the compute dtype.
-QUANTIZABLE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 RECIPES = ("default", "meta")
 
 TensorBlocks = Iterator[tuple[str, Iterator["torch.Tensor"]]]
@@ -55,7 +51,9 @@ def matches(module_name: str, pattern: str) -> bool:
 class Quantization(abc.ABC):
     """Which linears a scheme quantizes, and everything that follows from it.
 
-    Names are module paths like model.layers.3.mlp.down_proj. `exclude` holds fnmatch or `re:`
+    Names are module paths like model.layers.3.mlp.down_proj of the linears the model marks
+    quantizable (export/rank_layout.py reads them off the modules: a decoder layer's projections;
+    the embedding and lm_head stay in the compute dtype). `exclude` holds fnmatch or `re:`
     patterns (`--fp8-exclude` plus the checkpoint's own list); the "meta" recipe adds Meta's
     choice for its FP8 405B: attention and the first and last layer stay in the compute dtype.
     """
@@ -80,19 +78,19 @@ class Quantization(abc.ABC):
         return tuple(self.exclude) + extra
 
     def quantizes(self, module_name: str, num_layers: int) -> bool:
-        if not self.quantized or not module_name.endswith(QUANTIZABLE):
-            return False
-        return not any(matches(module_name, p) for p in self.patterns(num_layers))
+        """Whether this scheme takes the quantizable linear `module_name` (the model asks only for
+        linears it marks quantizable; export/rank_layout.py's quantized_linears for a rank)."""
+        return self.quantized and not any(matches(module_name, p) for p in self.patterns(num_layers))
 
-    def layer_pattern(self, layer: int, num_layers: int) -> tuple[bool, ...]:
-        """Which of a layer's QUANTIZABLE linears this scheme quantizes."""
-        return tuple(self.quantizes(f"model.layers.{layer}.{leaf}", num_layers) for leaf in QUANTIZABLE)
+    def layer_pattern(self, leaves: tuple[str, ...], layer: int, num_layers: int) -> tuple[bool, ...]:
+        """Which of a layer's quantizable linears (`leaves`: rank_layout.layer_linears) this scheme quantizes."""
+        return tuple(self.quantizes(f"model.layers.{layer}.{leaf}", num_layers) for leaf in leaves)
 
-    def for_template(self, pattern: tuple[bool, ...], template_layer: int) -> Quantization:
+    def for_template(self, leaves: tuple[str, ...], pattern: tuple[bool, ...], template_layer: int) -> Quantization:
         """The same scheme, quantizing exactly `pattern` in a one-layer template at `template_layer`."""
         if not any(pattern):
             return Unquantized()
-        keep = tuple(f"model.layers.{template_layer}.{leaf}" for leaf, q in zip(QUANTIZABLE, pattern) if not q)
+        keep = tuple(f"model.layers.{template_layer}.{leaf}" for leaf, q in zip(leaves, pattern) if not q)
         return dataclasses.replace(self, recipe="default", exclude=keep)
 
     @abc.abstractmethod

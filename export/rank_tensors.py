@@ -17,7 +17,8 @@ from export.checkpoint import Checkpoint
 from export.errors import CheckpointError
 from export.fp8 import FP8, quantize_weight
 from export.quantization import Quantization, Unquantized
-from export.sharding import RankSpec, TensorSlice, checkpoint_name, rank_tensor_names, tensor_slice
+from export.rank_layout import checkpoint_name, rank_layout, rank_tensor_names, tensor_slice
+from export.sharding import RankSpec, TensorSlice
 
 
 def module_of(name: str) -> str:
@@ -78,12 +79,12 @@ def rank_module_blocks(checkpoint: Checkpoint, spec: RankSpec, dtype: torch.dtyp
     consume each tensor's blocks before advancing to the next name.
     """
     cfg = checkpoint.config
+    quantized = rank_layout(cfg, spec).quantized_linears(quant)
     for name in rank_tensor_names(cfg, spec):
         if only is not None and not name.startswith(only):
             continue
-        module = module_of(name)
         fp8_in_file = stored_fp8(checkpoint, name)
-        if quant.quantizes(module, cfg.num_hidden_layers):
+        if module_of(name) in quantized:
             yield from quant.rank_tensors(checkpoint, spec, name, dtype, input_scales)
         elif fp8_in_file:
             # Stored FP8 but kept in the compute dtype here (an exclusion): dequantize the slice.

@@ -32,7 +32,8 @@ import torch
 
 from export.checkpoint import Checkpoint
 from export.errors import CheckpointError
-from export.sharding import RankSpec, tensor_slice
+from export.rank_layout import tensor_slice
+from export.sharding import RankSpec
 
 UP, DOWN = "mlp.up_proj", "mlp.down_proj"
 FLOOR = 1e-5  # keeps s finite for dead channels (amax 0) and all-zero weight columns
@@ -61,7 +62,7 @@ class Smoothing:
         low = min(float(s.min()) for s in self.factors.values())
         high = max(float(s.max()) for s in self.factors.values())
         return {"pairs": f"{UP} rows / s, {DOWN} columns * s", "alpha": self.alpha,
-                "layers": sorted((int(k.rsplit(".", 1)[1]) for k in self.factors)), "s_range": [low, high]}
+                "layers": sorted(int(k.rsplit(".", 1)[1]) for k in self.factors), "s_range": [low, high]}
 
     def transform(self, name: str, tensor: torch.Tensor, column_start: int) -> torch.Tensor:
         """`tensor` (an HF-layout slice of checkpoint tensor `name`) smoothed; others unchanged.

@@ -35,7 +35,8 @@ from export.dtypes import dtype as dtype_info
 from export.errors import CheckpointError, ConfigError, naming
 from export.output_dir import (check_replaceable, exclusive_writer, move_into_place, remove_stale_siblings,
                                output_folder, temporary_sibling)
-from export.sharding import RankSpec, expected_shape, rank_tensor_names
+from export.rank_layout import expected_shape, rank_tensor_names
+from export.sharding import RankSpec
 from export.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files
 
 SYNTH_PRODUCER = "llama405 synth"  # in the index's metadata: what `synth --force` may replace

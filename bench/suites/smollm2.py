@@ -85,7 +85,8 @@ def fp8_fidelity(ctx: Context, checkpoint, name: str, extra: dict) -> None:
         ctx.add("smollm2", f"{label}: held-out perplexity vs fp16 checkpoint", round(
             100 * done["perplexity_delta_rel"], 2), "%",
             f"{done['perplexity']:.3f} vs {done['reference_perplexity']:.3f} over {done['predictions']} tokens; "
-            f"top-1 agreement {done['top1_agreement']:.3f}; mean KL {done['mean_kl']:.4f}; {LINEARS - done['quantized_linears']} of {LINEARS} "
+            f"top-1 agreement {done['top1_agreement']:.3f}; mean KL {done['mean_kl']:.4f}; "
+            f"{LINEARS - done['quantized_linears']} of {LINEARS} "
             f"linears 16-bit; calibration {CALIB[0]} x {CALIB[1]} tokens; target +1 %")
     except MeasurementError as err:
         ctx.fail("smollm2", label, err)

@@ -28,7 +28,8 @@ from export.errors import ArtifactError, InputError
 from export.manifest import Manifest, check_rank_identity, load_manifest
 from export.model import ModelOptions, build_rank_module, rank_constants
 from export.quantization import Unquantized
-from export.sharding import RankSpec, all_ranks, shares_tied_head
+from export.rank_layout import shares_tied_head
+from export.sharding import RankSpec, all_ranks
 from runner.backends.options import TorchOptions
 from runner.backends.torch import TorchBackend
 

@@ -34,8 +34,8 @@ from export.manifest import load_manifest
 from export.model import ModelOptions, build_rank_module, rank_constants
 from export.onnx_export import ExportOptions, export_artifact, trace_rank_graph
 from export.stamp import strip_metadata
-from export.sharding import (RankSpec, all_ranks, checkpoint_name, expected_shape, kv_heads_local,
-                             rank_tensor_names, stage_layers, tensor_slice)
+from export.rank_layout import checkpoint_name, expected_shape, layer_linears, rank_tensor_names, tensor_slice
+from export.sharding import RankSpec, all_ranks, kv_heads_local, stage_layers
 from export.trt_support import silent_trt_problems
 from tests.trt_parser import parsed_layers
 from runner.cli import main as cli_main
@@ -537,7 +537,7 @@ def test_meta_recipe_traces_one_template_per_layer_pattern(tmp_path, monkeypatch
     real_trace, real_rank_graph = onnx_export.trace_rank_graph, onnx_export.rank_graph
 
     def counting(cfg, spec, opts, *args):
-        traced.append((spec.pp_rank, opts.quant.layer_pattern(spec.pp_rank, cfg.num_hidden_layers)))
+        traced.append((spec.pp_rank, opts.quant.layer_pattern(layer_linears(cfg), spec.pp_rank, cfg.num_hidden_layers)))
         return real_trace(cfg, spec, opts, *args)
 
     monkeypatch.setattr(onnx_export, "trace_rank_graph", counting)

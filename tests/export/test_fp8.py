@@ -681,7 +681,11 @@ def test_exclusion_flags_reach_the_export_options():
     assert not q.quantizes("model.layers.1.mlp.up_proj", 4)  # --fp8-exclude
     assert not q.quantizes("model.layers.2.self_attn.q_proj", 4)  # meta: attention
     assert not q.quantizes("model.layers.0.mlp.up_proj", 4) and not q.quantizes("model.layers.3.mlp.up_proj", 4)
-    assert not q.quantizes("lm_head", 4) and not q.quantizes("model.embed_tokens", 4)
+    # Which linears a scheme may take at all is the model's: lm_head and the embedding never.
+    from export.rank_layout import rank_layout
+    from export.sharding import RankSpec
+    taken = rank_layout(tiny_config(num_hidden_layers=4), RankSpec(0, 1)).quantized_linears(q)
+    assert taken == {f"model.layers.2.mlp.{leaf}" for leaf in ("gate_proj", "up_proj", "down_proj")}
 
 
 def _expected(patterns: tuple[str, ...]) -> set[str]:

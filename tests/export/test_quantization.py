@@ -18,12 +18,15 @@ from engines.plan import PlanRequest, plan
 from export.checkpoint import Checkpoint
 from export.manifest import load_manifest
 from export.onnx_export import ExportOptions, export_artifact
-from export.quantization import QUANTIZABLE, QUANTIZATIONS, Fp8, Quantization, Unquantized, quantization_named
+from export.quantization import QUANTIZATIONS, Fp8, Quantization, Unquantized, quantization_named
 from runner.backends.base import make_feed
 from runner.backends.ort import OrtBackend
 from runner.backends.torch import TorchBackend
 
 MAX_SEQ = 32
+# A decoder layer's linears in Hugging Face's naming (transformers' LlamaDecoderLayer).
+HF_LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -80,7 +83,7 @@ def test_a_registered_scheme_exports_a_rank_that_runs_its_math(toy_scheme, hf_ch
     model = onnx.load(str(art / "rank0" / "model.onnx"), load_external_data=False)
     int8 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
     layers = manifest.config.num_hidden_layers
-    expected = {f"model.layers.{i}.{leaf}.weight" for i in range(layers) if i != 1 for leaf in QUANTIZABLE}
+    expected = {f"model.layers.{i}.{leaf}.weight" for i in range(layers) if i != 1 for leaf in HF_LAYER_LINEARS}
     assert int8 == expected  # every selected linear, and only those (layer 1 excluded)
 
     ids = np.random.default_rng(0).integers(0, manifest.config.vocab_size, 12)
@@ -123,7 +126,7 @@ def test_each_scheme_answers_for_its_facts():
     assert none.tolerance_key("bfloat16", True) == "bfloat16"
     assert fp8.weight_bytes(12, 3, 2) == 12 + 3 * 2 + 2 and fp8.activation_bytes(2, 5, 7, 11) == 2 * (10 + 7 + 11)
     # A one-layer template quantizes exactly the pattern of the layer it stands for.
-    pattern = fp8.layer_pattern(2, 4)
-    assert fp8.for_template(pattern, 0).layer_pattern(0, 1) == pattern
-    assert fp8.for_template((False,) * len(QUANTIZABLE), 0) == Unquantized()
+    pattern = fp8.layer_pattern(HF_LAYER_LINEARS, 2, 4)
+    assert fp8.for_template(HF_LAYER_LINEARS, pattern, 0).layer_pattern(HF_LAYER_LINEARS, 0, 1) == pattern
+    assert fp8.for_template(HF_LAYER_LINEARS, (False,) * len(HF_LAYER_LINEARS), 0) == Unquantized()
     assert ExportOptions(quant="none", fp8_recipe="meta").quantization == Unquantized()

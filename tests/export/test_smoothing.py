@@ -23,7 +23,7 @@ from export.smoothing import Smoothing, SmoothedCheckpoint, smoothing_factors
 from runner.backends.ort import OrtBackend
 from runner.backends.torch_artifact import torch_backend_from_artifact
 from tests.conftest import hf_model, save_hf, tiny_config
-from tests.export.test_fp8 import (CAL_TOKENS, FP8_NP, PROMPT, graph, initializer_array, inits_by_name,
+from tests.export.test_fp8 import (CAL_TOKENS, PROMPT, graph, initializer_array, inits_by_name,
                                    max_abs, teacher_forced)
 
 LAYERS = 3
@@ -85,7 +85,8 @@ def test_transform_leaves_the_model_unchanged_in_fp32(outlier_model):
     factors = {f"model.layers.{i}": torch.from_numpy(rng.uniform(0.05, 20.0, 128)).float() for i in range(LAYERS)}
     smoothing = Smoothing(ALPHA, factors)
     state = {name: smoothing.transform(name, t.clone(), 0) for name, t in model.state_dict().items()}
-    assert not torch.equal(state["model.layers.1.mlp.down_proj.weight"], model.state_dict()["model.layers.1.mlp.down_proj.weight"])
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(state[down], model.state_dict()[down])
     transformed = transformers.LlamaForCausalLM(model.config).eval()
     transformed.load_state_dict(state)
     ids = torch.from_numpy(PROMPT[None])

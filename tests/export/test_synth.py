@@ -18,7 +18,7 @@ from safetensors import safe_open
 from export import synth
 from export.config import LlamaConfig
 from export.errors import CheckpointError, ConfigError
-from export.sharding import expected_shape
+from export.rank_layout import expected_shape
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

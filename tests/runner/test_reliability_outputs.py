@@ -136,7 +136,7 @@ def test_force_replaces_only_listed_files_and_cleanup_only_marked_temporaries(ch
     assert art.stat().st_mode & 0o7777 == 0o2770 and art.stat().st_gid == group
     assert (art / "rank0" / "model.onnx").stat().st_gid == group
     assert not (art / ".llama405-writer").exists()
-    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".art.tmp")) == [".art.old-%d" % pid, "art"]
+    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".art.tmp")) == [f".art.old-{pid}", "art"]
 
 
 # -- tampering that no check may pass --------------------------------------------------------
