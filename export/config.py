@@ -135,11 +135,10 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     def num_parameters(self) -> int:
-        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
-        layer = attn + 3 * h * f + 2 * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.num_hidden_layers * layer + self.vocab_size * h + head + h
+        """Distinct checkpoint parameters (a tied head counted once), summed over the model's own
+        tensors (export/rank_layout.py) rather than a formula restating its layers."""
+        from export.rank_layout import parameter_count
+        return parameter_count(self)
 
     # -- Hugging Face I/O ---------------------------------------------------------------------
 

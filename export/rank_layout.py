@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 
 from export.config import LlamaConfig
@@ -109,6 +110,12 @@ def tensor_slice(cfg: LlamaConfig, spec: RankSpec, name: str, kv_dup_factor: int
 def expected_shape(cfg: LlamaConfig, name: str, kv_dup_factor: int = 1) -> tuple[int, ...]:
     """Full (unsharded) shape of a checkpoint tensor as config.json describes it."""
     return rank_layout(cfg, RankSpec(0, 1)).place(name).style.checkpoint_shape(kv_dup_factor)
+
+
+def parameter_count(cfg: LlamaConfig) -> int:
+    """Elements of every distinct checkpoint tensor the model reads (a tied head is the embedding)."""
+    names = {checkpoint_name(cfg, n) for n in rank_tensor_names(cfg, RankSpec(0, 1))}
+    return sum(math.prod(expected_shape(cfg, n)) for n in names)
 
 
 def quantizable_linears(cfg: LlamaConfig) -> list[str]:
