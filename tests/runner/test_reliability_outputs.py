@@ -209,14 +209,17 @@ def test_signals_mid_build_and_mid_export_end_the_run_and_clean_up(checkpoint, a
     still end the run (exit 143), not print "built 1 engine(s)"; SIGHUP cleans up like SIGTERM."""
     private_tmp = tmp_path / "tmp"
     private_tmp.mkdir()
+    # 32 layers: TensorRT-RTX takes ~6 s a rank here, so the signal a second in lands inside the
+    # build on any machine (the module's 2-layer artifact builds both ranks in under a second).
+    deep = save_hf(hf_model(tiny_config(num_hidden_layers=32)), tmp_path / "deep-ck", max_shard_size="2MB")
     art = tmp_path / "art"
-    shutil.copytree(artifact, art)
+    assert llama405([str(a) for a in export_argv(deep, art)]) == 0
     before = tree(art)
     build = _cli(["build", "--artifact", art, "--trt", "rtx"], private_tmp)
     for line in build.stdout:
         if line.startswith("building rank 0 engine"):
             break
-    time.sleep(1)  # TensorRT is building now
+    time.sleep(1)  # TensorRT is building rank 0 now
     build.send_signal(signal.SIGTERM)
     out, err = build.communicate(timeout=300)
     assert build.returncode == 143, (out, err)
