@@ -513,7 +513,9 @@ def test_quick_genai_bench_rows(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert payload["failures"] == [] and payload["benches"] == ["genai"]
     whats = {r["what"]: r["figure"] for r in payload["rows"] if r["bench"] == "genai"}
-    for name in ("A", "B"):
+    assert list(genai_suite.genai_models(quick=True)) == ["A"]  # the quick plan: one model (B is A's code)
+    assert not any(w.startswith("model B (") for w in whats)
+    for name in ("A",):
         model = next(w for w in whats if w.startswith(f"model {name} (") and ":" not in w)
         for title in ("ours (OrtBackend), static graph", "ours (OrtBackend), concat graph",
                       "onnxruntime-genai, our static graph", "onnxruntime-genai, our concat graph"):
