@@ -72,7 +72,7 @@ demo: setup
 	else $(CLI) parity --artifact $(DEMO)/artifact --a trt --b ort --prompt "$(PROMPT)" --steps 8; fi
 
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: setup
 	$(PY) -m bench
