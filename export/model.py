@@ -4,8 +4,9 @@ The module a rank builds holds only that rank's shard: every weight's owner carr
 tensor-parallel style (export/parallel.py), which sizes it here and tells export/rank_layout.py
 which checkpoint slice fills it. The module calls `reduce` wherever Megatron-style partial sums
 must be added across the tensor-parallel group. Eager runs pass a real reducer (in-process sum,
-torch.distributed); the ONNX export passes a placeholder op that becomes TensorRT's DistCollective. State-dict names are Hugging
-Face's, so the exporter can name every initializer after the checkpoint tensor it comes from.
+torch.distributed); the ONNX export passes a placeholder op that becomes TensorRT's
+DistCollective. State-dict names are Hugging Face's, so the exporter can name every initializer
+after the checkpoint tensor it comes from.
 
 Written to be traced by torch.export: real-valued RoPE, no data-dependent Python control flow,
 KV cache as explicit inputs/outputs.

@@ -86,11 +86,14 @@ class RankLayout:
         """The part of checkpoint tensor `name` (HF layout [out, in]) this rank holds."""
         return self.place(name).style.tensor_slice(self.spec, kv_dup_factor)
 
+    @functools.cached_property
+    def linears(self) -> tuple[str, ...]:
+        """Module paths of this rank's linears a quantization scheme may take, in module order."""
+        return tuple(name.rpartition(".")[0] for name in self.names if self.place(name).quantizable)
+
     def quantized_linears(self, quant) -> frozenset[str]:
         """Module paths of this rank's linears that `quant` (export/quantization.py) quantizes."""
-        n = self.cfg.num_hidden_layers
-        return frozenset(module for name in self.names if self.place(name).quantizable
-                         and quant.quantizes(module := name.rpartition(".")[0], n))
+        return frozenset(m for m in self.linears if quant.quantizes(m, self.cfg.num_hidden_layers))
 
 
 @functools.lru_cache(maxsize=256)
@@ -120,8 +123,7 @@ def parameter_count(cfg: LlamaConfig) -> int:
 
 def quantizable_linears(cfg: LlamaConfig) -> list[str]:
     """Module paths of every linear of the model a quantization scheme may take, layer by layer."""
-    layout = rank_layout(cfg, RankSpec(0, 1))
-    return [name.rpartition(".")[0] for name in layout.names if layout.place(name).quantizable]
+    return list(rank_layout(cfg, RankSpec(0, 1)).linears)
 
 
 def layer_linears(cfg: LlamaConfig) -> tuple[str, ...]:
