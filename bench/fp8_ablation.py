@@ -6,11 +6,16 @@ weight scales, x / s clamped to ±448 and rounded by the float8_e4m3fn cast, per
 input scales from calibration) in front of transformers' LlamaForCausalLM in fp32; smoothing uses
 export/smoothing.py's factors. Numbers differ slightly from the artifact's (float16 compute,
 fp16 reference), which `make bench` (bench/suites/smollm2.py) measures for the chosen recipes;
-the point here is the cheap sweep: one linear group at a time, alpha, exclusions, calibration size.
+the point here is the cheap sweep: one linear group at a time, alpha, exclusions, calibration size,
+the floor of every-linear FP8 (`MODES`: what weights and activations each cost, per-token scales,
+and E4M3 with an unbounded exponent range), structured 16-bit choices, and with --sensitivity each
+linear's own cost (KL with only it FP8, on the calibration windows) and the top-k exclusion sweep.
 
-Reported per variant: held-out perplexity and its change against the fp32 model, top-1 agreement,
-and the mean KL(fp32 || fp8) per position, which ranks variants more stably than a perplexity
-delta on ~900 tokens (quantization noise can lower perplexity by chance).
+Reported per variant: held-out perplexity and its change against the fp32 model with the paired
+95 % interval of that change (per-token NLL differences, +-2 standard errors), top-1 agreement, and
+the mean KL(fp32 || fp8) per position: the expected change of log-perplexity on text the model
+predicts well (exp(KL) - 1 is the expected perplexity change), without the first-order noise
+that makes a perplexity delta on ~900 tokens swing by about +-1 %.
 """
 
 from __future__ import annotations
@@ -29,17 +34,41 @@ from export.fp8 import FP8_MAX, _dequantize_eager, _quantize_eager, quantize_wei
 from export.smoothing import smoothing_factors
 from export.tokenizer import model_tokenizer
 
-class SimulatedFp8Linear(nn.Module):
-    """dq(q(x)) @ dq(W): what export/fp8.py's Fp8Linear computes, in fp32."""
+# How a simulated linear rounds (the floor study): "static" is llama405's FP8 (export/fp8.py);
+# "weights" / "activations" round only one operand; "per-token" gives each row of x its own scale
+# (dynamic, as Meta's fbgemm kernels do; not an ONNX pattern TensorRT maps to an FP8 GEMM);
+# "unbounded" rounds both to E4M3's 3-bit mantissa with no exponent limit: the floor any scaling
+# of E4M3 operands can reach.
+MODES = ("static", "weights", "activations", "per-token", "unbounded")
 
-    def __init__(self, linear: nn.Linear, input_scale: float):
+
+def mantissa3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to 4 significant bits (E4M3's 1 + 3) at any exponent."""
+    m, e = torch.frexp(x)  # x = m * 2^e, 0.5 <= |m| < 1
+    return torch.ldexp(torch.round(m * 16) / 16, e)
+
+
+class SimulatedFp8Linear(nn.Module):
+    """dq(q(x)) @ dq(W): what export/fp8.py's Fp8Linear computes, in fp32 (other MODES: the floor study)."""
+
+    def __init__(self, linear: nn.Linear, input_scale: float, mode: str = "static"):
         super().__init__()
-        weight, scale = quantize_weight(linear.weight.data)
-        self.weight = _dequantize_eager(weight, scale, 1)  # [in, out] fp32
-        self.input_scale = torch.tensor(input_scale)
+        self.mode, self.input_scale = mode, torch.tensor(input_scale)
+        if mode in ("static", "weights", "per-token"):
+            weight, scale = quantize_weight(linear.weight.data)
+            self.weight = _dequantize_eager(weight, scale, 1)  # [in, out] fp32
+        else:
+            self.weight = linear.weight.data.t() if mode == "activations" else mantissa3(linear.weight.data).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _dequantize_eager(_quantize_eager(x, self.input_scale), self.input_scale, -1).to(x.dtype) @ self.weight
+        if self.mode in ("static", "activations"):
+            x = _dequantize_eager(_quantize_eager(x, self.input_scale), self.input_scale, -1).to(x.dtype)
+        elif self.mode == "per-token":
+            scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / FP8_MAX  # [..., 1]
+            x = (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
+        elif self.mode == "unbounded":
+            x = mantissa3(x)
+        return x @ self.weight
 
 
 class Ablation:
@@ -82,7 +111,7 @@ class Ablation:
             h.remove()
 
     def measure(self, quantized: list[str], smoothing_alpha: float | None = None,
-                smoothed_layers: list[int] | None = None) -> dict:
+                smoothed_layers: list[int] | None = None, mode: str = "static") -> dict:
         """Quantize `quantized` (module paths), optionally smoothing the up->down pair of
         `smoothed_layers` (None: every layer) first."""
         saved, layers = {}, self.model.model.layers
@@ -101,7 +130,7 @@ class Ablation:
         for name in quantized:
             parent, leaf = name.rsplit(".", 1)
             originals[name] = getattr(self.model.get_submodule(parent), leaf)
-            setattr(self.model.get_submodule(parent), leaf, SimulatedFp8Linear(originals[name], amax[name] / FP8_MAX))
+            setattr(self.model.get_submodule(parent), leaf, SimulatedFp8Linear(originals[name], amax[name] / FP8_MAX, mode))
         try:
             logits = self._logits()
         finally:
@@ -112,10 +141,36 @@ class Ablation:
                 layers[i].mlp.up_proj.weight.data, layers[i].mlp.down_proj.weight.data = up, down
         ppl = self._perplexity(logits)
         ref_logp, logp = torch.log_softmax(self.reference, -1), torch.log_softmax(logits, -1)
+        targets = (torch.arange(self.ids.shape[1] - 1), self.ids[0, 1:])
+        nll_change = ref_logp[:-1][targets] - logp[:-1][targets]  # [tokens - 1] per-token NLL differences
+        half = 2 * float(nll_change.std()) / math.sqrt(len(nll_change))
+        mean = float(nll_change.mean())
         return {"perplexity": ppl, "delta_pct": 100 * (ppl / self.reference_ppl - 1),
+                "delta_ci95_pct": [100 * (math.exp(mean - half) - 1), 100 * (math.exp(mean + half) - 1)],
                 "top1": float((logits.argmax(-1) == self.reference.argmax(-1)).double().mean()),
                 "kl": float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()),
                 "fp8_linears": len(quantized), "calib": list(self.calib)}
+
+
+    def sensitivity(self) -> dict[str, float]:
+        """Each linear's own cost: the mean KL over the calibration windows with only it FP8 (the
+        calibration text, so ranking linears by it does not peek at the held-out text)."""
+        tokens, _ = checkpoint_calibration_tokens(self.checkpoint, None, *self.calib)
+        ids = torch.as_tensor(tokens)  # [windows, seq]
+
+        def logp() -> torch.Tensor:
+            with torch.inference_mode():
+                return torch.log_softmax(self.model(ids).logits.double(), -1)
+        reference, cost = logp(), {}
+        for name in self.linears:
+            parent, leaf = name.rsplit(".", 1)
+            original = getattr(self.model.get_submodule(parent), leaf)
+            setattr(self.model.get_submodule(parent), leaf, SimulatedFp8Linear(original, self.amax[name] / FP8_MAX))
+            try:
+                cost[name] = float((reference.exp() * (reference - logp())).sum(-1).mean())
+            finally:
+                setattr(self.model.get_submodule(parent), leaf, original)
+        return cost
 
 
 def without(linears: list[str], *suffixes: str) -> list[str]:
@@ -126,11 +181,20 @@ def down_projs(layers) -> tuple[str, ...]:
     return tuple(f"model.layers.{i}.mlp.down_proj" for i in layers)
 
 
+def _show(name: str, r: dict) -> None:
+    low, high = r["delta_ci95_pct"]
+    print(f"{name:55s} ppl {r['perplexity']:.3f} ({r['delta_pct']:+.2f}%, 95% {low:+.1f}..{high:+.1f}) "
+          f"top-1 {r['top1']:.3f} KL {r['kl']:.5f} (expected {100 * math.expm1(r['kl']):+.2f}%) "
+          f"fp8 {r['fp8_linears']}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="SmolLM2 HF checkpoint (`llama405 convert-gguf --smollm2 --out DIR`)")
     p.add_argument("--out", type=Path, help="also write the results here (JSON)")
-    p.add_argument("--only", help="comma-separated variant name prefixes to run (default: all)")
+    p.add_argument("--only", help="';'-separated variant name prefixes to run (default: all)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="also each linear's own cost and the top-k exclusion sweep (~5 s per linear on one core)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     ab = Ablation(args.checkpoint, (4, 256))
@@ -139,8 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     layers = len(ab.model.model.layers)
     meta = [n for n in every if ".self_attn." not in n and not n.startswith(("model.layers.0.", f"model.layers.{layers - 1}."))]
     massive = sorted(range(layers), key=lambda i: -ab.amax[down_projs([i])[0]])[:3]
+    def layer(n: str) -> int:
+        return int(n.split(".")[2])
+
+    def keep_16bit(first: int, last: int) -> list[str]:  # the FP8 linears: all but the first and last layers
+        return [n for n in every if first <= layer(n) < layers - last]
     variants = {  # the cheap-to-explain ones first: on a busy machine the sweep takes a while
-        "default": lambda: ab.measure(every),
+        "all": lambda: ab.measure(every),
+        **{f"floor: {mode}": (lambda mode=mode: ab.measure(every, mode=mode)) for mode in MODES[1:]},
+        **{f"layers [0, {f}) and last {last} 16-bit": (lambda f=f, last=last: ab.measure(keep_16bit(f, last)))
+           for f, last in ((1, 1), (2, 2), (4, 2), (6, 2))},
+        "meta + layers [0, 4) 16-bit": lambda: ab.measure([n for n in meta if layer(n) >= 4]),
+        "mlp 16-bit (attention FP8)": lambda: ab.measure(without(every, "gate_proj", "up_proj", "down_proj")),
         f"smoothing 0.5, layers {massive} only": lambda: ab.measure(every, 0.5, massive),
         f"smoothing 0.3, layers {massive} only": lambda: ab.measure(every, 0.3, massive),
         f"down_proj of layers {massive[:2]} 16-bit": lambda: ab.measure(without(every, *down_projs(massive[:2]))),
@@ -152,26 +226,28 @@ def main(argv: list[str] | None = None) -> int:
         f"smoothing 0.5 + down_proj of layers {massive[:2]} 16-bit":
             lambda: ab.measure(without(every, *down_projs(massive[:2])), 0.5),
     }
+    if args.sensitivity:
+        cost = ab.sensitivity()
+        ranked = sorted(every, key=lambda n: -cost[n])
+        variants.update({f"sensitivity: top {k} 16-bit": (lambda k=k: ab.measure(
+            [n for n in every if n not in ranked[:k]])) for k in (5, 10, 20, 30, 50, 80, 100, 126)})
     results = {}
     for name, run in variants.items():
-        if args.only and not any(name.startswith(o) for o in args.only.split(",")):
+        if args.only and not any(name.startswith(o) for o in args.only.split(";")):
             continue
         results[name] = run()
-        r = results[name]
-        print(f"{name:55s} ppl {r['perplexity']:.3f} ({r['delta_pct']:+.2f}%) top-1 {r['top1']:.3f} "
-              f"KL {r['kl']:.5f} fp8 {r['fp8_linears']}", flush=True)
+        _show(name, results[name])
     for calib in ((1, 256), (8, 512)):
         ab.calibrate(calib)
-        for name, alpha in ((f"default, calibration {calib[0]}x{calib[1]}", None),
+        for name, alpha in ((f"all, calibration {calib[0]}x{calib[1]}", None),
                             (f"smoothing 0.5, calibration {calib[0]}x{calib[1]}", 0.5)):
-            if args.only and not any(name.startswith(o) for o in args.only.split(",")):
+            if args.only and not any(name.startswith(o) for o in args.only.split(";")):
                 continue
-            results[name] = r = ab.measure(every, alpha)
-            print(f"{name:55s} ppl {r['perplexity']:.3f} ({r['delta_pct']:+.2f}%) top-1 {r['top1']:.3f} "
-                  f"KL {r['kl']:.5f} fp8 {r['fp8_linears']}", flush=True)
+            results[name] = ab.measure(every, alpha)
+            _show(name, results[name])
     record = {"fp32_perplexity": ab.reference_ppl, "tokens": int(ab.ids.shape[1]),
               "down_proj_input_amax": {n: ab.amax[n] for n in every if n.endswith("down_proj")},
-              "results": results}
+              "sensitivity": cost if args.sensitivity else None, "results": results}
     if args.out:
         args.out.write_text(json.dumps(record, indent=1) + "\n")
     return 0
