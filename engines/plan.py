@@ -48,7 +48,7 @@ from export.dtypes import COMPUTE_DTYPE_NAMES, dtype
 from export.kv_cache import KV_CACHE_LAYOUTS
 from export.logits import logits_named
 from export.options import ExportOptions
-from export.quantization import Quantization, quantization_named
+from export.quantization import DEFAULT_RECIPE, Quantization, quantization_named
 from export.rank_layout import checkpoint_name, expected_shape, rank_layout, stored_tensor_names, tensor_slice
 from export.sharding import RankSpec, all_ranks, heads_local, kv_heads_local, stage_layers, validate_parallelism
 
@@ -199,7 +199,7 @@ def _local_shape(cfg: LlamaConfig, spec: RankSpec, name: str) -> tuple[int, ...]
 
 @functools.lru_cache(maxsize=4096)  # independent of batch and context: the suggestion searches reuse it
 def weights_bytes(cfg: LlamaConfig, spec: RankSpec, quant: str | Quantization = "none", dtype: str = "float16",
-                  fp8_recipe: str = "default", fp8_exclude: tuple[str, ...] = ()) -> int:
+                  fp8_recipe: str = DEFAULT_RECIPE, fp8_exclude: tuple[str, ...] = ()) -> int:
     """Bytes of the tensors rank `spec` holds (its real, sharded shapes); a quantized linear as
     its scheme stores it (the exporter's own selection: export/quantization.py)."""
     c = DTYPE_BYTES[dtype]
@@ -216,7 +216,7 @@ def weights_bytes(cfg: LlamaConfig, spec: RankSpec, quant: str | Quantization = 
     return total
 
 
-def _scheme(quant: str | Quantization, recipe: str = "default", exclude: tuple[str, ...] = ()) -> Quantization:
+def _scheme(quant: str | Quantization, recipe: str = DEFAULT_RECIPE, exclude: tuple[str, ...] = ()) -> Quantization:
     return quant if isinstance(quant, Quantization) else quantization_named(quant, recipe, tuple(exclude))
 
 

@@ -128,7 +128,8 @@ def _option_flag_specs() -> dict[str, dict]:
         "quant": dict(choices=choices()["quant"],
                       help="fp8: E4M3 weights (per-channel) and activations (per-tensor static scales)"),
         "fp8_recipe": dict(choices=choices()["fp8_recipe"],
-                           help="meta: also keep attention and the first/last layer in the compute dtype"),
+                           help="meta (default): keep attention and the first/last layer in the compute dtype, Meta's FP8 405B "
+                                "recipe; all: quantize every linear (docs/fp8-real-activations.md)"),
         "fp8_exclude": dict(action="append", metavar="PATTERN",
                             help="keep matching linears unquantized: an fnmatch pattern such as 'model.layers.0.*', "
                                  "or re:REGEX (repeatable); a pattern that matches no linear is refused"),

@@ -17,7 +17,7 @@ from export.errors import ConfigError
 from export.dtypes import COMPUTE_DTYPE_NAMES
 from export.kv_cache import KV_CACHE_LAYOUTS, KVCacheLayout, kv_cache_layout
 from export.logits import LOGITS, Logits, logits_named
-from export.quantization import QUANTIZATIONS, RECIPES, Quantization, quantization_of
+from export.quantization import DEFAULT_RECIPE, QUANTIZATIONS, RECIPES, RENAMED_RECIPES, Quantization, quantization_of
 
 if TYPE_CHECKING:
     from export.config import LlamaConfig
@@ -54,7 +54,7 @@ class ExportOptions:
     max_seq_len: int = 4096
     logits: str = "all"
     ranks: tuple[int, ...] | None = None  # None = every rank
-    fp8_recipe: str = "default"
+    fp8_recipe: str = DEFAULT_RECIPE  # export/quantization.py RECIPES
     fp8_exclude: tuple[str, ...] = ()  # fnmatch or re: patterns; the checkpoint's own list joins them
     fp8_checkpoint_exclusions: str = "honour"  # or "ignore" (export/checkpoint_quant.py)
     fp8_smoothing: float | None = None  # alpha of the up->down smoothing (export/smoothing.py); None: off
@@ -70,6 +70,7 @@ class ExportOptions:
                               f"({cfg.max_position_embeddings}); choose at most that")
         if cfg is not None and self.quantization.quantized:
             self._check_exclusions_match(cfg)
+            self._check_something_quantized(cfg)
 
     def _check_exclusions_match(self, cfg: LlamaConfig) -> None:
         """Each --fp8-exclude pattern keeps at least one linear of this model unquantized; one that
@@ -81,6 +82,17 @@ class ExportOptions:
             if not any(matches(name, pattern) for name in linears):
                 raise ConfigError(f"--fp8-exclude {pattern!r} matches none of this model's quantizable linears "
                                   f"({', '.join(linears[:3])}, ... {linears[-1]}); fix the pattern")
+
+    def _check_something_quantized(self, cfg: LlamaConfig) -> None:
+        """--quant fp8 that quantizes no linear (meta's recipe on a model of one or two layers, or
+        exclusions covering everything) would export a 16-bit model labelled FP8: refused."""
+        from export.rank_layout import quantizable_linears
+        scheme, layers = self.quantization, cfg.num_hidden_layers
+        if not any(scheme.quantizes(name, layers) for name in quantizable_linears(cfg)):
+            why = (f"--fp8-recipe {self.fp8_recipe} keeps attention and the first and last layer 16-bit"
+                   if self.fp8_recipe == "meta" else "the exclusions cover every linear")
+            raise ConfigError(f"--quant {self.quant} quantizes none of this {layers}-layer model's linears ({why}); "
+                              "pass --fp8-recipe all to quantize every linear, or --quant none")
 
     def validate_fields(self) -> None:
         """Each field on its own: positive sizes, a choice of its choices, compilable patterns."""
@@ -137,6 +149,8 @@ class ExportOptions:
         fields = {f.name for f in dataclasses.fields(cls)}
         if isinstance(raw, dict):
             raw = {**LATER_FIELDS, **raw}
+            if raw.get("fp8_recipe") in RENAMED_RECIPES:  # an artifact of an earlier llama405: same meaning
+                raw["fp8_recipe"] = RENAMED_RECIPES[raw["fp8_recipe"]]
         if not isinstance(raw, dict) or set(raw) != fields:
             got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
             raise ConfigError(f"{source}: options must hold exactly {sorted(fields)}, got {got}")

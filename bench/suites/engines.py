@@ -42,7 +42,10 @@ def engines_export_cmd(ckpt: Path, art: Path, quant: str, calib_text: Path | Non
     cmd = _cli("export", "--checkpoint", str(ckpt), "--out", str(art), "--tp", str(TP_WIDE), "--ranks", "0",
                "--dtype", "float16", "--max-seq-len", "4096", "--max-batch", "1", "--force", "--json")
     if quantization_named(quant).quantized:
-        cmd += ["--quant", quant, "--calib-text", str(calib_text), "--calib-samples", "1", "--calib-seq-len", "16"]
+        # every linear: the one-layer rank is the 405B layer the FP8 GEMMs are measured on (Meta's
+        # default recipe would keep a model's only layer 16-bit)
+        cmd += ["--quant", quant, "--fp8-recipe", "all", "--calib-text", str(calib_text), "--calib-samples", "1",
+                "--calib-seq-len", "16"]
     return cmd
 
 

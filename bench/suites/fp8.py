@@ -27,6 +27,8 @@ def run(ctx: Context) -> None:
         out = ctx.workdir / "scratch" / f"fp8-bench-{quant}"
         shutil.rmtree(out, ignore_errors=True)
         options = {"tp": 1, "dtype": "float16", "quant": quant, "max_seq_len": 256, "max_batch": 1}
+        if quantization_named(quant).quantized:
+            options["fp8_recipe"] = "all"  # every linear of the 2- or 4-layer model (Meta's would keep half 16-bit)
         try:
             ctx.measure("fp8", f"export {quant}", "export", {"checkpoint": str(small), "out": str(out),
                                                             "options": options,

@@ -19,7 +19,7 @@ def run(ctx: Context) -> None:
         result = plan(PlanRequest.of(config=preset("llama-3.1-405b"), tp=8, quant="fp8", dtype="float16",
                                   max_batch=batch, max_seq_len=seq_len, max_input_len=512))
         peak = result.peak
-        label = f"405B fp8 TP8, batch {batch}, context {seq_len}, 512 tokens/step"
+        label = f"405B fp8 (Meta's recipe, the default) TP8, batch {batch}, context {seq_len}, 512 tokens/step"
         ctx.add("plan", f"{label}: weights per GPU", gb(peak.weights_bytes), "GB", "rank 0 (all ranks equal)")
         ctx.add("plan", f"{label}: KV cache per GPU", gb(peak.kv_cache_bytes), "GB",
                 f"{batch} x {seq_len} x 126 layers x 1 KV head x 128 x 2 x 2 B")

@@ -1,9 +1,9 @@
-"""recipes: FP8 export wall time, Meta's recipe against the default one, at two depths.
+"""recipes: FP8 export wall time, Meta's recipe (the default) against every-linear FP8 (`all`), at two depths.
 
 Meta's recipe (attention and the first and last layer stay in the compute dtype) makes a stage's
 layers differ; the exporter traces one layer per distinct layer pattern and stamps it, so the
-recipe should cost a trace or two more than the default's one, not a whole-stage trace, and
-grow with depth like the default. The `llama-3.1-tiny` preset at 16 and 32 layers (4 and 8
+recipe should cost a trace or two more than `all`'s one, not a whole-stage trace, and
+grow with depth like `all`. The `llama-3.1-tiny` preset at 16 and 32 layers (4 and 8
 when --quick), TP1 fp16, calibrated on 2 x 16 seeded ids; each export in a fresh child.
 """
 
@@ -15,7 +15,7 @@ from bench.harness import Context, MeasurementError, log
 from bench.models import cached_checkpoint, tiny_preset
 from bench.report import ratio
 
-RECIPES = ("default", "meta")
+RECIPES = ("all", "meta")
 CALIB_SHAPE = (2, 16)  # calibration windows of in-vocabulary ids: [samples, seq_len]
 
 
@@ -32,7 +32,7 @@ def recipe_export_args(ckpt, out, recipe: str) -> dict:
 
 
 def run(ctx: Context) -> None:
-    """Each depth, default then Meta recipe, one fresh child per export."""
+    """Each depth, every-linear then Meta recipe, one fresh child per export."""
     results: dict[tuple[int, str], dict] = {}
     for layers in recipe_depths(ctx.quick):
         ckpt = cached_checkpoint(ctx.workdir, f"llama-3.1-tiny-{layers}L", tiny_preset(layers), "bfloat16",
@@ -56,7 +56,7 @@ def _traces(n: int | None) -> str:
 
 
 def recipe_rows(ctx: Context, depths: tuple[int, int], results: dict[tuple[int, str], dict]) -> None:
-    """Wall per export, meta / default per depth, deep / shallow per recipe, traces per stage."""
+    """Wall per export, meta / all per depth, deep / shallow per recipe, traces per stage."""
     samples, seq = CALIB_SHAPE
     for (layers, recipe), r in results.items():
         rest = r["wall_s"] - r["trace_s"] - r["weights_s"]
@@ -65,11 +65,11 @@ def recipe_rows(ctx: Context, depths: tuple[int, int], results: dict[tuple[int, 
                 f"then stamping and passes), weights {r['weights_s']:.1f} s, rest {rest:.1f} s "
                 f"(calibration on {samples} x {seq} ids, save, check); llama-3.1-tiny, TP1 fp16")
     for layers in depths:
-        d, m = results.get((layers, "default")), results.get((layers, "meta"))
+        d, m = results.get((layers, "all")), results.get((layers, "meta"))
         if d is None or m is None:
             continue
         extra = m.get("traces_s", 0.0) - d.get("traces_s", 0.0)
-        ctx.add("recipes", f"export wall, meta / default, {layers} layers", ratio(m["wall_s"], d["wall_s"]), "x",
+        ctx.add("recipes", f"export wall, meta / all, {layers} layers", ratio(m["wall_s"], d["wall_s"]), "x",
                 f"{m['wall_s']:.1f} vs {d['wall_s']:.1f} s (+{m['wall_s'] - d['wall_s']:.1f} s); one-layer traces "
                 f"{m.get('traces', '?')} vs {d.get('traces', '?')}, one per distinct layer pattern: tracing "
                 f"+{extra:.1f} s, the same at every depth (no whole-stage trace)")
@@ -84,7 +84,7 @@ def recipe_rows(ctx: Context, depths: tuple[int, int], results: dict[tuple[int, 
                 "grow alike (a whole-stage trace would grow with the layers)")
     m = results.get((deep, "meta"))
     if m is not None and m.get("traces") is not None:
-        d = results.get((deep, "default"), {})
+        d = results.get((deep, "all"), {})
         ctx.add("recipes", f"fp8 meta recipe, {deep} layers: one-layer traces per stage", m["traces"], "traces",
-                f"default recipe: {d.get('traces', '?')}; Meta's layer patterns: first and last layer "
+                f"all recipe: {d.get('traces', '?')}; Meta's layer patterns: first and last layer "
                 f"unquantized, the {deep - 2} between with FP8 MLP only")

@@ -20,9 +20,10 @@ ARTIFACTS = {"fp8": {"dtype": "float16", "quant": "fp8"}, "fp16": {"dtype": "flo
 # FP8 recipes measured on held-out text (docs/fp8-real-activations.md): name -> export options.
 # --quick keeps the first two.
 FP8_RECIPES = {
-    "default": {},
-    "meta": {"fp8_recipe": "meta"},
-    "smoothing 0.5": {"fp8_smoothing": 0.5},
+    "meta (default)": {},
+    "all": {"fp8_recipe": "all"},
+    "all, smoothing 0.5": {"fp8_recipe": "all", "fp8_smoothing": 0.5},
+    "meta + layers 0-3 16-bit": {"fp8_exclude": ["model.layers.[0-3].*"]},
 }
 HELDOUT_SEQ_LEN = 1024  # the held-out text is 865 tokens with SmolLM2's tokenizer
 LINEARS = 7 * 30  # SmolLM2's quantizable linears

@@ -304,34 +304,34 @@ def _fake_recipe_result(wall: float, traces: int) -> dict:
     return {"wall_s": wall, "trace_s": 2.0 * traces, "traces_s": 1.9 * traces, "weights_s": 1.0, "traces": traces}
 
 
-def test_recipe_rows_are_walls_and_ratios_meta_over_default_and_deep_over_shallow(tmp_path):
+def test_recipe_rows_are_walls_and_ratios_meta_over_all_and_deep_over_shallow(tmp_path):
     ctx = harness.Context(workdir=tmp_path, quick=False, created=[])
-    results = {(16, "default"): _fake_recipe_result(5.0, 1), (16, "meta"): _fake_recipe_result(7.0, 2),
-               (32, "default"): _fake_recipe_result(5.5, 1), (32, "meta"): _fake_recipe_result(7.7, 2)}
+    results = {(16, "all"): _fake_recipe_result(5.0, 1), (16, "meta"): _fake_recipe_result(7.0, 2),
+               (32, "all"): _fake_recipe_result(5.5, 1), (32, "meta"): _fake_recipe_result(7.7, 2)}
     recipes_suite.recipe_rows(ctx, (16, 32), results)
     rows = {r.what: r for r in ctx.rows}
     assert all(r.bench == "recipes" for r in ctx.rows)
     wall = rows["fp8 meta recipe, 32 layers: export wall"]
     assert (wall.figure, wall.unit) == (7.7, "s") and "2 one-layer traces" in wall.against
     assert "rest 2.7 s" in wall.against  # wall - stage graph - weights
-    assert rows["export wall, meta / default, 16 layers"].figure == 7.0 / 5.0
-    assert rows["export wall, meta / default, 32 layers"].figure == 7.7 / 5.5
-    assert "one-layer traces 2 vs 1" in rows["export wall, meta / default, 32 layers"].against
-    assert rows["export wall, 32 / 16 layers, default recipe"].figure == 5.5 / 5.0
+    assert rows["export wall, meta / all, 16 layers"].figure == 7.0 / 5.0
+    assert rows["export wall, meta / all, 32 layers"].figure == 7.7 / 5.5
+    assert "one-layer traces 2 vs 1" in rows["export wall, meta / all, 32 layers"].against
+    assert rows["export wall, 32 / 16 layers, all recipe"].figure == 5.5 / 5.0
     assert rows["export wall, 32 / 16 layers, meta recipe"].figure == 7.7 / 7.0
     assert rows["fp8 meta recipe, 32 layers: one-layer traces per stage"].figure == 2
-    assert "default recipe: 1" in rows["fp8 meta recipe, 32 layers: one-layer traces per stage"].against
+    assert "all recipe: 1" in rows["fp8 meta recipe, 32 layers: one-layer traces per stage"].against
 
 
 def test_recipe_rows_leave_out_the_ratios_of_a_failed_export(tmp_path):
     ctx = harness.Context(workdir=tmp_path, quick=True, created=[])
-    recipes_suite.recipe_rows(ctx, (4, 8), {(4, "default"): _fake_recipe_result(5.0, 1),
+    recipes_suite.recipe_rows(ctx, (4, 8), {(4, "all"): _fake_recipe_result(5.0, 1),
                                             (4, "meta"): _fake_recipe_result(7.0, 2),
-                                            (8, "default"): _fake_recipe_result(5.5, 1)})
+                                            (8, "all"): _fake_recipe_result(5.5, 1)})
     whats = [r.what for r in ctx.rows]
-    assert "export wall, meta / default, 4 layers" in whats and "export wall, 32 / 16 layers, meta recipe" not in whats
+    assert "export wall, meta / all, 4 layers" in whats and "export wall, 32 / 16 layers, meta recipe" not in whats
     assert not any("8 layers" in w and "meta" in w for w in whats)
-    assert "export wall, 8 / 4 layers, default recipe" in whats
+    assert "export wall, 8 / 4 layers, all recipe" in whats
 
 
 @pytest.mark.slow
@@ -350,7 +350,7 @@ def test_quick_graph_and_recipes_bench_rows(tmp_path):
     for layers in (4, 8):
         for recipe in recipes_suite.RECIPES:
             assert whats[f"recipes: fp8 {recipe} recipe, {layers} layers: export wall"] > 0
-        assert whats[f"recipes: export wall, meta / default, {layers} layers"] > 0
+        assert whats[f"recipes: export wall, meta / all, {layers} layers"] > 0
     # One trace per distinct layer pattern: Meta's first/last layers differ from the middle ones.
     assert whats["recipes: fp8 meta recipe, 8 layers: one-layer traces per stage"] == 2
     assert not (tmp_path / "scratch").exists()
@@ -582,9 +582,9 @@ def test_smollm2_recipe_row_is_the_heldout_perplexity_delta(tmp_path, monkeypatc
                            "predictions": 864, "top1_agreement": 0.88, "mean_kl": 0.027, "quantized_linears": 84}}
 
     monkeypatch.setattr(ctx, "measure", measure)
-    smollm2_suite.fp8_fidelity(ctx, tmp_path / "ckpt", "meta", smollm2_suite.FP8_RECIPES["meta"])
+    smollm2_suite.fp8_fidelity(ctx, tmp_path / "ckpt", "all", smollm2_suite.FP8_RECIPES["all"])
     assert [t for t, _ in asked] == ["export", "fidelity_heldout"]
-    assert asked[0][1]["options"]["fp8_recipe"] == "meta" and asked[0][1]["options"]["max_seq_len"] >= 865
+    assert asked[0][1]["options"]["fp8_recipe"] == "all" and asked[0][1]["options"]["max_seq_len"] >= 865
     (row,) = ctx.rows
     assert row.figure == round(100 * 0.3 / 29.9, 2) and row.unit == "%"
     assert "126 of 210 linears 16-bit" in row.against and "mean KL 0.0270" in row.against

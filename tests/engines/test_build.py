@@ -7,6 +7,7 @@ machines without TensorRT and an NVIDIA GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -217,21 +218,22 @@ def test_fp8_differences_name_recipe_and_calibration(tiny):
     from engines.flow import CalibrationRequest
     cfg = tiny_config()
     from export.manifest import Manifest
-    info = {"recipe": "default", "exclude": [], "quantized_linears": 1, "scales_from": "calibration",
+    info = {"recipe": "all", "exclude": [], "quantized_linears": 1, "scales_from": "calibration",
             "input_scales": {"model.layers.0.mlp.up_proj": 0.01},
             "calibration": {"source": "llama405 default calibration text", "samples": 8, "seq_len": 256,
                             "max_activation": 1.0}}  # a complete record (export/scales_record.py)
-    manifest = Manifest(config=cfg, options=ExportOptions(quant="fp8", max_batch=2, max_seq_len=MAX_SEQ), opset=24,
+    manifest = Manifest(config=cfg, options=ExportOptions(quant="fp8", fp8_recipe="all", max_batch=2,
+                                                                max_seq_len=MAX_SEQ), opset=24,
                         ranks=(RankEntry(0, 0, 0, (0, 2), (), (), 0),), files={}, source={}, toolchain={},
                         extra={"fp8": info})
-    options = ExportOptions(quant="fp8", max_batch=2, max_seq_len=MAX_SEQ)
+    options = ExportOptions(quant="fp8", fp8_recipe="all", max_batch=2, max_seq_len=MAX_SEQ)
     same = CalibrationRequest("llama405 default calibration text", 8, 256)
     assert artifact_differences(manifest, cfg, options, same) == []
     meta = ExportOptions(quant="fp8", max_batch=2, max_seq_len=MAX_SEQ, fp8_recipe="meta")
     diffs = artifact_differences(manifest, cfg, meta, CalibrationRequest("my.txt", 8, 256))
-    assert diffs[0] == "fp8-recipe default (requested meta)"
+    assert diffs[0] == "fp8-recipe all (requested meta)"
     assert any("calibration source" in d for d in diffs)
-    excluded = ExportOptions(quant="fp8", max_batch=2, max_seq_len=MAX_SEQ, fp8_exclude=("*.o_proj",))
+    excluded = dataclasses.replace(options, fp8_exclude=("*.o_proj",))
     assert artifact_differences(manifest, cfg, excluded, same) == ["fp8-exclude none (requested *.o_proj)"]
     assert artifact_differences(manifest, cfg, options, None) == [
         "activation scales from calibration (requested --calib-text none)"]

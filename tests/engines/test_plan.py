@@ -65,7 +65,7 @@ def test_405b_tp8_fp8_rank0_weights():
     lm_head = 2048 * V * 2  # 16384 / 8 columns, fp16
     final_norm = 16384 * 2
     expected = 126 * layer + embedding + lm_head + final_norm + ROPE
-    assert weights_bytes(B405, RankSpec(0, 8), "fp8", "float16") == expected == 51_310_531_300  # 47.76 GiB
+    assert weights_bytes(B405, RankSpec(0, 8), "fp8", "float16", "all") == expected == 51_310_531_300  # 47.76 GiB
 
 
 def test_405b_tp8_fp8_meta_recipe_keeps_attention_and_end_layers_in_fp16():
@@ -80,8 +80,8 @@ def test_405b_tp8_fp8_meta_recipe_keeps_attention_and_end_layers_in_fp16():
     expected = 124 * middle + 2 * end + 2 * 525_336_576 + 16384 * 2 + ROPE
     assert weights_bytes(B405, RankSpec(0, 8), "fp8", "float16", "meta") == expected == 60_944_212_712
     # an explicit exclusion of every down_proj
-    plain = weights_bytes(B405, RankSpec(0, 8), "fp8", "float16")
-    excluded = weights_bytes(B405, RankSpec(0, 8), "fp8", "float16", "default", ("*.mlp.down_proj",))
+    plain = weights_bytes(B405, RankSpec(0, 8), "fp8", "float16", "all")
+    excluded = weights_bytes(B405, RankSpec(0, 8), "fp8", "float16", "all", ("*.mlp.down_proj",))
     assert excluded - plain == 126 * (16384 * 6656 * (2 - 1) - 16384 * 2 - 2)
 
 
@@ -142,7 +142,7 @@ def test_405b_prefill_scores_dominate_and_logits_only_on_last_stage():
 # -- plans and suggestions -------------------------------------------------------------------
 
 def test_405b_fp8_tp8_128k_batch1_plan_and_suggestion():
-    request = PlanRequest.of(B405, tp=8, quant="fp8", max_batch=1, max_seq_len=131072)
+    request = PlanRequest.of(B405, tp=8, quant="fp8", fp8_recipe="all", max_batch=1, max_seq_len=131072)
     result = plan(request)
     assert len(result.ranks) == 8 and len({r.total_bytes for r in result.ranks}) == 1
     rank0 = result.ranks[0]
@@ -213,14 +213,14 @@ def test_plan_cli_preset_json(capsys):
     assert cli.run_plan(args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["fits"] is True and len(doc["ranks"]) == 8
-    assert doc["ranks"][0]["weights_bytes"] == 51_310_531_300
+    assert doc["ranks"][0]["weights_bytes"] == 60_944_212_712 and doc["request"]["fp8_recipe"] == "meta"  # the default
 
 
 def test_plan_cli_fp8_recipe(capsys):
-    args = _plan_cli(["--preset", "llama-3.1-405b", "--tp", "8", "--quant", "fp8", "--fp8-recipe", "meta", "--json"])
+    args = _plan_cli(["--preset", "llama-3.1-405b", "--tp", "8", "--quant", "fp8", "--fp8-recipe", "all", "--json"])
     assert cli.run_plan(args) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["ranks"][0]["weights_bytes"] == 60_944_212_712 and doc["request"]["fp8_recipe"] == "meta"
+    assert doc["ranks"][0]["weights_bytes"] == 51_310_531_300 and doc["request"]["fp8_recipe"] == "all"
 
 
 def test_plan_cli_table_and_gpu_size(capsys):

@@ -37,7 +37,7 @@ VARIANTS = {
     "tp2xpp2-concat-fp16": dict(tp=2, pp=2, dtype="float16", kv_cache="concat"),
     "tp1-concat-bf16": dict(dtype="bfloat16", kv_cache="concat"),
     "tp2-static-fp32": dict(tp=2, dtype="float32"),
-    "tp2-fp8-default-fp16": dict(tp=2, dtype="float16", quant="fp8"),
+    "tp2-fp8-all-fp16": dict(tp=2, dtype="float16", quant="fp8", fp8_recipe="all"),
     "tp1-fp8-meta-bf16": dict(dtype="bfloat16", quant="fp8", fp8_recipe="meta"),
     "tp1-logits-last-batch4": dict(dtype="float16", logits="last", max_batch=4),
 }
@@ -107,8 +107,8 @@ def test_build_engine_makes_fp8_engines_from_a_checkpoint(tmp_path, capsys):
                          max_shard_size="20MB")
     artifact = tmp_path / "art"
     argv = ["--checkpoint", str(checkpoint), "--out", str(artifact), "--tp", "2", "--quant", "fp8",
-            "--calib-samples", "2", "--calib-seq-len", "16", "--max-seq-len", str(MAX_SEQ), "--max-batch", "2",
-            "--trt", "rtx", "--json"]
+            "--fp8-recipe", "all", "--calib-samples", "2", "--calib-seq-len", "16", "--max-seq-len", str(MAX_SEQ),
+            "--max-batch", "2", "--trt", "rtx", "--json"]
     assert engines_cli.main(argv) == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["stage"] == "engine" and summary["exported"]

@@ -12,6 +12,7 @@ tests/runner/ (test_ort_vs_hf, test_artifact_errors) that need the same layout o
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -587,6 +588,8 @@ def test_the_manifest_round_trips_the_export_options_exactly(tmp_path):
     back = Manifest.from_json(manifest.to_json(), "m.json")
     assert back.options == options and (back.tp, back.kv_cache, back.cache_layout.name) == (2, "concat", "concat")
     raw = json.loads(manifest.to_json())
+    raw["options"]["fp8_recipe"] = "default"  # an earlier llama405's name for every-linear FP8
+    assert Manifest.from_json(json.dumps(raw), "m.json").options == dataclasses.replace(options, fp8_recipe="all")
     raw["options"]["fp8_recipe"] = "fancy"
-    with pytest.raises(ArtifactError, match=r"m.json: options: --fp8-recipe 'fancy': choose default or meta"):
+    with pytest.raises(ArtifactError, match=r"m.json: options: --fp8-recipe 'fancy': choose meta or all"):
         Manifest.from_json(json.dumps(raw), "m.json")

@@ -58,7 +58,7 @@ pytestmark = pytest.mark.slow  # 6 rank traces (~6-15 s each on a 2-core machine
 # -- fixtures (rank traces are shared by the session: tests/artifacts.py) ----------------------
 
 def export(checkpoint: Path, out: Path, calibrate: bool = True, **options) -> Path:
-    options = {"dtype": "float32", "quant": "fp8", "max_seq_len": MAX_SEQ, **options}
+    options = {"dtype": "float32", "quant": "fp8", "fp8_recipe": "all", "max_seq_len": MAX_SEQ, **options}
     return export_artifact(checkpoint, out, ExportOptions(**options),
                            calibration_tokens=CAL_TOKENS if calibrate else None,
                            calibration_source="test tokens" if calibrate else "")
@@ -318,7 +318,7 @@ def test_ort_matches_torch_fp8_reference_fp32(layout, base, request):
     manifest = load_manifest(art)
     ids = PROMPT[:16]
     got, got_kv = teacher_forced(OrtBackend(art), ids, prefill=12)
-    options = dataclasses.replace(artifact_model_options(manifest), quant=Fp8())
+    options = dataclasses.replace(artifact_model_options(manifest), quant=Fp8("all"))
     references = {
         "torch over the artifact": torch_backend_from_artifact(art),
         "torch over the checkpoint": TorchBackend(Checkpoint(base[0]), tp=manifest.tp, dtype="float32", options=options,
@@ -339,7 +339,7 @@ def test_ort_matches_torch_fp8_reference_fp16(art_fp16, base):
     manifest = load_manifest(art_fp16)
     ids = PROMPT[:16]
     got, got_kv = teacher_forced(OrtBackend(art_fp16), ids, prefill=12)
-    options = dataclasses.replace(artifact_model_options(manifest), quant=Fp8())
+    options = dataclasses.replace(artifact_model_options(manifest), quant=Fp8("all"))
     for label, backend in (("torch over the artifact", torch_backend_from_artifact(art_fp16)),
                            ("torch over the checkpoint", TorchBackend(
                                Checkpoint(base[0]), dtype="float16", options=options,
@@ -367,7 +367,7 @@ def test_ort_matches_torch_fp8_reference_fp16(art_fp16, base):
 def test_default_fp16_fp8_parity_preset_passes(art_fp16):
     from runner.compare import DEFAULT_TOLERANCES, default_preset
     from runner.parity import run_parity
-    preset = default_preset("float16", Fp8())
+    preset = default_preset("float16", Fp8("all"))
     tokens = [int(t) for t in np.random.default_rng(0).integers(0, 256, 16)]  # parity_cli's default ids
     report = run_parity(OrtBackend(art_fp16), torch_backend_from_artifact(art_fp16), tokens, 8,
                         DEFAULT_TOLERANCES[preset])
@@ -624,7 +624,7 @@ def test_prequantized_per_tensor_checkpoint_matches_oracle(base, tmp_path, capsy
     ckpt = write_fp8_checkpoint(base[1], base[0], tmp_path / "fp8-tensor", "one", "one", seed=1)
     out = tmp_path / "art"
     assert cli_main(["export", "--checkpoint", str(ckpt.path), "--out", str(out), "--dtype", "float32",
-                     "--quant", "fp8", "--calib-text", "none", "--max-seq-len", str(MAX_SEQ)]) == 0
+                     "--quant", "fp8", "--fp8-recipe", "all", "--calib-text", "none", "--max-seq-len", str(MAX_SEQ)]) == 0
     assert "fp8 (checkpoint input_scale tensors)" in capsys.readouterr().out
     fp8 = load_manifest(out).extra["fp8"]
     assert fp8["scales_from"] == "checkpoint input_scale tensors" and "amax" not in fp8
@@ -646,7 +646,7 @@ def test_prequantized_scalar_scales_checkpoint(base, tmp_path):
     ckpt = write_fp8_checkpoint(base[1], base[0], tmp_path / "fp8-scalar", "scalar", "scalar", seed=2)
     out = tmp_path / "art"
     assert cli_main(["export", "--checkpoint", str(ckpt.path), "--out", str(out), "--dtype", "float32",
-                     "--quant", "fp8", "--calib-text", "none", "--max-seq-len", str(MAX_SEQ)]) == 0
+                     "--quant", "fp8", "--fp8-recipe", "all", "--calib-text", "none", "--max-seq-len", str(MAX_SEQ)]) == 0
     check_against_oracle(out, base[1], ckpt, set(all_linears()))
 
 
@@ -654,7 +654,7 @@ def test_fbgemm_checkpoint_needs_calibration(base, tmp_path, capsys):
     # Meta's fbgemm_fp8 row-wise layout: FP8 weights + weight_scale [out, 1], no input_scale.
     ckpt = write_fp8_checkpoint(base[1], base[0], tmp_path / "fbgemm", "row", None)
     out = tmp_path / "art"
-    err = one_line_error(capsys, ["export", "--checkpoint", ckpt.path, "--out", out, "--quant", "fp8",
+    err = one_line_error(capsys, ["export", "--checkpoint", ckpt.path, "--out", out, "--quant", "fp8", "--fp8-recipe", "all",
                                   "--calib-text", "none"])
     assert "input_scale for model.layers." in err and "--calib-text" in err and not out.exists()
     with pytest.raises(CheckpointError, match=r"no input_scale for model\.layers\.\d+\.\w+\.\w+_proj"):
@@ -694,7 +694,7 @@ def _expected(patterns: tuple[str, ...]) -> set[str]:
 
 def _export_fp8_row(fp8_row, out: Path, *flags) -> Path:
     code = cli_main(["export", "--checkpoint", str(fp8_row.path), "--out", str(out), "--dtype", "float32",
-                     "--quant", "fp8", "--calib-text", "none", "--max-seq-len", str(MAX_SEQ), *flags])
+                     "--quant", "fp8", "--fp8-recipe", "all", "--calib-text", "none", "--max-seq-len", str(MAX_SEQ), *flags])
     assert code == 0
     return out
 
@@ -729,14 +729,15 @@ DECLARED = {
 def test_prequantized_checkpoint_keeps_its_declared_unquantized_modules(base, tmp_path, key, capsys):
     ckpt = write_fp8_checkpoint(base[1], base[0], tmp_path / "ckpt", "row", "one", seed=3, keep=META_KEPT,
                                 not_converted=(key, DECLARED[key]))
-    out = _export_fp8_row(ckpt, tmp_path / "art")  # default recipe: the checkpoint's list decides
+    out = _export_fp8_row(ckpt, tmp_path / "art")  # recipe all: the checkpoint's list decides
     fp8 = load_manifest(out).extra["fp8"]
     assert fp8["checkpoint_exclusions"] == {"quant_method": "fp8", "key": key, "modules": list(DECLARED[key]),
                                             "honoured": True}
     check_against_oracle(out, base[1], ckpt, set(all_linears()) - META_KEPT)
     if key == "exclude_modules":  # opting out quantizes them too: they have no input_scale to use
         err = one_line_error(capsys, ["export", "--checkpoint", ckpt.path, "--out", tmp_path / "all", "--quant",
-                                      "fp8", "--calib-text", "none", "--fp8-checkpoint-exclusions", "ignore"])
+                                      "fp8", "--fp8-recipe", "all", "--calib-text", "none",
+                                      "--fp8-checkpoint-exclusions", "ignore"])
         assert f"no input_scale for model.layers.0.mlp.down_proj (and {len(META_KEPT) - 1} more)" in err
 
 
@@ -754,7 +755,7 @@ def test_a_malformed_exclusion_list_is_one_line(base, tmp_path, capsys):
 
 def test_fp8_without_scales_and_without_calibration(base, tmp_path, capsys):
     out = tmp_path / "art"
-    err = one_line_error(capsys, ["export", "--checkpoint", base[0], "--out", out, "--quant", "fp8",
+    err = one_line_error(capsys, ["export", "--checkpoint", base[0], "--out", out, "--quant", "fp8", "--fp8-recipe", "all",
                                   "--calib-text", "none"])
     assert "input_scale" in err and "calibration is off" in err and not out.exists()
 
@@ -768,7 +769,7 @@ def test_weight_scale_of_wrong_shape(base, tmp_path, capsys):
     ckpt = _edited_fp8_checkpoint(base, tmp_path, lambda t: t.__setitem__(name, torch.ones(3)))
     out = tmp_path / "art"
     err = one_line_error(capsys, ["export", "--checkpoint", ckpt.path, "--out", out, "--dtype", "float32",
-                                  "--quant", "fp8", "--calib-text", "none", "--max-seq-len", MAX_SEQ])
+                                  "--quant", "fp8", "--fp8-recipe", "all", "--calib-text", "none", "--max-seq-len", MAX_SEQ])
     assert name in err and "[3]" in err and not out.exists()
 
 
@@ -777,7 +778,7 @@ def test_bad_input_scale(value, base, tmp_path, capsys):
     name = "model.layers.0.self_attn.k_proj.input_scale"
     ckpt = _edited_fp8_checkpoint(base, tmp_path, lambda t: t.__setitem__(name, torch.tensor([value])))
     out = tmp_path / "art"
-    err = one_line_error(capsys, ["export", "--checkpoint", ckpt.path, "--out", out, "--quant", "fp8",
+    err = one_line_error(capsys, ["export", "--checkpoint", ckpt.path, "--out", out, "--quant", "fp8", "--fp8-recipe", "all",
                                   "--calib-text", "none"])
     assert name in err and "positive and finite" in err and not out.exists()
 
@@ -809,7 +810,7 @@ def test_calibration_rejects_non_finite_or_zero_ranges(defect, llama3_vocab_mode
             attn.v_proj.weight.copy_(saved["v"])
     out = tmp_path / "art"
     err = one_line_error(capsys, ["export", "--checkpoint", tmp_path / "ckpt", "--out", out, "--quant", "fp8",
-                                  "--calib-samples", 1, "--calib-seq-len", 32])
+                                  "--fp8-recipe", "all", "--calib-samples", 1, "--calib-seq-len", 32])
     assert "calibration amax of model.layers.0.self_attn.o_proj is" in err and not out.exists()
     assert ("is 0.0" in err) == (defect == "zero activations")
 

@@ -165,7 +165,7 @@ def test_vocab_mismatch_is_one_line_naming_the_file(tok_dir, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and str(checkpoint / "tokenizer.json") in err
     # FP8 calibration tokenizes the shipped text with it: ids past the vocabulary name the file.
     code = main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "art"), "--quant", "fp8",
-                 "--calib-samples", "1", "--calib-seq-len", "16"])
+                 "--fp8-recipe", "all", "--calib-samples", "1", "--calib-seq-len", "16"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and str(checkpoint / "tokenizer.json") in err and not (tmp_path / "art").exists()
 

@@ -73,9 +73,9 @@ def teacher_forced(backend, ids, prefill: int) -> np.ndarray:
 
 def test_a_registered_scheme_exports_a_rank_that_runs_its_math(toy_scheme, hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint
-    options = ExportOptions(dtype="float32", quant=Int8WeightOnly.name, fp8_exclude=("model.layers.1.*",),
+    options = ExportOptions(dtype="float32", quant=Int8WeightOnly.name, fp8_recipe="all", fp8_exclude=("model.layers.1.*",),
                             max_batch=1, max_seq_len=MAX_SEQ)
-    assert options.quantization == Int8WeightOnly("default", ("model.layers.1.*",))
+    assert options.quantization == Int8WeightOnly("all", ("model.layers.1.*",))
     art = export_artifact(path, tmp_path / "toy", options)
     manifest = load_manifest(art)
     assert manifest.options == options and manifest.quantization == options.quantization
@@ -98,7 +98,7 @@ def test_a_registered_scheme_exports_a_rank_that_runs_its_math(toy_scheme, hf_ch
 
 def test_the_planner_counts_a_registered_scheme_by_its_own_bytes(toy_scheme, hf_checkpoint):
     cfg = Checkpoint(hf_checkpoint[0]).config
-    bytes_of = {q: plan(PlanRequest.of(cfg, quant=q, dtype="float32")).ranks[0].weights_bytes
+    bytes_of = {q: plan(PlanRequest.of(cfg, quant=q, dtype="float32", fp8_recipe="all")).ranks[0].weights_bytes
                 for q in ("none", Int8WeightOnly.name)}
     per_layer = 0
     h, f = cfg.hidden_size, cfg.intermediate_size

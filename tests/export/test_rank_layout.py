@@ -71,7 +71,7 @@ def test_duplicated_kv_heads_pick_one_copy_each():
     assert tensor_slice(cfg, RankSpec(1, 2), name, kv_dup_factor=2).blocks == ((2 * d, 3 * d),)
 
 
-@pytest.mark.parametrize("quant", [None, Fp8()])
+@pytest.mark.parametrize("quant", [None, Fp8("all")])
 def test_every_module_weight_is_sized_by_its_style(quant):
     cfg = tiny_config(num_hidden_layers=2)
     options = ModelOptions(quant=quant) if quant else ModelOptions()
@@ -91,7 +91,7 @@ def test_quantizable_linears_are_the_decoder_layers_projections():
     leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     assert quantizable_linears(cfg) == [f"model.layers.{i}.{leaf}" for i in range(2) for leaf in leaves]
-    assert rank_layout(cfg, RankSpec(1, 2, 1, 2)).quantized_linears(Fp8(exclude=("*.k_proj",))) == {
+    assert rank_layout(cfg, RankSpec(1, 2, 1, 2)).quantized_linears(Fp8("all", ("*.k_proj",))) == {
         f"model.layers.1.{leaf}" for leaf in leaves if leaf != "self_attn.k_proj"}
 
 

@@ -71,7 +71,7 @@ def smoothed_arts(outlier_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("smooth-art")
     arts = {}
     for name, tp, smoothing in (("tp1", 1, ALPHA), ("tp2", 2, ALPHA), ("plain", 1, None)):
-        options = ExportOptions(dtype="float32", quant="fp8", max_seq_len=64, tp=tp, fp8_smoothing=smoothing)
+        options = ExportOptions(dtype="float32", quant="fp8", fp8_recipe="all", max_seq_len=64, tp=tp, fp8_smoothing=smoothing)
         arts[name] = export_artifact(outlier_model[0], root / name, options, calibration_tokens=CAL_TOKENS,
                                      calibration_source="test tokens")
     return arts
@@ -200,6 +200,6 @@ def test_a_prequantized_checkpoint_is_refused(outlier_model, tmp_path, input_sca
     from tests.export.test_fp8 import write_fp8_checkpoint
     path, model = outlier_model
     fp8 = write_fp8_checkpoint(model, path, tmp_path / "fp8", "row", input_scale)
-    options = ExportOptions(dtype="float32", quant="fp8", max_seq_len=64, fp8_smoothing=0.5)
+    options = ExportOptions(dtype="float32", quant="fp8", fp8_recipe="all", max_seq_len=64, fp8_smoothing=0.5)
     with pytest.raises(CheckpointError, match="drop --fp8-smoothing"):
         export_artifact(fp8.path, tmp_path / "art", options, calibration_tokens=CAL_TOKENS, calibration_source="t")

@@ -85,6 +85,18 @@ def test_a_flag_that_cannot_take_effect_is_refused(user_files, capsys, argv, mes
     assert not (user_files / "new").exists()
 
 
+def test_fp8_that_would_quantize_nothing_is_refused(user_files, capsys):
+    """Meta's recipe (the default) keeps the first and last layer 16-bit: on this 2-layer model
+    nothing is left to quantize, and an artifact labelled FP8 with no FP8 GEMM is refused."""
+    line = refused(capsys, user_files, ["export", "--checkpoint", "{root}/ck", "--out", "{root}/new", "--quant", "fp8"],
+                   "--quant fp8 quantizes none of this 2-layer model's linears (--fp8-recipe meta keeps attention "
+                   "and the first and last layer 16-bit); pass --fp8-recipe all")
+    assert not (user_files / "new").exists() and "--quant none" in line
+    argv = ["export", "--checkpoint", "{root}/ck", "--out", "{root}/new", "--quant", "fp8", "--fp8-recipe", "all",
+            "--fp8-exclude", "*.mlp.*", "--fp8-exclude", "*.self_attn.*"]
+    refused(capsys, user_files, argv, "(the exclusions cover every linear)")
+
+
 # -- 2. checkpoint contents Hugging Face or safetensors refuse ------------------------------
 
 def _index(ck: Path) -> dict:
