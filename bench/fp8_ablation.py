@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sensitivity:
         cost = ab.sensitivity()
         ranked = sorted(every, key=lambda n: -cost[n])
+        for rank, name in enumerate(ranked[:30], 1):
+            print(f"sensitivity {rank:3d}: {name} KL {cost[name]:.5f}", flush=True)
         variants.update({f"sensitivity: top {k} 16-bit": (lambda k=k: ab.measure(
             [n for n in every if n not in ranked[:k]])) for k in (5, 10, 20, 30, 50, 80, 100, 126)})
     results = {}
