@@ -126,7 +126,8 @@ class Quantization(abc.ABC):
         return self.name if reference else f"{self.name}-{dtype}"
 
     def weights_label(self, dtype: str) -> str:
-        return f"{self.name} weights ({dtype} compute)"
+        keeps = f", --fp8-recipe {self.recipe}" + (" + --fp8-exclude" if self.exclude else "")
+        return f"{self.name} weights{keeps} ({dtype} compute)"
 
 
 @dataclasses.dataclass(frozen=True)
