@@ -172,6 +172,37 @@ class Ablation:
                 setattr(self.model.get_submodule(parent), leaf, original)
         return cost
 
+    def local_error(self) -> dict[str, float]:
+        """A cheap stand-in for `sensitivity`: each linear's own squared output error under FP8 on
+        the calibration windows, sum((fp8(x) @ fp8(W) - x @ W)^2) — what a streamed calibration
+        could compute layer by layer, with no whole-model forward per linear."""
+        tokens, _ = checkpoint_calibration_tokens(self.checkpoint, None, *self.calib)
+        inputs, hooks = {}, []
+        for name in self.linears:
+            def keep(module, args, name=name):
+                inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])  # [tokens, in]
+            hooks.append(self.model.get_submodule(name).register_forward_pre_hook(keep))
+        try:
+            with torch.inference_mode():
+                self.model(torch.as_tensor(tokens))
+        finally:
+            for h in hooks:
+                h.remove()
+        error = {}
+        with torch.inference_mode():
+            for name in self.linears:
+                linear, x = self.model.get_submodule(name), inputs.pop(name)
+                fp8 = SimulatedFp8Linear(linear, self.amax[name] / FP8_MAX)
+                error[name] = float((fp8(x) - x @ linear.weight.t()).pow(2).sum())
+        return error
+
+
+def rank_correlation(a: dict[str, float], b: dict[str, float]) -> float:
+    """Spearman's rho of two scores over the same names."""
+    names = list(a)
+    ranks = [torch.tensor([score[n] for n in names]).argsort().argsort().double() for score in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
 
 def without(linears: list[str], *suffixes: str) -> list[str]:
     return [n for n in linears if not n.endswith(suffixes)]
@@ -195,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="';'-separated variant name prefixes to run (default: all)")
     p.add_argument("--sensitivity", action="store_true",
                    help="also each linear's own cost and the top-k exclusion sweep (~5 s per linear on one core)")
+    p.add_argument("--local-error", action="store_true",
+                   help="also rank the linears by their own FP8 output error (a cheap stand-in) and sweep its top-k")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     ab = Ablation(args.checkpoint, (4, 256))
@@ -233,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sensitivity {rank:3d}: {name} KL {cost[name]:.5f}", flush=True)
         variants.update({f"sensitivity: top {k} 16-bit": (lambda k=k: ab.measure(
             [n for n in every if n not in ranked[:k]])) for k in (5, 10, 20, 30, 50, 80, 100, 126)})
+    if args.local_error:
+        error = ab.local_error()
+        by_error = sorted(every, key=lambda n: -error[n])
+        if args.sensitivity:
+            print(f"local error vs sensitivity: Spearman rho {rank_correlation(error, cost):+.3f}", flush=True)
+        variants.update({f"local error: top {k} 16-bit": (lambda k=k: ab.measure(
+            [n for n in every if n not in by_error[:k]])) for k in (30, 80, 126)})
     results = {}
     for name, run in variants.items():
         if args.only and not any(name.startswith(o) for o in args.only.split(";")):
@@ -249,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             _show(name, results[name])
     record = {"fp32_perplexity": ab.reference_ppl, "tokens": int(ab.ids.shape[1]),
               "down_proj_input_amax": {n: ab.amax[n] for n in every if n.endswith("down_proj")},
-              "sensitivity": cost if args.sensitivity else None, "results": results}
+              "sensitivity": cost if args.sensitivity else None,
+              "local_error": error if args.local_error else None, "results": results}
     if args.out:
         args.out.write_text(json.dumps(record, indent=1) + "\n")
     return 0
