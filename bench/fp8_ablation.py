@@ -36,7 +36,7 @@ from export.tokenizer import model_tokenizer
 
 # How a simulated linear rounds (the floor study): "static" is llama405's FP8 (export/fp8.py);
 # "weights" / "activations" round only one operand; "per-token" gives each row of x its own scale
-# (dynamic, as Meta's fbgemm kernels do; not an ONNX pattern TensorRT maps to an FP8 GEMM);
+# (dynamic, as Meta's fbgemm kernels do; not the static per-tensor Q/DQ graph llama405 exports);
 # "unbounded" rounds both to E4M3's 3-bit mantissa with no exponent limit: the floor any scaling
 # of E4M3 operands can reach.
 MODES = ("static", "weights", "activations", "per-token", "unbounded")
