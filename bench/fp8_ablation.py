@@ -21,6 +21,7 @@ that makes a perplexity delta on ~900 tokens swing by about +-1 %.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from importlib import resources
@@ -31,6 +32,7 @@ from torch import nn
 
 from export.calibrate import checkpoint_calibration_tokens
 from export.fp8 import FP8_MAX, _dequantize_eager, _quantize_eager, quantize_weight
+from export.quantization import quantization_named
 from export.smoothing import smoothing_factors
 from export.tokenizer import model_tokenizer
 
@@ -80,20 +82,38 @@ class Ablation:
         self.ids = torch.tensor([model_tokenizer(checkpoint).encode(text, bos=True)])
         self.linears = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
         self.reference = self._logits()
-        self.reference_ppl = self._perplexity(self.reference)
+        self.reference_ppl = math.exp(float(self._nll(self.reference).mean()))
         self.calibrate(calib)
 
     def _logits(self) -> torch.Tensor:
         with torch.inference_mode():
             return self.model(self.ids).logits[0].double()  # [tokens, vocab]
 
-    def _perplexity(self, logits: torch.Tensor) -> float:
+    def _nll(self, logits: torch.Tensor) -> torch.Tensor:
+        """[tokens - 1] each held-out token's negative log-likelihood."""
         logp = torch.log_softmax(logits[:-1], -1)
-        return math.exp(float(-logp[torch.arange(self.ids.shape[1] - 1), self.ids[0, 1:]].mean()))
+        return -logp[torch.arange(self.ids.shape[1] - 1), self.ids[0, 1:]]
+
+    @contextlib.contextmanager
+    def _simulated(self, quantized: list[str], amax: dict[str, float], mode: str = "static"):
+        """`quantized` (module paths) replaced by simulated FP8 linears, restored on exit."""
+        originals = {}
+        try:
+            for name in quantized:
+                parent, leaf = name.rsplit(".", 1)
+                originals[name] = getattr(self.model.get_submodule(parent), leaf)
+                setattr(self.model.get_submodule(parent), leaf,
+                        SimulatedFp8Linear(originals[name], amax[name] / FP8_MAX, mode))
+            yield
+        finally:
+            for name, module in originals.items():
+                parent, leaf = name.rsplit(".", 1)
+                setattr(self.model.get_submodule(parent), leaf, module)
 
     def calibrate(self, calib: tuple[int, int]) -> None:
         """amax and per-channel amax of every linear input over the shipped calibration text."""
         tokens, _ = checkpoint_calibration_tokens(self.checkpoint, None, *calib)
+        self.calib_ids = torch.as_tensor(tokens)  # [windows, seq]: sensitivity and local_error reuse them
         self.calib, self.amax, self.channel_amax = calib, {}, {}
         hooks = []
         for name in self.linears:
@@ -105,8 +125,8 @@ class Ablation:
                 self.amax[name] = float(self.channel_amax[name].max())
             hooks.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
         with torch.inference_mode():
-            for row in tokens:
-                self.model(torch.as_tensor(row)[None])
+            for row in self.calib_ids:
+                self.model(row[None])
         for h in hooks:
             h.remove()
 
@@ -126,25 +146,18 @@ class Ablation:
                 layer.mlp.up_proj.weight.data = saved[i][0] / s[:, None]
                 layer.mlp.down_proj.weight.data = saved[i][1] * s[None, :]
                 amax[name] = float((self.channel_amax[name] / s).max())
-        originals = {}
-        for name in quantized:
-            parent, leaf = name.rsplit(".", 1)
-            originals[name] = getattr(self.model.get_submodule(parent), leaf)
-            setattr(self.model.get_submodule(parent), leaf, SimulatedFp8Linear(originals[name], amax[name] / FP8_MAX, mode))
         try:
-            logits = self._logits()
+            with self._simulated(quantized, amax, mode):
+                logits = self._logits()
         finally:
-            for name, module in originals.items():
-                parent, leaf = name.rsplit(".", 1)
-                setattr(self.model.get_submodule(parent), leaf, module)
             for i, (up, down) in saved.items():
                 layers[i].mlp.up_proj.weight.data, layers[i].mlp.down_proj.weight.data = up, down
-        ppl = self._perplexity(logits)
-        ref_logp, logp = torch.log_softmax(self.reference, -1), torch.log_softmax(logits, -1)
-        targets = (torch.arange(self.ids.shape[1] - 1), self.ids[0, 1:])
-        nll_change = ref_logp[:-1][targets] - logp[:-1][targets]  # [tokens - 1] per-token NLL differences
+        nll = self._nll(logits)
+        nll_change = nll - self._nll(self.reference)  # [tokens - 1] per-token NLL differences
+        ppl = math.exp(float(nll.mean()))
         half = 2 * float(nll_change.std()) / math.sqrt(len(nll_change))
         mean = float(nll_change.mean())
+        ref_logp, logp = torch.log_softmax(self.reference, -1), torch.log_softmax(logits, -1)
         return {"perplexity": ppl, "delta_pct": 100 * (ppl / self.reference_ppl - 1),
                 "delta_ci95_pct": [100 * (math.exp(mean - half) - 1), 100 * (math.exp(mean + half) - 1)],
                 "top1": float((logits.argmax(-1) == self.reference.argmax(-1)).double().mean()),
@@ -155,28 +168,19 @@ class Ablation:
     def sensitivity(self) -> dict[str, float]:
         """Each linear's own cost: the mean KL over the calibration windows with only it FP8 (the
         calibration text, so ranking linears by it does not peek at the held-out text)."""
-        tokens, _ = checkpoint_calibration_tokens(self.checkpoint, None, *self.calib)
-        ids = torch.as_tensor(tokens)  # [windows, seq]
-
         def logp() -> torch.Tensor:
             with torch.inference_mode():
-                return torch.log_softmax(self.model(ids).logits.double(), -1)
+                return torch.log_softmax(self.model(self.calib_ids).logits.double(), -1)
         reference, cost = logp(), {}
         for name in self.linears:
-            parent, leaf = name.rsplit(".", 1)
-            original = getattr(self.model.get_submodule(parent), leaf)
-            setattr(self.model.get_submodule(parent), leaf, SimulatedFp8Linear(original, self.amax[name] / FP8_MAX))
-            try:
+            with self._simulated([name], self.amax):
                 cost[name] = float((reference.exp() * (reference - logp())).sum(-1).mean())
-            finally:
-                setattr(self.model.get_submodule(parent), leaf, original)
         return cost
 
     def local_error(self) -> dict[str, float]:
         """A cheap stand-in for `sensitivity`: each linear's own squared output error under FP8 on
         the calibration windows, sum((fp8(x) @ fp8(W) - x @ W)^2) — what a streamed calibration
         could compute layer by layer, with no whole-model forward per linear."""
-        tokens, _ = checkpoint_calibration_tokens(self.checkpoint, None, *self.calib)
         inputs, hooks = {}, []
         for name in self.linears:
             def keep(module, args, name=name):
@@ -184,7 +188,7 @@ class Ablation:
             hooks.append(self.model.get_submodule(name).register_forward_pre_hook(keep))
         try:
             with torch.inference_mode():
-                self.model(torch.as_tensor(tokens))
+                self.model(self.calib_ids)
         finally:
             for h in hooks:
                 h.remove()
@@ -234,19 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     every = ab.linears
     groups = tuple(dict.fromkeys(n.rsplit(".", 1)[1] for n in every))  # q_proj, ..., down_proj
     layers = len(ab.model.model.layers)
-    meta = [n for n in every if ".self_attn." not in n and not n.startswith(("model.layers.0.", f"model.layers.{layers - 1}."))]
+
+    def recipe(name: str, *exclude: str) -> list[str]:  # the linears llama405's export quantizes with these flags
+        scheme = quantization_named("fp8", name, exclude)
+        return [n for n in every if scheme.quantizes(n, layers)]
+    meta = recipe("meta")
     massive = sorted(range(layers), key=lambda i: -ab.amax[down_projs([i])[0]])[:3]
     def layer(n: str) -> int:
         return int(n.split(".")[2])
 
-    def keep_16bit(first: int, last: int) -> list[str]:  # the FP8 linears: all but the first and last layers
+    def fp8_between(first: int, last: int) -> list[str]:  # the first `first` and last `last` layers 16-bit
         return [n for n in every if first <= layer(n) < layers - last]
     variants = {  # the cheap-to-explain ones first: on a busy machine the sweep takes a while
         "all": lambda: ab.measure(every),
         **{f"floor: {mode}": (lambda mode=mode: ab.measure(every, mode=mode)) for mode in MODES[1:]},
-        **{f"layers [0, {f}) and last {last} 16-bit": (lambda f=f, last=last: ab.measure(keep_16bit(f, last)))
+        **{f"layers [0, {f}) and last {last} 16-bit": (lambda f=f, last=last: ab.measure(fp8_between(f, last)))
            for f, last in ((1, 1), (2, 2), (4, 2), (6, 2))},
-        "meta + layers [0, 4) 16-bit": lambda: ab.measure([n for n in meta if layer(n) >= 4]),
+        "meta + layers [0, 4) 16-bit": lambda: ab.measure(recipe("meta", "model.layers.[0-3].*")),
         "mlp 16-bit (attention FP8)": lambda: ab.measure(without(every, "gate_proj", "up_proj", "down_proj")),
         f"smoothing 0.5, layers {massive} only": lambda: ab.measure(every, 0.5, massive),
         f"smoothing 0.3, layers {massive} only": lambda: ab.measure(every, 0.3, massive),
